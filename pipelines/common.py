@@ -1,0 +1,399 @@
+"""Dataset directories, shard bookkeeping, Ray start-up and progress shared by every step.
+
+A dataset directory (one per step, e.g. `<output_dir>/filter/`) holds:
+
+    part-00000.parquet          kept rows of input shard 00000
+    rejected/part-00000.parquet dropped rows, with `reason` and `detail` columns
+    part-00000.stats.json       per-shard counts and timings
+    part-00000.done             completion marker, written last
+    manifest.json               inputs with checksums, resolved config, versions, counts
+
+A shard is finished only when its `.done` marker exists; files are written to a
+temporary name and renamed, so a killed step never leaves a half-written shard
+visible, and a relaunch redoes only shards without a marker. Invariant checked on
+every shard: rows_in == kept + sum(rejected by reason).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from collections import Counter
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+REJECTED = "rejected"
+REJECT_FIELDS = [pa.field("reason", pa.string()), pa.field("detail", pa.string())]
+
+
+class AccountingError(RuntimeError):
+    """Rows were lost or duplicated: rows_in != kept + rejected."""
+
+
+# ----------------------------------------------------------------------------- names and markers
+
+
+def shard_name(index: int) -> str:
+    return f"part-{index:05d}"
+
+
+def done_marker(dataset: Path, name: str) -> Path:
+    return dataset / f"{name}.done"
+
+
+def stats_path(dataset: Path, name: str) -> Path:
+    return dataset / f"{name}.stats.json"
+
+
+def finished_shards(dataset: Path) -> list[str]:
+    """Names of shards whose completion marker exists, sorted."""
+    if not dataset.is_dir():
+        return []
+    return sorted(p.name[: -len(".done")] for p in dataset.glob("part-*.done"))
+
+
+def read_stats(dataset: Path, names: Iterable[str] | None = None) -> list[dict[str, Any]]:
+    names = finished_shards(dataset) if names is None else names
+    return [json.loads(stats_path(dataset, n).read_text()) for n in names]
+
+
+def _atomic_write_bytes(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def atomic_write_json(path: Path, obj: Any) -> None:
+    _atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n").encode())
+
+
+def write_table(path: Path, table: pa.Table, metadata: dict[str, str] | None = None) -> None:
+    """Write a Parquet file under a temporary name, then rename it into place."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if metadata:
+        merged = dict(table.schema.metadata or {})
+        merged.update({k.encode(): v.encode() for k, v in metadata.items()})
+        table = table.replace_schema_metadata(merged)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    pq.write_table(table, tmp, compression="zstd", row_group_size=1024)
+    os.replace(tmp, path)
+
+
+def with_reason(
+    table: pa.Table, reason: str | list[str], detail: str | list[str | None] | None = None
+) -> pa.Table:
+    """Append `reason`/`detail` columns (a constant or one value per row)."""
+    n = table.num_rows
+    reasons = [reason] * n if isinstance(reason, str) else reason
+    details = [detail] * n if detail is None or isinstance(detail, str) else detail
+    table = table.append_column(REJECT_FIELDS[0], pa.array(reasons, pa.string()))
+    return table.append_column(REJECT_FIELDS[1], pa.array(details, pa.string()))
+
+
+def concat(tables: list[pa.Table]) -> pa.Table:
+    tables = [t for t in tables if t is not None]
+    return pa.concat_tables(tables, promote_options="permissive") if len(tables) > 1 else tables[0]
+
+
+def write_shard(
+    dataset: Path,
+    name: str,
+    kept: pa.Table,
+    rejected: pa.Table,
+    rows_in: int,
+    extra_stats: dict[str, Any] | None = None,
+    metadata: dict[str, str] | None = None,
+) -> dict[str, Any]:
+    """Write one finished shard: kept rows, rejected rows, stats, then the marker.
+
+    Checks the accounting invariant before anything becomes visible.
+    """
+    reasons = Counter(rejected.column("reason").to_pylist()) if rejected.num_rows else Counter()
+    if rows_in != kept.num_rows + rejected.num_rows:
+        raise AccountingError(
+            f"{dataset.name}/{name}: rows_in={rows_in} but kept={kept.num_rows} + rejected={rejected.num_rows}"
+        )
+    write_table(dataset / REJECTED / f"{name}.parquet", rejected, metadata)
+    write_table(dataset / f"{name}.parquet", kept, metadata)
+    stats = {
+        "shard": name,
+        "rows_in": rows_in,
+        "kept": kept.num_rows,
+        "rejected": dict(sorted(reasons.items())),
+        **(extra_stats or {}),
+    }
+    atomic_write_json(stats_path(dataset, name), stats)
+    _atomic_write_bytes(done_marker(dataset, name), b"")
+    return stats
+
+
+def read_shard(dataset: Path, name: str, columns: list[str] | None = None) -> pa.Table:
+    return pq.read_table(dataset / f"{name}.parquet", columns=columns)
+
+
+# ----------------------------------------------------------------------------- manifest
+
+
+def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+PACKAGES = ["ray", "pyarrow", "torch", "torchvision", "open_clip_torch", "img2dataset", "lingua-language-detector",
+            "ftfy", "pillow", "numpy", "transformers", "deepspeed"]  # fmt: skip
+
+
+def package_versions() -> dict[str, str]:
+    out = {"python": platform.python_version()}
+    for p in PACKAGES:
+        try:
+            out[p] = metadata.version(p)
+        except metadata.PackageNotFoundError:
+            pass
+    return out
+
+
+def code_version() -> str:
+    """Git commit of the code (with '-dirty' when modified), or the package version."""
+    root = Path(__file__).resolve().parent.parent
+    try:
+        sha = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=5
+        )
+        if sha.returncode == 0:
+            return sha.stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        pass
+    try:
+        return "breen-pipeline " + metadata.version("breen-pipeline")
+    except metadata.PackageNotFoundError:
+        return "unknown"
+
+
+def summarize(stats: list[dict[str, Any]]) -> dict[str, Any]:
+    rejected: Counter[str] = Counter()
+    for s in stats:
+        rejected.update(s["rejected"])
+    return {
+        "shards": len(stats),
+        "rows_in": sum(s["rows_in"] for s in stats),
+        "kept": sum(s["kept"] for s in stats),
+        "rejected": dict(sorted(rejected.items())),
+        "rejected_total": sum(rejected.values()),
+    }
+
+
+def write_manifest(
+    dataset: Path,
+    step: str,
+    inputs: list[dict[str, Any]],
+    config: dict[str, Any],
+    extra: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Write `manifest.json` (only when its content changed, so reruns leave it byte-identical)."""
+    stats = read_stats(dataset)
+    manifest = {
+        "step": step,
+        "inputs": inputs,
+        "config": config,
+        "versions": package_versions(),
+        "code_version": code_version(),
+        "counts": summarize(stats),
+        **(extra or {}),
+    }
+    path = dataset / "manifest.json"
+    text = json.dumps(manifest, indent=2, sort_keys=True, default=str) + "\n"
+    if not path.exists() or path.read_text() != text:
+        _atomic_write_bytes(path, text.encode())
+    return manifest
+
+
+def dataset_input(dataset: Path) -> dict[str, Any]:
+    """Describe an upstream dataset directory as a manifest input (checksum of its manifest)."""
+    m = dataset / "manifest.json"
+    return {"path": str(dataset), "manifest_sha256": sha256_file(m) if m.exists() else None,
+            "shards": len(finished_shards(dataset))}  # fmt: skip
+
+
+def require_dataset(dataset: Path, produced_by: str) -> list[str]:
+    """The finished shards of an upstream dataset, or a clear error if there are none."""
+    names = finished_shards(dataset)
+    if not names:
+        raise FileNotFoundError(
+            f"no finished shards in {dataset} (expected the output of the `{produced_by}` step; run it first)"
+        )
+    return names
+
+
+# ----------------------------------------------------------------------------- progress
+
+
+@dataclass
+class Progress:
+    """Prints rows/s and ETA while shards finish (at most every `every` seconds)."""
+
+    step: str
+    total_shards: int
+    every: float = 5.0
+    done_shards: int = 0
+    rows: int = 0
+    start: float = field(default_factory=time.monotonic)
+    _last: float = 0.0
+
+    def update(self, rows: int, force: bool = False) -> None:
+        self.done_shards += 1
+        self.rows += rows
+        now = time.monotonic()
+        if force or now - self._last >= self.every or self.done_shards == self.total_shards:
+            self._last = now
+            elapsed = max(now - self.start, 1e-6)
+            rate = self.rows / elapsed
+            left = self.total_shards - self.done_shards
+            eta = elapsed / self.done_shards * left if self.done_shards else float("nan")
+            print(
+                f"[{self.step}] {self.done_shards}/{self.total_shards} shards, {self.rows} rows, "
+                f"{rate:.1f} rows/s, elapsed {elapsed:.0f}s, ETA {eta:.0f}s",
+                flush=True,
+            )
+
+
+def print_accounting(step: str, counts: dict[str, Any]) -> None:
+    print(
+        f"[{step}] rows in {counts['rows_in']} = kept {counts['kept']} + rejected {counts['rejected_total']}"
+    )
+    for reason, n in counts["rejected"].items():
+        print(f"[{step}]     rejected {reason}: {n}")
+
+
+# ----------------------------------------------------------------------------- Ray
+
+
+def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
+    """Attach to a cluster (address, RAY_ADDRESS, or a job's cluster) or start an embedded one."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+    root = str(Path(__file__).resolve().parent.parent)
+    env = {"env_vars": {"NO_ALBUMENTATIONS_UPDATE": "1", "PYTHONPATH": root}}
+    if address or os.environ.get("RAY_ADDRESS"):
+        ray.init(address=address or os.environ["RAY_ADDRESS"], runtime_env=env, log_to_driver=True)
+    else:
+        ray.init(
+            address="local",
+            num_cpus=num_cpus or max(4, os.cpu_count() or 1),
+            include_dashboard=False,
+            runtime_env=env,
+            log_to_driver=True,
+        )
+    from ray.data import DataContext
+
+    ctx = DataContext.get_current()
+    ctx.enable_progress_bars = sys.stderr.isatty()
+    ctx.execution_options.verbose_progress = False
+
+
+def run_shards(
+    step: str,
+    names: list[str],
+    worker_cls: type,
+    worker_kwargs: dict[str, Any],
+    *,
+    num_actors: int,
+    num_cpus: float,
+    num_gpus: float = 0.0,
+) -> list[dict[str, Any]]:
+    """Process shards with a fixed-size Ray Data actor pool, one shard per call.
+
+    `worker_cls(**worker_kwargs)` is built once per actor; calling it with a batch
+    `{"shard": [name]}` processes that shard (skipping it if already done) and returns
+    `{"stats": [json]}`. Returns the per-shard stats, in shard order.
+    """
+    import ray
+
+    progress = Progress(step, len(names))
+    if not names:
+        print(f"[{step}] nothing to do: every shard is finished", flush=True)
+        return []
+    ds = ray.data.from_items([{"shard": n} for n in names], override_num_blocks=len(names))
+    ds = ds.map_batches(
+        worker_cls,
+        fn_constructor_kwargs=worker_kwargs,
+        batch_size=1,
+        compute=ray.data.ActorPoolStrategy(size=min(num_actors, len(names))),
+        num_cpus=num_cpus,
+        num_gpus=num_gpus,
+        batch_format="pyarrow",
+        zero_copy_batch=True,
+    )
+    results = []
+    for row in ds.iter_rows():
+        stats = json.loads(row["stats"])
+        results.append(stats)
+        progress.update(stats["rows_in"])
+    return sorted(results, key=lambda s: s["shard"])
+
+
+class ShardWorker:
+    """Base class for per-shard actors: subclasses implement `process(name) -> stats`."""
+
+    def __init__(self, in_dir: str, out_dir: str) -> None:
+        self.in_dir = Path(in_dir)
+        self.out_dir = Path(out_dir)
+
+    def process(self, name: str) -> dict[str, Any]:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def __call__(self, batch: pa.Table) -> dict[str, list[str]]:
+        out = []
+        for name in batch.column("shard").to_pylist():
+            if done_marker(self.out_dir, name).exists():
+                stats = json.loads(stats_path(self.out_dir, name).read_text())
+            else:
+                t0 = time.monotonic()
+                stats = self.process(name)
+                stats.setdefault("seconds", round(time.monotonic() - t0, 3))
+            out.append(json.dumps(stats))
+        return {"stats": out}
+
+
+def step_main(doc: str, run: Callable[[Any], Any], argv: list[str] | None = None) -> int:
+    """Shared CLI for a step: `python -m pipelines.<step> --config FILE [--set key=value ...]`."""
+    import argparse
+
+    from pipelines.config import ConfigError, load_config
+
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument(
+        "--config", required=True, help="pipeline YAML config (e.g. pipelines/configs/demo.yaml)"
+    )
+    parser.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field"
+    )
+    args = parser.parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.set)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    run(cfg)
+    return 0

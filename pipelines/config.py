@@ -1,0 +1,331 @@
+"""Typed configuration for the data-preparation pipeline.
+
+One YAML file defines a whole data-prep run (see `pipelines/configs/demo.yaml`).
+Every step reads the same file; each reads only its own section plus `output_dir`.
+Loading is strict: an unknown key, a wrong type or a missing input file fails
+fast with a `ConfigError` naming the dotted field (e.g. `filter.min_short_side`).
+
+    from pipelines.config import load_config
+    cfg = load_config("pipelines/configs/demo.yaml", overrides=["teacher.batch_size=8"])
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A bad config value; the message names the field and the file."""
+
+
+@dataclass
+class SyntheticInput:
+    """Demo/test input: generate a synthetic corpus and serve it from 127.0.0.1."""
+
+    n_images: int = 300
+    seed: int = 0
+    url_list_format: str = "parquet"
+
+
+@dataclass
+class SftInput:
+    """LLaVA-style SFT input: a JSON array of records plus an image folder."""
+
+    json: str = ""
+    image_folder: str = ""
+
+
+@dataclass
+class InputConfig:
+    # URL lists: .parquet, .csv, .tsv, .jsonl (or .json lines); columns `url`, `caption`, extras carried.
+    urls: list[str] = field(default_factory=list)
+    synthetic: SyntheticInput | None = None
+    sft: SftInput | None = None
+
+
+@dataclass
+class RayConfig:
+    # None: attach to RAY_ADDRESS / a running cluster if any, else start an embedded local Ray.
+    address: str | None = None
+    # Logical CPUs for an embedded local Ray (more than the cores so actors and tasks can overlap).
+    num_cpus: int | None = None
+
+
+@dataclass
+class DownloadConfig:
+    rows_per_shard: int = 10_000
+    image_size: int = 672  # long side <= image_size, never upscaled
+    encode_format: str = "jpg"
+    encode_quality: int = 95
+    threads_per_shard: int = 32
+    timeout_s: float = 10.0
+    retries: int = 0  # img2dataset per-URL retries
+    max_shard_retries: int = 3  # Ray task retries per shard
+    max_response_bytes: int = 32 * 1024 * 1024
+    # Hosts or CIDRs explicitly allowed even though they are loopback/private/link-local.
+    allow_private: list[str] = field(default_factory=list)
+    user_agent: str = "breen-pipeline/0.1 (img2dataset)"
+    cpus_per_shard: float = 1.0
+
+
+@dataclass
+class FilterConfig:
+    preset: str | None = None  # "datacomp-basic" fills the fields below unless set explicitly
+    min_short_side: int | None = None
+    max_aspect_ratio: float | None = None
+    max_pixels: int = 40_000_000  # decode guard (header dims) before full decode
+    min_words: int | None = None  # caption must have at least this many words
+    min_chars: int | None = None  # caption must have at least this many characters
+    languages: list[str] | None = None  # ISO 639-1 codes to keep, e.g. ["en"]; None keeps all
+    language_min_confidence: float = 0.5
+    dedup_exact: bool = True
+    near_dup_max_distance: int | None = 4  # perceptual-hash Hamming distance; None disables
+    cpus_per_actor: float = 1.0
+    num_actors: int = 2
+
+
+@dataclass
+class CaptionsConfig:
+    max_chars: int = 1000
+    min_chars: int = 1
+    remove_urls: bool = True
+    remove_emails: bool = True
+    cpus_per_actor: float = 0.5
+    num_actors: int = 2
+
+
+@dataclass
+class TeacherConfig:
+    model: str = "ViT-L-14-336"  # open_clip model name
+    weights: str | None = None  # local weights file (.safetensors/.bin/.pt, loaded without unpickling code)
+    pretrained: str | None = None  # open_clip pretrained tag (needs the weights cached locally)
+    random_init_seed: int | None = None  # tests/demo: random weights from this seed
+    model_config: str | None = None  # JSON file with a custom open_clip config (e.g. a tiny ViT)
+    batch_size: int = 32
+    num_actors: int = 1
+    num_gpus_per_actor: float = 1.0  # used only when the cluster has GPUs
+    cpus_per_actor: float = 1.0
+    device: str = "auto"  # auto | cpu | cuda
+
+
+@dataclass
+class ShardsConfig:
+    rows_per_file: int = 1024
+
+
+@dataclass
+class PrepareConfig:
+    output_dir: str = "runs/prep"
+    input: InputConfig = field(default_factory=InputConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
+    download: DownloadConfig = field(default_factory=DownloadConfig)
+    filter: FilterConfig = field(default_factory=FilterConfig)
+    captions: CaptionsConfig = field(default_factory=CaptionsConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    shards: ShardsConfig = field(default_factory=ShardsConfig)
+    # Where the config came from (set by the loader; relative paths are resolved against it).
+    source: str = ""
+
+    @property
+    def out(self) -> Path:
+        return Path(self.output_dir)
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # DataComp "basic" filtering: English, caption > 2 words and > 5 characters,
+    # short side >= 200 px, aspect ratio <= 3.
+    "datacomp-basic": {
+        "min_short_side": 200,
+        "max_aspect_ratio": 3.0,
+        "min_words": 3,
+        "min_chars": 6,
+        "languages": ["en"],
+    }
+}
+
+
+def apply_preset(f: FilterConfig) -> FilterConfig:
+    """Fill the fields left unset (None) from the named preset."""
+    if f.preset is None:
+        return f
+    if f.preset not in PRESETS:
+        raise ConfigError(f"filter.preset: unknown preset {f.preset!r} (known: {sorted(PRESETS)})")
+    for k, v in PRESETS[f.preset].items():
+        if getattr(f, k) is None:
+            setattr(f, k, v)
+    return f
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _convert(tp: Any, value: Any, where: str) -> Any:
+    """Check/convert one value against a type hint; raise ConfigError naming `where`."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None:
+            if type(None) in args:
+                return None
+            raise ConfigError(f"{where}: must not be null")
+        errors = []
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _convert(a, value, where)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if len(errors) == 1 else f"{where}: {value!r} matches none of {tp}")
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {type(value).__name__}")
+        return _build(tp, value, where)
+    if origin is list:
+        (item,) = typing.get_args(tp)
+        if not isinstance(value, list):
+            raise ConfigError(f"{where}: expected a list, got {type(value).__name__} ({value!r})")
+        return [_convert(item, v, f"{where}[{i}]") for i, v in enumerate(value)]
+    if value is None:
+        raise ConfigError(f"{where}: must not be null")
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: expected true/false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            if isinstance(value, float) and value.is_integer():
+                return int(value)
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}: expected a string, got {value!r}")
+        return value
+    raise ConfigError(f"{where}: unsupported type {_type_name(tp)}")
+
+
+def _build(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls) if f.init}
+    kwargs = {}
+    for key, value in data.items():
+        where = f"{prefix}.{key}" if prefix else str(key)
+        if key not in names:
+            raise ConfigError(f"{where}: unknown key (allowed here: {', '.join(sorted(names))})")
+        kwargs[key] = _convert(hints[key], value, where)
+    return cls(**kwargs)
+
+
+def from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
+    """Build dataclass `cls` from plain data, strictly (unknown keys and wrong types raise)."""
+    return _build(cls, data, prefix)
+
+
+def to_dict(obj: Any) -> dict[str, Any]:
+    return dataclasses.asdict(obj)
+
+
+def _apply_override(data: dict[str, Any], item: str) -> None:
+    if "=" not in item:
+        raise ConfigError(f"override {item!r}: expected KEY=VALUE (e.g. teacher.batch_size=8)")
+    key, raw = item.split("=", 1)
+    value = yaml.safe_load(raw)
+    node = data
+    parts = key.split(".")
+    for p in parts[:-1]:
+        node = node.setdefault(p, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {item!r}: {p} is not a section")
+    node[parts[-1]] = value
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> PrepareConfig:
+    """Load, override (dotted KEY=VALUE), validate and resolve a pipeline config file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from e
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: top level must be a mapping")
+    for item in overrides or []:
+        _apply_override(data, item)
+    try:
+        cfg: PrepareConfig = from_dict(PrepareConfig, data)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
+    cfg.source = str(path)
+    base = path.parent.resolve()
+
+    def resolve(p: str) -> str:
+        # Paths in a config file are relative to the current directory if they exist there,
+        # else to the config file's folder.
+        return p if Path(p).is_absolute() or Path(p).exists() else str(base / p)
+
+    cfg.input.urls = [resolve(u) for u in cfg.input.urls]
+    for i, u in enumerate(cfg.input.urls):
+        if not Path(u).is_file():
+            raise ConfigError(f"{path}: input.urls[{i}]: file not found: {u}")
+    if cfg.input.sft is not None:
+        cfg.input.sft.json = resolve(cfg.input.sft.json)
+        cfg.input.sft.image_folder = resolve(cfg.input.sft.image_folder)
+        if not Path(cfg.input.sft.json).is_file():
+            raise ConfigError(f"{path}: input.sft.json: file not found: {cfg.input.sft.json}")
+        if not Path(cfg.input.sft.image_folder).is_dir():
+            raise ConfigError(f"{path}: input.sft.image_folder: not a folder: {cfg.input.sft.image_folder}")
+    for name in ("weights", "model_config"):
+        value = getattr(cfg.teacher, name)
+        if value is not None:
+            value = resolve(value)
+            setattr(cfg.teacher, name, value)
+            if not Path(value).is_file():
+                raise ConfigError(f"{path}: teacher.{name}: file not found: {value}")
+    try:
+        apply_preset(cfg.filter)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
+    validate(cfg, str(path))
+    return cfg
+
+
+def validate(cfg: PrepareConfig, where: str = "config") -> None:
+    """Range checks that types alone cannot express."""
+
+    def need(cond: bool, field_name: str, msg: str) -> None:
+        if not cond:
+            raise ConfigError(f"{where}: {field_name}: {msg}")
+
+    need(cfg.download.rows_per_shard > 0, "download.rows_per_shard", "must be > 0")
+    need(cfg.download.image_size >= 28, "download.image_size", "must be >= 28")
+    need(cfg.download.encode_format in ("jpg", "png", "webp"), "download.encode_format", "jpg, png or webp")
+    need(cfg.shards.rows_per_file > 0, "shards.rows_per_file", "must be > 0")
+    need(cfg.teacher.batch_size > 0, "teacher.batch_size", "must be > 0")
+    need(cfg.teacher.num_actors > 0, "teacher.num_actors", "must be > 0")
+    need(cfg.teacher.device in ("auto", "cpu", "cuda"), "teacher.device", "auto, cpu or cuda")
+    sources = [cfg.teacher.weights, cfg.teacher.pretrained, cfg.teacher.random_init_seed]
+    need(
+        sum(s is not None for s in sources) == 1,
+        "teacher.weights",
+        "set exactly one of teacher.weights, teacher.pretrained, teacher.random_init_seed",
+    )
+    fmt = cfg.input.synthetic.url_list_format if cfg.input.synthetic else "parquet"
+    need(
+        fmt in ("parquet", "csv", "tsv", "jsonl"), "input.synthetic.url_list_format", "parquet|csv|tsv|jsonl"
+    )
+    if cfg.filter.max_aspect_ratio is not None:
+        need(cfg.filter.max_aspect_ratio >= 1, "filter.max_aspect_ratio", "must be >= 1")

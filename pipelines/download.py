@@ -1,0 +1,327 @@
+"""Download step: URL lists -> `<output_dir>/download/` (image bytes + metadata), with img2dataset.
+
+Reads:  the URL lists in `input.urls` (Parquet, CSV, TSV or JSONL with `url` and `caption`;
+        any extra column is carried through).
+Writes: `<output_dir>/download/_input/part-NNNNN.arrow` (the deterministic input shards),
+        `<output_dir>/download/part-NNNNN.parquet` with
+        key, url, caption, image (encoded bytes, long side <= download.image_size, never upscaled),
+        width, height, original_width, original_height, sha256 (of the downloaded bytes), extras;
+        `rejected/part-NNNNN.parquet` with `reason` (url_refused, download_error, decode_error) and
+        `detail`; per-shard stats and completion markers; `manifest.json`.
+
+Every input shard is one Ray task (retried `download.max_shard_retries` times) that runs
+img2dataset's `Downloader` on it. URLs to loopback/private/link-local/metadata addresses are
+refused (before download, and again for every connection and redirect) unless listed in
+`download.allow_private`. Keys are the global input row number, stable across runs.
+
+Run:  python -m pipelines.download --config pipelines/configs/demo.yaml
+      ray job submit --working-dir . -- python -m pipelines.download --config my.yaml
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.csv as pcsv
+import pyarrow.ipc as ipc
+import pyarrow.json as pjson
+import pyarrow.parquet as pq
+
+from pipelines import common
+from pipelines.config import ConfigError, DownloadConfig, PrepareConfig, from_dict, to_dict
+from pipelines.guard import (
+    AddressPolicy,
+    Limits,
+    RefusedURL,
+    check_image_header,
+    install_guarded_opener,
+    vet_url,
+)
+
+STEP = "download"
+# Columns the download step writes itself; an input column with one of these names is an error.
+OUTPUT_COLUMNS = {"key", "image", "width", "height", "original_width", "original_height", "sha256", "status",
+                  "error_message", "reason", "detail", "jpg", "txt", "exif"}  # fmt: skip
+KEY_DIGITS = 12
+
+
+# ----------------------------------------------------------------------------- URL lists
+
+
+def _format_of(path: Path) -> str:
+    suffixes = "".join(path.suffixes[-2:]).lower()
+    for fmt, exts in {"parquet": (".parquet",), "csv": (".csv",), "tsv": (".tsv",),
+                      "jsonl": (".jsonl", ".json", ".ndjson")}.items():  # fmt: skip
+        if any(suffixes.endswith(e) for e in exts):
+            return fmt
+    raise ConfigError(f"input.urls: {path}: unknown URL-list format (use .parquet, .csv, .tsv or .jsonl)")
+
+
+def read_url_list(path: str | Path) -> pa.Table:
+    """Read one URL list as a table of strings; fail fast naming the file on bad structure."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"URL list not found: {path}")
+    fmt = _format_of(path)
+    try:
+        if fmt == "parquet":
+            table = pq.read_table(path)
+        elif fmt in ("csv", "tsv"):
+            opts = pcsv.ParseOptions(delimiter="," if fmt == "csv" else "\t", newlines_in_values=True)
+            table = pcsv.read_csv(path, parse_options=opts,
+                                  convert_options=pcsv.ConvertOptions(strings_can_be_null=False))  # fmt: skip
+        else:
+            table = pjson.read_json(path)
+    except (pa.ArrowInvalid, OSError) as e:
+        raise ConfigError(f"{path}: cannot read as {fmt}: {e}") from None
+    missing = [c for c in ("url", "caption") if c not in table.column_names]
+    if missing:
+        raise ConfigError(f"{path}: URL list has no {' or '.join(repr(c) for c in missing)} column "
+                          f"(columns: {table.column_names})")  # fmt: skip
+    clash = sorted(OUTPUT_COLUMNS & set(table.column_names))
+    if clash:
+        raise ConfigError(
+            f"{path}: column(s) {clash} clash with columns the download step writes; rename them"
+        )
+    # Everything as strings: extra columns are carried through untouched.
+    return table.cast(pa.schema([pa.field(n, pa.string()) for n in table.column_names]))
+
+
+def make_input_shards(urls: list[str], rows_per_shard: int, dest: Path) -> list[str]:
+    """Split the URL lists into Arrow IPC shards with a global `key`; deterministic; reused if present."""
+    success = dest / "_SUCCESS.json"
+    fingerprint = {"inputs": [common.sha256_file(u) for u in urls], "rows_per_shard": rows_per_shard}
+    if success.exists() and json.loads(success.read_text()).get("fingerprint") == fingerprint:
+        return json.loads(success.read_text())["shards"]
+    if dest.exists():
+        shutil.rmtree(dest)
+    dest.mkdir(parents=True)
+    tables = [read_url_list(u) for u in urls]
+    table = common.concat(tables) if tables else pa.table({"url": [], "caption": []})
+    n = table.num_rows
+    keys = pa.array([f"{i:0{KEY_DIGITS}d}" for i in range(n)], pa.string())
+    table = table.add_column(0, "key", keys)
+    names = []
+    for s, start in enumerate(range(0, n, rows_per_shard)):
+        name = common.shard_name(s)
+        with ipc.new_file(dest / f"{name}.arrow", table.schema) as w:
+            w.write_table(table.slice(start, rows_per_shard))
+        names.append(name)
+    common.atomic_write_json(success, {"fingerprint": fingerprint, "shards": names, "rows": n})
+    return names
+
+
+# ----------------------------------------------------------------------------- one shard
+
+
+def _resizer(cfg: DownloadConfig, max_pixels: int):
+    from img2dataset.resizer import Resizer
+
+    class GuardedResizer(Resizer):
+        """img2dataset's resizer behind a header check (no full decode of decompression bombs)."""
+
+        def __call__(self, img_stream, blurring_bbox_list=None):
+            try:
+                check_image_header(img_stream.read(), max_pixels)
+            except ValueError as e:
+                return None, None, None, None, None, str(e)
+            img_stream.seek(0)
+            return super().__call__(img_stream, blurring_bbox_list)
+
+    return GuardedResizer(
+        image_size=cfg.image_size,
+        resize_mode="keep_ratio_largest",
+        resize_only_if_bigger=True,
+        encode_format=cfg.encode_format,
+        encode_quality=cfg.encode_quality,
+    )
+
+
+def download_one_shard(
+    name: str, in_dir: str, out_dir: str, cfg_dict: dict[str, Any], max_pixels: int
+) -> dict:
+    """Download one input shard with img2dataset and write kept/rejected rows (runs in a Ray task)."""
+    os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+    from img2dataset.downloader import Downloader
+    from img2dataset.writer import ParquetSampleWriter
+
+    cfg: DownloadConfig = from_dict(DownloadConfig, cfg_dict, "download")
+    out = Path(out_dir)
+    if common.done_marker(out, name).exists():
+        return json.loads(common.stats_path(out, name).read_text())
+    t0 = time.monotonic()
+    table = ipc.open_file(Path(in_dir) / f"{name}.arrow").read_all()
+    rows_in = table.num_rows
+    extras = [c for c in table.column_names if c not in ("key", "url", "caption")]
+
+    policy = AddressPolicy(cfg.allow_private)
+    install_guarded_opener(policy, Limits(cfg.max_response_bytes, max(cfg.timeout_s * 3, 30.0)))
+    host_verdict: dict[str, str | None] = {}
+    refused: list[str | None] = []
+    for url in table.column("url").to_pylist():
+        try:
+            host = url.split("/")[2].lower() if isinstance(url, str) and url.count("/") >= 2 else url
+            if host not in host_verdict:
+                try:
+                    vet_url(url, policy)
+                    host_verdict[host] = None
+                except RefusedURL as e:
+                    host_verdict[host] = str(e)
+            verdict = host_verdict[host]
+            if verdict is None:
+                vet_url(url, policy)  # per-URL syntax/scheme checks (host already resolved)
+            refused.append(verdict)
+        except RefusedURL as e:
+            refused.append(str(e))
+    ok_mask = pa.array([r is None for r in refused], pa.bool_())
+    allowed = table.filter(ok_mask)
+    refused_rows = table.filter(pc.invert(ok_mask))
+    refused_detail = [r for r in refused if r is not None]
+
+    work = out / "_work" / f"{name}-{os.getpid()}-{time.time_ns()}"
+    work.mkdir(parents=True)
+    try:
+        if allowed.num_rows:
+            kept, failed = _run_img2dataset(
+                allowed, extras, cfg, max_pixels, work, Downloader, ParquetSampleWriter
+            )
+        else:
+            kept, failed = _empty_results(allowed, extras)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+    # Accounting: every allowed row must come back from img2dataset, once.
+    seen = set(kept.column("key").to_pylist()) | set(failed.column("key").to_pylist())
+    lost = allowed.filter(pa.array([k not in seen for k in allowed.column("key").to_pylist()], pa.bool_()))
+    rejected = common.concat([
+        common.with_reason(refused_rows, "url_refused", refused_detail),
+        failed,
+        common.with_reason(lost, "download_error", "row lost inside img2dataset"),
+    ])  # fmt: skip
+    rejected = rejected.sort_by("key")
+    kept = kept.sort_by("key")
+    seconds = time.monotonic() - t0
+    return common.write_shard(
+        out, name, kept, rejected, rows_in,
+        extra_stats={"seconds": round(seconds, 3), "image_bytes": int(pc.sum(
+            pc.binary_length(kept.column("image"))).as_py() or 0)},
+    )  # fmt: skip
+
+
+def _empty_results(allowed: pa.Table, extras: list[str]) -> tuple[pa.Table, pa.Table]:
+    base = allowed.select(["key", "url", "caption"]).slice(0, 0)
+    kept = base.append_column("image", pa.array([], pa.binary()))
+    for c in ("width", "height", "original_width", "original_height"):
+        kept = kept.append_column(c, pa.array([], pa.int32()))
+    kept = kept.append_column("sha256", pa.array([], pa.string()))
+    for c in extras:
+        kept = kept.append_column(c, pa.array([], pa.string()))
+    failed = common.with_reason(allowed.select(["key", "url", "caption", *extras]).slice(0, 0), [], [])
+    return kept, failed
+
+
+def _run_img2dataset(allowed, extras, cfg, max_pixels, work, Downloader, ParquetSampleWriter):
+    """Run img2dataset's Downloader on the allowed rows; return (kept, failed-with-reason)."""
+    src = allowed.rename_columns(["_key" if c == "key" else c for c in allowed.column_names])
+    column_list = ["url", "caption", "_key", *extras]
+    shard_file = work / "input.arrow"
+    with ipc.new_file(shard_file, src.schema) as w:
+        w.write_table(src)
+    downloader = Downloader(
+        sample_writer_class=ParquetSampleWriter,
+        resizer=_resizer(cfg, max_pixels),
+        thread_count=cfg.threads_per_shard,
+        save_caption=False,
+        extract_exif=False,
+        output_folder=str(work),
+        column_list=column_list,
+        timeout=cfg.timeout_s,
+        number_sample_per_shard=max(src.num_rows, 2),
+        oom_shard_count=5,
+        compute_hash="sha256",
+        verify_hash_type=None,
+        encode_format=cfg.encode_format,
+        retries=cfg.retries,
+        user_agent_token=None,
+        disallowed_header_directives=None,
+    )
+    downloader.download_shard((0, str(shard_file)))
+    res = pq.read_table(work / "00000.parquet")
+    # img2dataset's own key is shard-local; ours is the global input row number.
+    res = res.drop_columns(["key"])
+    res = res.rename_columns(["key" if c == "_key" else c for c in res.column_names])
+    res = res.rename_columns(["image" if c == cfg.encode_format else c for c in res.column_names])
+    status = res.column("status").to_pylist()
+    ok = pa.array([s == "success" for s in status], pa.bool_())
+    base = ["key", "url", "caption"]
+    kept_cols = [*base, "image", "width", "height", "original_width", "original_height", "sha256", *extras]
+    kept = res.filter(ok).select(kept_cols)
+    bad = res.filter(pc.invert(ok))
+    reasons = ["download_error" if s == "failed_to_download" else "decode_error"
+               for s in bad.column("status").to_pylist()]  # fmt: skip
+    failed = common.with_reason(
+        bad.select([*base, *extras]), reasons, bad.column("error_message").to_pylist()
+    )
+    return kept, failed
+
+
+# ----------------------------------------------------------------------------- the step
+
+
+def run(cfg: PrepareConfig) -> dict[str, Any]:
+    """Run the download step for `cfg` on the current (or an embedded) Ray cluster."""
+    import ray
+
+    if not cfg.input.urls:
+        raise ConfigError(f"{cfg.source}: input.urls: no URL list given")
+    out = cfg.out / STEP
+    in_dir = out / "_input"
+    names = make_input_shards(cfg.input.urls, cfg.download.rows_per_shard, in_dir)
+    common.init_ray(cfg.ray.address, cfg.ray.num_cpus)
+    todo = [n for n in names if not common.done_marker(out, n).exists()]
+    print(f"[{STEP}] {len(names)} input shards, {len(names) - len(todo)} already finished", flush=True)
+    task = ray.remote(download_one_shard).options(
+        num_cpus=cfg.download.cpus_per_shard,
+        max_retries=cfg.download.max_shard_retries,
+        retry_exceptions=True,
+    )
+    progress = common.Progress(STEP, len(todo))
+    cfg_dict = to_dict(cfg.download)
+    pending = {task.remote(n, str(in_dir), str(out), cfg_dict, cfg.filter.max_pixels): n for n in todo}
+    failed: dict[str, str] = {}
+    while pending:
+        ready, _ = ray.wait(list(pending), num_returns=1)
+        name = pending.pop(ready[0])
+        try:
+            stats = ray.get(ready[0])
+            progress.update(stats["rows_in"])
+        except Exception as e:  # the shard failed after all retries: report it, keep going
+            failed[name] = f"{type(e).__name__}: {e}".splitlines()[0]
+            print(f"[{STEP}] shard {name} failed after {cfg.download.max_shard_retries} retries: "
+                  f"{failed[name]}", file=sys.stderr, flush=True)  # fmt: skip
+    shutil.rmtree(out / "_work", ignore_errors=True)
+    inputs = [{"path": u, "sha256": common.sha256_file(u)} for u in cfg.input.urls]
+    manifest = common.write_manifest(
+        out, STEP, inputs, {"download": cfg_dict, "max_pixels": cfg.filter.max_pixels}
+    )
+    common.print_accounting(STEP, manifest["counts"])
+    if failed:
+        raise RuntimeError(f"{STEP}: {len(failed)} shard(s) failed ({sorted(failed)}); finished shards are kept, "
+                           "relaunch the same command to retry only the failed ones")  # fmt: skip
+    return manifest
+
+
+def main(argv: list[str] | None = None) -> int:
+    return common.step_main(__doc__, run, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
