@@ -20,6 +20,7 @@ import hashlib
 import json
 import os
 import platform
+import re
 import subprocess
 import sys
 import time
@@ -102,6 +103,11 @@ def with_reason(
     details = [detail] * n if detail is None or isinstance(detail, str) else detail
     table = table.append_column(REJECT_FIELDS[0], pa.array(reasons, pa.string()))
     return table.append_column(REJECT_FIELDS[1], pa.array(details, pa.string()))
+
+
+def error_detail(e: BaseException, limit: int = 300) -> str:
+    """A short, deterministic description of an exception (no memory addresses)."""
+    return re.sub(r" at 0x[0-9a-fA-F]+", "", f"{type(e).__name__}: {e}")[:limit]
 
 
 def concat(tables: list[pa.Table]) -> pa.Table:

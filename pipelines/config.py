@@ -32,6 +32,7 @@ class SyntheticInput:
     n_images: int = 300
     seed: int = 0
     url_list_format: str = "parquet"
+    port: int = 18642  # fixed so reruns see the same URLs; 0 picks any free port
 
 
 @dataclass
@@ -84,9 +85,11 @@ class FilterConfig:
     min_words: int | None = None  # caption must have at least this many words
     min_chars: int | None = None  # caption must have at least this many characters
     languages: list[str] | None = None  # ISO 639-1 codes to keep, e.g. ["en"]; None keeps all
-    language_min_confidence: float = 0.5
+    language_min_confidence: float = 0.0  # the top language must be wanted and this sure
     dedup_exact: bool = True
-    near_dup_max_distance: int | None = 4  # perceptual-hash Hamming distance; None disables
+    near_dup_max_distance: int | None = (
+        3  # perceptual-hash Hamming distance (<= 3: exact recall); None disables
+    )
     cpus_per_actor: float = 1.0
     num_actors: int = 2
 

@@ -1,0 +1,341 @@
+"""Captions step: `<output_dir>/filter/` -> `<output_dir>/captions/` (cleaned captions, raw kept).
+
+Reads:  `<output_dir>/filter/part-NNNNN.parquet` (key, url, caption, image, width, height,
+        original_width, original_height, sha256, language, phash, extra string columns).
+Writes: `<output_dir>/captions/part-NNNNN.parquet` with the same rows and columns, where
+        `caption` is the cleaned caption and `caption_raw` (right after it) keeps the original;
+        `rejected/part-NNNNN.parquet` (same columns without `image`, plus `reason`, `detail`) for
+        rows whose cleaned caption is shorter than `captions.min_chars` (reason `empty_caption`,
+        detail = the raw caption cut to 200 characters); per-shard stats, markers, `manifest.json`.
+
+Cleaning (`clean_caption`, pure, never raises): HTML entities unescaped (repeatedly) and tags
+removed, ftfy (mojibake, surrogates, width, NFC), URLs and e-mail addresses removed (configurable),
+control and invisible characters removed, whitespace collapsed, stock-photo / web boilerplate
+trimmed ("Stock Photo - Image 12345", "| Shutterstock", "click to enlarge", "image may contain:"
+...), then cut to `captions.max_chars` at a word boundary. The filter step imports `clean_caption`
+to evaluate its caption rules on the cleaned text, so this module must import without Ray.
+
+Run:  python -m pipelines.captions --config pipelines/configs/demo.yaml
+      ray job submit --working-dir . -- python -m pipelines.captions --config my.yaml
+"""
+
+from __future__ import annotations
+
+import html
+import re
+import sys
+import time
+import unicodedata
+from typing import Any
+
+import ftfy
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from pipelines import common
+from pipelines.config import CaptionsConfig, PrepareConfig, from_dict, to_dict
+
+STEP = "captions"
+REASON_EMPTY = "empty_caption"
+DETAIL_CHARS = 200
+# Columns left out of rejected rows (the bytes stay recoverable by `key` from the upstream step).
+REJECTED_DROP = ("image",)
+
+# ftfy with our own HTML handling (done before it, so "caf&#195;&#169;" is repaired too).
+_FTFY = ftfy.TextFixerConfig(unescape_html=False, explain=False)
+_MAX_WORD = 64  # longer runs without a space are not words: `max_chars` cuts them hard
+_MAX_UNESCAPE = 5  # "&amp;amp;amp;lt;" needs several rounds; bounded so it always ends
+
+# ----------------------------------------------------------------------------- patterns
+# All patterns are linear-time on adversarial input (no nested unbounded quantifiers that can
+# overlap), and run on an input already cut to a bounded length (see `_raw_limit`).
+
+_ENTITY = re.compile(r"&(?:#\d{1,7}|#[xX][0-9a-fA-F]{1,6}|[a-zA-Z][a-zA-Z0-9]{1,31});?")
+_HTML_BLOCK = re.compile(
+    r"<!--.*?(?:-->|$)|<(script|style)\b[^<>]*>.*?(?:</\1\s*>|$)", re.IGNORECASE | re.DOTALL
+)
+_HTML_TAG = re.compile(r"</?[a-zA-Z][a-zA-Z0-9:-]*(?:\s[^<>]*)?/?>|<![a-zA-Z][^<>]*>")
+_UNCLOSED_TAG_AT_END = re.compile(r"</?[a-zA-Z][^<>]*$")
+_EMAIL = re.compile(
+    r"(?:mailto:)?[\w.+-]{1,64}@[\w-]{1,63}(?:\.[\w-]{1,63}){0,8}\.[a-z]{2,24}\b", re.IGNORECASE
+)
+_URL_BODY = r"(?:[^\s<>\"'()\[\]{}]|\([^\s()<>]*\))*(?<![.,;:!?])"  # balanced (...), no end punctuation
+_URL = re.compile(
+    r"\b(?:(?:https?|ftp)://|www\d{0,3}\.)"
+    + _URL_BODY
+    # bare domains with a path, e.g. "example.com/img/1.jpg" (a bare "example.com" is left alone)
+    + r"|\b(?:[\w-]{1,63}\.){1,8}(?:com|net|org|info|biz|io|co|uk|de|fr|ru|jp|cn)/"
+    + _URL_BODY,
+    re.IGNORECASE,
+)
+_EMPTY_BRACKETS = re.compile(r"\(\s*\)|\[\s*\]|\{\s*\}|<\s*>")
+_ORPHAN_PUNCT = re.compile(r"\s+([.,])(?=\s|$)")
+# C0/C1 controls (tab/newline/CR are whitespace and handled by _SPACE), DEL, invisible format
+# characters that carry no meaning in a caption (zero-width space, word joiner, BOM, soft hyphen,
+# bidi controls), the replacement character left by broken decodes, and lone surrogates.
+# ZWJ/ZWNJ (U+200C/D) are kept: emoji sequences and several scripts need them.
+_CONTROL = re.compile(
+    "[\x00-\x08\x0e-\x1f\x7f-\x84\x86-\x9f\u00ad\u200b\u200e\u200f\u202a-\u202e"
+    "\u2060-\u2064\u2066-\u206f\ufeff\ufff9-\ufffd\ud800-\udfff]"
+)
+_SPACE = re.compile(r"\s+")
+
+# Boilerplate sits at the head or the tail of a caption: head/tail patterns only look at this
+# many characters there, which keeps them cheap on long captions whatever they contain.
+_EDGE = 256
+_SEP = r"[\s|:;,.·•~*_/\\–—-]"  # characters that separate a caption from a boilerplate tail/head
+_STOCK_SITES = (
+    r"shutterstock|alamy|i?stock(?:photo)?|getty\s*images|dreamstime|123rf|adobe\s*stock|depositphotos"
+    r"|fotolia|bigstock(?:photo)?|pond5|canstock(?:photo)?|stocksy|pixabay|unsplash|pexels|freepik"
+    r"|vecteezy|pinterest|flickr|wikimedia\s*commons|imgur|tumblr|etsy|ebay"
+)
+_STOCK_KIND = r"(?:photo(?:graph)?|image|picture|pic|illustration|vector|footage|video|clip\s*art)s?"
+_STOCK = (
+    r"\b(?:(?:royalty[\s-]*free|free|premium|high[\s-]*res(?:olution)?|hd)\s+)*stock\s+"
+    + _STOCK_KIND
+    + r"(?:y|ies)?"
+)
+_HEAD = [
+    # Facebook / Instagram alt text, download prompts.
+    re.compile(r"^(?:(?:this\s+)?image\s+may\s+contain|may\s+contain)\s*:\s*", re.IGNORECASE),
+    re.compile(r"^no\s+(?:photo|image)\s+description\s+available\b\.?", re.IGNORECASE),
+    # "Royalty-free stock photo of a cat" -> "a cat" (a plain "Photo of a cat" is left alone).
+    re.compile(r"^(?:" + _STOCK + r"|royalty[\s-]*free\s+" + _STOCK_KIND + r")\s+of\s+", re.IGNORECASE),
+    re.compile(r"^download\s+(?:this\s+)?(?:stock\s+)?" + _STOCK_KIND + r"\s*:\s*", re.IGNORECASE),
+]
+_TAIL = [
+    # "| Shutterstock", "- Alamy", "via Getty Images", "on Pinterest".
+    re.compile(rf"{_SEP}*(?:\b(?:on|via|by)\s+|[|–—-]\s*)(?:{_STOCK_SITES})\b\.?{_SEP}*$", re.IGNORECASE),
+    # "Stock Photo - Download Image Now - Animal, Dog, Pets" (iStock titles).
+    re.compile(rf"{_SEP}*{_STOCK}\s*[-–—:|]\s*download\b[^|]*$", re.IGNORECASE),
+    # "Stock Photo - Image 12345", "stock photo 12345", "Royalty-free stock photo ID: 123",
+    # "stock image. Image of a, b - 987", "Royalty Free Stock Photography".
+    re.compile(
+        rf"{_SEP}*{_STOCK}"
+        r"(?:\s*[-–—|:,.]?\s*(?:(?:image|picture|photo|id|no|nr|number|item|#)[\s.:#]*)?\d[\d-]*"
+        r"|\s*\.\s*(?:image|picture|illustration)\s+of\b[^.|]*)?"
+        rf"{_SEP}*$",
+        re.IGNORECASE,
+    ),
+    # "Image ID: 12345", "Photo #123456".
+    re.compile(
+        r"[\s|:,(\[–—-]*\b(?:image|photo|picture)\s*(?:id|#|no\.?)\s*:?\s*\d+[)\]]?\s*$", re.IGNORECASE
+    ),
+]
+_ANYWHERE = [
+    # "Royalty-free stock photo", "royalty free image".
+    re.compile(r"\broyalty[\s-]*free(?:\s+stock)?(?:\s+" + _STOCK_KIND + r")?\b", re.IGNORECASE),
+    # "(click to enlarge)", "click here to view larger image", "Click for full size".
+    re.compile(
+        r"[(\[]?\s?\bclick\s+(?:here\s+)?(?:to|for)\s+(?:(?:see|view|open|zoom|the)\s+)*"
+        r"(?:enlarged?|larger|bigger|zoom|full[\s-]*size|full\s+image|high[\s-]*res(?:olution)?)"
+        r"(?:\s+(?:image|version|picture|photo|view))?\s?[)\]]?",
+        re.IGNORECASE,
+    ),
+]
+_LEAD_SEP = re.compile(r"^[\s|:;,.·•~*_/\\–—-]+")
+_TRAIL_SEP = re.compile(r"[\s|:;,·•~*_/\\–—-]+$")
+
+
+# ----------------------------------------------------------------------------- cleaning
+
+
+def _raw_limit(max_chars: int) -> int:
+    # Bound the work on huge inputs: markup and whitespace shrink when cleaned, so keep a margin.
+    return 8 * max(max_chars, 0) + 4096
+
+
+def _unescape(text: str) -> str:
+    for _ in range(_MAX_UNESCAPE):
+        if "&" not in text or not _ENTITY.search(text):
+            break
+        new = html.unescape(text)
+        if new == text:
+            break
+        text = new
+    return text
+
+
+def _strip_html(text: str) -> str:
+    if "<" not in text:
+        return text
+    text = _HTML_BLOCK.sub(" ", text)
+    return _HTML_TAG.sub(" ", text)
+
+
+def _trim_boilerplate(text: str) -> str:
+    for _ in range(4):
+        before = text
+        if len(text) > _EDGE:
+            head, text = text[:_EDGE], text[_EDGE:]
+            for pattern in _HEAD:
+                head = pattern.sub(" ", head)
+            text = head + text
+        else:
+            for pattern in _HEAD:
+                text = pattern.sub(" ", text)
+        if len(text) > _EDGE:
+            text, tail = text[:-_EDGE], text[-_EDGE:]
+            for pattern in _TAIL:
+                tail = pattern.sub(" ", tail)
+            text = text + tail
+        else:
+            for pattern in _TAIL:
+                text = pattern.sub(" ", text)
+        for pattern in _ANYWHERE:
+            text = pattern.sub(" ", text)
+        text = _SPACE.sub(" ", text)
+        text = _TRAIL_SEP.sub("", _LEAD_SEP.sub("", text))
+        if text == before:
+            break
+    return text
+
+
+def _cut(text: str, max_chars: int) -> str:
+    """Cut to at most `max_chars` at a word boundary (hard cut only inside a very long "word")."""
+    if len(text) <= max_chars:
+        return text
+    if max_chars <= 0:
+        return ""
+    head = text[: max_chars + 1]
+    if head[-1].isspace():  # the cut falls right after a whole word
+        return head.rstrip()
+    space = head.rfind(" ")
+    # A run without spaces longer than any word (CJK text, a long token) is cut hard.
+    head = head[:space] if space > 0 and len(head) - space <= _MAX_WORD else head[:max_chars]
+    return _TRAIL_SEP.sub("", head) or head.rstrip()
+
+
+def _clean(text: str, cfg: CaptionsConfig) -> str:
+    limit = _raw_limit(cfg.max_chars)
+    truncated = len(text) > limit
+    if truncated:
+        text = text[:limit]
+        space = text.rfind(" ", limit // 2)
+        if space > 0:
+            text = text[:space]  # drop the partial word at the cut
+    text = _unescape(text)
+    text = _strip_html(text)
+    if truncated:
+        text = _UNCLOSED_TAG_AT_END.sub(" ", text)
+    text = ftfy.fix_text(text, _FTFY)  # mojibake, surrogate pairs, widths, line breaks, NFC
+    if "&" in text:  # mojibake repair can reveal entities (e.g. an "&amp;" inside broken UTF-8)
+        text = _strip_html(_unescape(text))
+    removed = 0
+    if cfg.remove_emails and "@" in text:
+        text, n = _EMAIL.subn(" ", text)
+        removed += n
+    if cfg.remove_urls:
+        text, n = _URL.subn(" ", text)
+        removed += n
+    if removed:  # "see (http://x.org)." -> "see."
+        text = _ORPHAN_PUNCT.sub(r"\1", _EMPTY_BRACKETS.sub(" ", text))
+    if not unicodedata.is_normalized("NFC", text):
+        text = unicodedata.normalize("NFC", text)
+    text = _CONTROL.sub("", text)
+    text = _SPACE.sub(" ", text).strip()
+    text = _trim_boilerplate(text)
+    cut = _cut(text, cfg.max_chars)
+    if cut != text:  # the cut can leave the start of a boilerplate phrase at the end
+        cut = _cut(_trim_boilerplate(cut), cfg.max_chars)
+    return cut
+
+
+def clean_caption(text: str | None, cfg: CaptionsConfig) -> str:
+    """The cleaned caption ("" for None/empty); pure, deterministic, never raises."""
+    if text is None:
+        return ""
+    if not isinstance(text, str):
+        text = text.decode("utf-8", "replace") if isinstance(text, bytes) else str(text)
+    if not text:
+        return ""
+    try:
+        return _clean(text, cfg)
+    except Exception:  # a bug here must not kill a 13M-row job: degrade to a plain clean-up
+        try:
+            safe = text[: _raw_limit(cfg.max_chars)].encode("utf-8", "ignore").decode("utf-8")
+            return _cut(_SPACE.sub(" ", _CONTROL.sub("", safe)).strip(), cfg.max_chars)
+        except Exception:
+            return ""
+
+
+# ----------------------------------------------------------------------------- one table
+
+
+def _detail(raw: Any) -> str:
+    if raw is None:
+        return "caption is null"
+    return (raw if isinstance(raw, str) else repr(raw))[:DETAIL_CHARS]
+
+
+def clean_table(table: pa.Table, cfg: CaptionsConfig) -> tuple[pa.Table, pa.Table]:
+    """Clean the `caption` column: (kept rows, rejected rows with reason/detail). Pure, no Ray.
+
+    Kept rows have the same columns in the same order, `caption` replaced by the cleaned text and
+    `caption_raw` (the original; left as is if the input already has one) right after it.
+    """
+    if "caption" not in table.column_names:
+        raise ValueError(f"input has no 'caption' column (columns: {table.column_names})")
+    raw_col = table.column("caption")
+    raw = raw_col.to_pylist()
+    cleaned = [clean_caption(c, cfg) for c in raw]
+    idx = table.column_names.index("caption")
+    out = table.set_column(idx, pa.field("caption", pa.string()), pa.array(cleaned, pa.string()))
+    if "caption_raw" not in table.column_names:
+        out = out.add_column(idx + 1, pa.field("caption_raw", pa.string()), raw_col.cast(pa.string()))
+    ok = pa.array([len(c) >= cfg.min_chars for c in cleaned], pa.bool_())
+    kept = out.filter(ok)
+    bad = out.filter(pc.invert(ok))
+    details = [_detail(r) for r, c in zip(raw, cleaned, strict=True) if len(c) < cfg.min_chars]
+    bad = bad.drop_columns([c for c in REJECTED_DROP if c in bad.column_names])
+    rejected = common.with_reason(bad, REASON_EMPTY, details)
+    return kept, rejected
+
+
+# ----------------------------------------------------------------------------- the step
+
+
+class CaptionsWorker(common.ShardWorker):
+    """Cleans the captions of one filter shard (one actor holds the config and compiled patterns)."""
+
+    def __init__(self, in_dir: str, out_dir: str, captions: dict[str, Any]) -> None:
+        super().__init__(in_dir, out_dir)
+        self.cfg: CaptionsConfig = from_dict(CaptionsConfig, captions, "captions")
+
+    def process(self, name: str) -> dict[str, Any]:
+        t0 = time.monotonic()
+        table = pq.read_table(self.in_dir / f"{name}.parquet")
+        kept, rejected = clean_table(table, self.cfg)
+        return common.write_shard(
+            self.out_dir, name, kept, rejected, table.num_rows,
+            extra_stats={"seconds": round(time.monotonic() - t0, 3)},
+        )  # fmt: skip
+
+
+def run(cfg: PrepareConfig) -> dict[str, Any]:
+    """Run the captions step for `cfg` on the current (or an embedded) Ray cluster."""
+    in_dir = cfg.out / "filter"
+    out = cfg.out / STEP
+    names = common.require_dataset(in_dir, "filter")
+    common.init_ray(cfg.ray.address, cfg.ray.num_cpus)
+    todo = [n for n in names if not common.done_marker(out, n).exists()]
+    print(f"[{STEP}] {len(names)} input shards, {len(names) - len(todo)} already finished", flush=True)
+    common.run_shards(
+        STEP, todo, CaptionsWorker,
+        {"in_dir": str(in_dir), "out_dir": str(out), "captions": to_dict(cfg.captions)},
+        num_actors=cfg.captions.num_actors, num_cpus=cfg.captions.cpus_per_actor,
+    )  # fmt: skip
+    manifest = common.write_manifest(
+        out, STEP, [common.dataset_input(in_dir)], {"captions": to_dict(cfg.captions)}
+    )
+    common.print_accounting(STEP, manifest["counts"])
+    return manifest
+
+
+def main(argv: list[str] | None = None) -> int:
+    return common.step_main(__doc__, run, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

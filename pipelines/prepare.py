@@ -1,0 +1,131 @@
+"""Data preparation end to end: download -> filter -> captions -> teacher -> shards (+ SFT) -> report.
+
+Reads:  the config file (see `pipelines/configs/demo.yaml`); with `input.synthetic` set it first
+        generates a synthetic corpus under `<output_dir>/synthetic/` and serves it from 127.0.0.1
+        for the duration of the run (demo and tests).
+Writes: one dataset directory per step under `output_dir` (see `pipelines/common.py`), the
+        training shards in `<output_dir>/shards/` (and `sft_shards/`), `<output_dir>/accounting.json`
+        and an HTML report in `<output_dir>/report/index.html`. Prints the accounting table: every
+        input row is either kept or rejected with a reason, per step and in total.
+
+Every step skips shards that are already finished, so re-running the same command after a crash
+redoes only the unfinished work, and re-running a finished run changes no output byte.
+
+Run:  python -m pipelines.prepare --config pipelines/configs/demo.yaml      (embedded local Ray)
+      ray job submit --working-dir . -- python -m pipelines.prepare --config my.yaml
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import sys
+import time
+from collections.abc import Iterator
+from typing import Any
+
+from pipelines import captions, common, download, report, sft_import, shards, teacher
+from pipelines import filter as filter_step
+from pipelines.config import PrepareConfig, SftInput
+
+PRETRAIN_STEPS = [("download", download.run), ("filter", filter_step.run), ("captions", captions.run),
+                  ("teacher", teacher.run), ("shards", shards.run)]  # fmt: skip
+
+
+@contextlib.contextmanager
+def synthetic_input(cfg: PrepareConfig) -> Iterator[None]:
+    """Generate and serve the synthetic corpus; point `input.urls`/`input.sft` at it."""
+    if cfg.input.synthetic is None:
+        yield
+        return
+    from pipelines import synthetic
+
+    s = cfg.input.synthetic
+    root = cfg.out / "synthetic"
+    corpus = synthetic.make_corpus(root, n_images=s.n_images, seed=s.seed)
+    sft = synthetic.make_sft_corpus(root, corpus, seed=s.seed)
+    with synthetic.serve(root, port=s.port) as server:
+        url_list = root / f"urls.{s.url_list_format}"
+        # A fixed port (and port 1 for "connection refused") keeps the URL list, hence every
+        # checksum and output, identical from run to run.
+        synthetic.write_url_list(
+            corpus, server.base_url, url_list, s.url_list_format, refused_url="http://127.0.0.1:1"
+        )
+        cfg.input.urls = [str(url_list)]
+        if cfg.input.sft is None:
+            cfg.input.sft = SftInput(json=str(sft), image_folder=str(root))
+        print(
+            f"[prepare] synthetic corpus: {len(corpus.entries)} images served at {server.base_url}",
+            flush=True,
+        )
+        yield
+
+
+def accounting(cfg: PrepareConfig) -> dict[str, Any]:
+    """Per-step counts from the manifests and the end-to-end check: input = kept + all rejected."""
+    steps = {}
+    for name in [
+        "download",
+        "filter",
+        "captions",
+        "teacher",
+        "shards",
+        "sft_import",
+        "sft_teacher",
+        "sft_shards",
+    ]:
+        m = cfg.out / name / "manifest.json"
+        if m.exists():
+            steps[name] = json.loads(m.read_text())["counts"]
+    out: dict[str, Any] = {"steps": steps}
+    if "download" in steps and "teacher" in steps:
+        rejected = sum(
+            steps[s]["rejected_total"] for s in ("download", "filter", "captions", "teacher") if s in steps
+        )
+        out["pretrain"] = {"input_rows": steps["download"]["rows_in"], "kept": steps["teacher"]["kept"],
+                           "rejected": rejected,
+                           "balanced": steps["download"]["rows_in"] == steps["teacher"]["kept"] + rejected}  # fmt: skip
+    return out
+
+
+def print_table(acc: dict[str, Any]) -> None:
+    print("\n== accounting: rows in = kept + rejected ==")
+    print(f"{'step':<12} {'in':>8} {'kept':>8} {'rejected':>9}  reasons")
+    for name, c in acc["steps"].items():
+        reasons = ", ".join(f"{r}={n}" for r, n in c["rejected"].items()) or "-"
+        ok = "ok" if c["rows_in"] == c["kept"] + c["rejected_total"] else "MISMATCH"
+        print(f"{name:<12} {c['rows_in']:>8} {c['kept']:>8} {c['rejected_total']:>9}  {reasons}  [{ok}]")
+    if "pretrain" in acc:
+        p = acc["pretrain"]
+        print(f"total: {p['input_rows']} input URLs = {p['kept']} training rows + {p['rejected']} rejected "
+              f"[{'ok' if p['balanced'] else 'MISMATCH'}]")  # fmt: skip
+
+
+def run(cfg: PrepareConfig) -> dict[str, Any]:
+    t0 = time.monotonic()
+    common.init_ray(cfg.ray.address, cfg.ray.num_cpus)
+    with synthetic_input(cfg):
+        for name, step in PRETRAIN_STEPS:
+            print(f"\n[prepare] === {name} ===", flush=True)
+            step(cfg)
+        if cfg.input.sft is not None:
+            print("\n[prepare] === sft import ===", flush=True)
+            sft_import.run(cfg)
+    acc = accounting(cfg)
+    common.atomic_write_json(cfg.out / "accounting.json", acc)
+    html = report.write_report(cfg.out)
+    print_table(acc)
+    print(
+        f"\n[prepare] done in {time.monotonic() - t0:.0f}s; training shards in {cfg.out / 'shards'}; report {html}"
+    )
+    if not all(c["rows_in"] == c["kept"] + c["rejected_total"] for c in acc["steps"].values()):
+        raise common.AccountingError("row accounting does not balance; see the table above")
+    return acc
+
+
+def main(argv: list[str] | None = None) -> int:
+    return common.step_main(__doc__, run, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,211 @@
+"""SFT import: LLaVA-style JSON + image folder -> the training-shard layout, through the teacher.
+
+Reads:  `input.sft.json`, a JSON array of records
+            {"id": ..., "image": "relative/path.jpg", "conversations": [{"from": "human", "value": "<image>\\n..."},
+                                                                         {"from": "gpt", "value": "..."}, ...]}
+        (records without "image" are text-only), and the images under `input.sft.image_folder`.
+Writes: `<output_dir>/sft_import/` (key, id, image bytes with long side <= download.image_size,
+        width, height, sha256, caption (first answer, for reports), conversations (JSON string));
+        rejected rows (missing_image, decode_error, bad_conversations) with reasons; then
+        `sft_teacher/` (the teacher step on those rows; text-only rows get null features) and
+        `sft_shards/` (training shards with `conversations`).
+
+Conversations are checked: a non-empty list of {"from", "value"} turns, human/gpt (or "Answer")
+roles alternating from human, string values, `<image>` only in records with an image. A record
+with an image but no `<image>` placeholder gets one at the start of its first human turn (LLaVA
+convention). Image paths must stay inside the image folder.
+
+Run:  python -m pipelines.sft_import --config pipelines/configs/demo.yaml
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.ipc as ipc
+
+from pipelines import common, shards, teacher
+from pipelines.config import ConfigError, PrepareConfig
+from pipelines.guard import check_image_header
+
+STEP = "sft_import"
+HUMAN = {"human", "user"}
+ASSISTANT = {"gpt", "assistant", "answer", "Answer"}
+OUT_SCHEMA = pa.schema([
+    ("key", pa.string()), ("id", pa.string()), ("image", pa.binary()), ("width", pa.int32()),
+    ("height", pa.int32()), ("sha256", pa.string()), ("caption", pa.string()), ("conversations", pa.string()),
+])  # fmt: skip
+
+
+def check_conversations(record: dict[str, Any]) -> list[dict[str, str]]:
+    """Validated, normalised conversation turns; raises ValueError with the problem."""
+    conv = record.get("conversations")
+    if not isinstance(conv, list) or not conv:
+        raise ValueError("conversations must be a non-empty list")
+    turns = []
+    for i, t in enumerate(conv):
+        if (
+            not isinstance(t, dict)
+            or not isinstance(t.get("value"), str)
+            or not isinstance(t.get("from"), str)
+        ):
+            raise ValueError(f"turn {i}: expected {{'from': str, 'value': str}}")
+        role = "human" if t["from"] in HUMAN else "gpt" if t["from"] in ASSISTANT else None
+        if role is None:
+            raise ValueError(f"turn {i}: unknown role {t['from']!r}")
+        if role != ("human" if i % 2 == 0 else "gpt"):
+            raise ValueError(f"turn {i}: roles must alternate human/gpt starting with human")
+        turns.append({"from": role, "value": t["value"]})
+    if turns[-1]["from"] != "gpt":
+        raise ValueError("last turn must be an answer")
+    n_image = sum(t["value"].count("<image>") for t in turns)
+    if "image" in record:
+        if n_image > 1:
+            raise ValueError(f"{n_image} <image> placeholders for one image")
+        if n_image == 0:
+            turns[0]["value"] = "<image>\n" + turns[0]["value"]
+    elif n_image:
+        raise ValueError("<image> placeholder in a text-only record")
+    return turns
+
+
+def load_image(folder: Path, rel: Any, max_side: int, max_pixels: int) -> tuple[bytes, int, int]:
+    """Read an image from inside `folder`; downscale to long side <= max_side (never upscale)."""
+    from PIL import Image
+
+    if not isinstance(rel, str) or not rel:
+        raise FileNotFoundError("image path must be a non-empty string")
+    path = (folder / rel).resolve()
+    if not path.is_relative_to(folder.resolve()):
+        raise FileNotFoundError(f"image path {rel!r} leaves the image folder")
+    if not path.is_file():
+        raise FileNotFoundError(f"image file not found: {rel}")
+    data = path.read_bytes()
+    w, h = check_image_header(data, max_pixels)
+    with Image.open(io.BytesIO(data)) as im:
+        im.load()
+        if max(w, h) <= max_side and im.format in ("JPEG", "PNG", "WEBP"):
+            return data, w, h
+        im = im.convert("RGB")
+        scale = min(1.0, max_side / max(w, h))
+        size = (max(1, round(w * scale)), max(1, round(h * scale)))
+        im = im.resize(size, Image.Resampling.LANCZOS) if scale < 1 else im
+        buf = io.BytesIO()
+        im.save(buf, "JPEG", quality=95)
+        return buf.getvalue(), size[0], size[1]
+
+
+def import_shard(name: str, work_dir: str, out_dir: str, folder: str, max_side: int, max_pixels: int) -> dict:
+    """Turn one shard of raw JSON records into kept/rejected rows (runs in a Ray task)."""
+    out = Path(out_dir)
+    if common.done_marker(out, name).exists():
+        return json.loads(common.stats_path(out, name).read_text())
+    t0 = time.monotonic()
+    src = ipc.open_file(Path(work_dir) / f"{name}.arrow").read_all()
+    kept: list[dict[str, Any]] = []
+    rejected: list[dict[str, Any]] = []
+    for key, raw in zip(src.column("key").to_pylist(), src.column("record").to_pylist(), strict=True):
+        record = json.loads(raw)
+        rid = str(record.get("id", "")) if isinstance(record, dict) else ""
+        base = {"key": key, "id": rid, "record": raw[:2000]}
+        try:
+            if not isinstance(record, dict):
+                raise ValueError("record is not a JSON object")
+            turns = check_conversations(record)
+        except ValueError as e:
+            rejected.append({**base, "reason": "bad_conversations", "detail": str(e)})
+            continue
+        image, w, h, sha = None, None, None, None
+        if "image" in record:
+            try:
+                image, w, h = load_image(Path(folder), record["image"], max_side, max_pixels)
+                sha = hashlib.sha256(image).hexdigest()
+            except FileNotFoundError as e:
+                rejected.append({**base, "reason": "missing_image", "detail": str(e)})
+                continue
+            except Exception as e:
+                rejected.append({**base, "reason": "decode_error", "detail": common.error_detail(e)})
+                continue
+        caption = next(t["value"] for t in turns if t["from"] == "gpt")
+        kept.append({"key": key, "id": rid, "image": image, "width": w, "height": h, "sha256": sha,
+                     "caption": caption, "conversations": json.dumps(turns, ensure_ascii=False)})  # fmt: skip
+    rej_schema = pa.schema([("key", pa.string()), ("id", pa.string()), ("record", pa.string()),
+                            *common.REJECT_FIELDS])  # fmt: skip
+    return common.write_shard(
+        out, name, pa.Table.from_pylist(kept, OUT_SCHEMA), pa.Table.from_pylist(rejected, rej_schema),
+        src.num_rows, {"seconds": round(time.monotonic() - t0, 3)},
+    )  # fmt: skip
+
+
+def split_records(json_path: Path, rows_per_shard: int, dest: Path) -> list[str]:
+    """The JSON array -> Arrow shards of (key, raw record JSON); deterministic; reused if unchanged."""
+    success = dest / "_SUCCESS.json"
+    fingerprint = {"input": common.sha256_file(json_path), "rows_per_shard": rows_per_shard}
+    if success.exists() and json.loads(success.read_text()).get("fingerprint") == fingerprint:
+        return json.loads(success.read_text())["shards"]
+    try:
+        records = json.loads(json_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{json_path}: not valid JSON: {e}") from None
+    if not isinstance(records, list):
+        raise ConfigError(f"{json_path}: expected a JSON array of records, got {type(records).__name__}")
+    dest.mkdir(parents=True, exist_ok=True)
+    names = []
+    for s, start in enumerate(range(0, len(records), rows_per_shard)):
+        chunk = records[start : start + rows_per_shard]
+        table = pa.table({"key": [f"sft{start + i:09d}" for i in range(len(chunk))],
+                          "record": [json.dumps(r, ensure_ascii=False) for r in chunk]})  # fmt: skip
+        name = common.shard_name(s)
+        with ipc.new_file(dest / f"{name}.arrow", table.schema) as w:
+            w.write_table(table)
+        names.append(name)
+    common.atomic_write_json(success, {"fingerprint": fingerprint, "shards": names, "rows": len(records)})
+    return names
+
+
+def run(cfg: PrepareConfig) -> dict[str, Any]:
+    """Import the SFT records, then run the teacher and the shards step on them."""
+    import ray
+
+    if cfg.input.sft is None:
+        raise ConfigError(f"{cfg.source}: input.sft: no SFT input configured")
+    out = cfg.out / STEP
+    work = out / "_input"
+    names = split_records(Path(cfg.input.sft.json), cfg.download.rows_per_shard, work)
+    todo = [n for n in names if not common.done_marker(out, n).exists()]
+    if todo:
+        common.init_ray(cfg.ray.address, cfg.ray.num_cpus)
+        task = ray.remote(import_shard).options(num_cpus=0.5, max_retries=3, retry_exceptions=True)
+        progress = common.Progress(STEP, len(todo))
+        refs = [task.remote(n, str(work), str(out), cfg.input.sft.image_folder, cfg.download.image_size,
+                            cfg.filter.max_pixels) for n in todo]  # fmt: skip
+        while refs:
+            ready, refs = ray.wait(refs, num_returns=1)
+            progress.update(ray.get(ready[0])["rows_in"])
+    inputs = [{"path": cfg.input.sft.json, "sha256": common.sha256_file(cfg.input.sft.json)},
+              {"path": cfg.input.sft.image_folder}]  # fmt: skip
+    manifest = common.write_manifest(out, STEP, inputs, {"sft": common_dict(cfg)})
+    common.print_accounting(STEP, manifest["counts"])
+    teacher.run_teacher(cfg, out, cfg.out / "sft_teacher", STEP)
+    shards.run_shards_step(cfg, cfg.out / "sft_teacher", cfg.out / "sft_shards", "teacher", "sft_shards")
+    return manifest
+
+
+def common_dict(cfg: PrepareConfig) -> dict[str, Any]:
+    return {"image_size": cfg.download.image_size, "max_pixels": cfg.filter.max_pixels,
+            "rows_per_shard": cfg.download.rows_per_shard}  # fmt: skip
+
+
+def main(argv: list[str] | None = None) -> int:
+    return common.step_main(__doc__, run, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,229 @@
+"""Teacher step: CLIP ViT-L/14-336 targets for every kept image, computed once and cached.
+
+Reads:  `<output_dir>/captions/` (or any dataset dir with `key` and `image` bytes; rows with a
+        null image, e.g. text-only SFT records, pass through with null features).
+Writes: `<output_dir>/teacher/part-NNNNN.parquet`: the input rows plus `fine` (64 x D) and `coarse`
+        (36 x D) float16 tensors as Arrow `fixed_shape_tensor` columns (readable by plain pyarrow:
+        `col.combine_chunks().to_numpy_ndarray()`); rows whose image cannot be decoded go to
+        `rejected/` with reason decode_error. Parquet metadata and `manifest.json` record the
+        teacher name, the weights sha256 and the preprocessing version.
+
+Targets (see `breen/teacher.py`): image letterboxed to 336x336 on the CLIP-mean colour, output of
+the last transformer block before the final LayerNorm with CLS dropped ([D, 24, 24]), average
+pooled to 8x8 (`fine`) and 6x6 (`coarse`). A fixed pool of actors (one per GPU when the cluster
+has GPUs) runs in bf16 autocast on GPU and fp32 on CPU; batches are fixed per shard so reruns
+give bit-identical features on the same hardware.
+
+The model comes from exactly one of: `teacher.weights` (a local open_clip checkpoint file,
+loaded with safetensors or `torch.load(weights_only=True)`), `teacher.pretrained` (an open_clip
+pretrained tag already in the local cache) or `teacher.random_init_seed` (tests and the demo).
+`teacher.model_config` registers a custom open_clip JSON config (e.g. a tiny ViT); the model
+name is then the file's stem.
+
+Run:  python -m pipelines.teacher --config pipelines/configs/demo.yaml
+      ray job submit --working-dir . -- python -m pipelines.teacher --config my.yaml
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from breen.teacher import PREPROCESS_VERSION, last_block_grid, letterbox, pool_targets
+from pipelines import common
+from pipelines.config import PrepareConfig, TeacherConfig, from_dict, to_dict
+
+STEP = "teacher"
+
+
+# ----------------------------------------------------------------------------- Arrow tensors
+
+
+def tensor_array(values: np.ndarray, valid: np.ndarray | None = None) -> pa.Array:
+    """[N, R, D] array -> Arrow `fixed_shape_tensor` (float16) with optional nulls."""
+    _, r, d = values.shape
+    flat = pa.array(values.astype(np.float16, copy=False).reshape(-1))
+    mask = None if valid is None else pa.array(~valid, pa.bool_())
+    storage = pa.FixedSizeListArray.from_arrays(flat, r * d, mask=mask)
+    return pa.ExtensionArray.from_storage(pa.fixed_shape_tensor(pa.float16(), [r, d]), storage)
+
+
+def tensor_numpy(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
+    """Arrow `fixed_shape_tensor` column -> numpy [N, R, D] (null rows come back as NaN)."""
+    arr = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+    if arr.null_count:
+        shape = arr.type.shape
+        storage = arr.storage.fill_null(pa.scalar([np.nan] * int(np.prod(shape)), arr.storage.type))
+        return np.stack(storage.to_numpy(zero_copy_only=False)).reshape(-1, *shape).astype(np.float16)
+    return arr.to_numpy_ndarray()
+
+
+# ----------------------------------------------------------------------------- the teacher model
+
+
+def teacher_identity(cfg: TeacherConfig) -> tuple[str, str]:
+    """(model name, weights id) without building the model."""
+    name = Path(cfg.model_config).stem if cfg.model_config else cfg.model
+    if cfg.weights:
+        return name, "sha256:" + common.sha256_file(cfg.weights)
+    if cfg.pretrained:
+        return name, f"open_clip-pretrained:{cfg.pretrained}"
+    return name, f"random-init-seed:{cfg.random_init_seed}"
+
+
+def build_teacher(cfg: TeacherConfig, device: str = "cpu"):
+    """Build the open_clip model (eval, frozen) and return (model, name, weights_sha256)."""
+    import open_clip
+    import torch
+
+    if cfg.model_config:
+        open_clip.add_model_config(cfg.model_config)
+    name, weights_id = teacher_identity(cfg)
+    if cfg.random_init_seed is not None:
+        torch.manual_seed(cfg.random_init_seed)
+        model = open_clip.create_model(name, pretrained=None, device="cpu")
+        h = hashlib.sha256()
+        for k, v in sorted(model.state_dict().items()):
+            h.update(k.encode())
+            h.update(v.detach().cpu().contiguous().numpy().tobytes())
+        weights_id = f"{weights_id}:sha256:{h.hexdigest()}"
+    else:
+        model = open_clip.create_model(name, pretrained=cfg.weights or cfg.pretrained, device="cpu")
+    model = model.to(device).eval().requires_grad_(False)
+    return model, name, weights_id
+
+
+def resolve_device(cfg: TeacherConfig) -> str:
+    import torch
+
+    if cfg.device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return cfg.device
+
+
+def decode(image: bytes) -> np.ndarray:
+    from PIL import Image
+
+    with Image.open(io.BytesIO(image)) as im:
+        return letterbox(im)
+
+
+def features(model, pixels: np.ndarray, device: str) -> tuple[np.ndarray, np.ndarray]:
+    """[B, 3, 336, 336] float32 -> (fine [B, 64, D], coarse [B, 36, D]) float16 numpy."""
+    import torch
+
+    x = torch.from_numpy(pixels).to(device)
+    with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=device == "cuda"):
+        grid = last_block_grid(model.visual, x)  # [B, D, 24, 24]
+    fine, coarse = pool_targets(grid)
+    return fine.half().cpu().numpy(), coarse.half().cpu().numpy()
+
+
+class TeacherWorker(common.ShardWorker):
+    """One actor = one model replica; processes whole shards in fixed-size batches."""
+
+    def __init__(self, in_dir: str, out_dir: str, cfg: dict) -> None:
+        super().__init__(in_dir, out_dir)
+        self.cfg: TeacherConfig = from_dict(TeacherConfig, cfg, "teacher")
+        self.device = resolve_device(self.cfg)
+        self.model, self.name, self.weights_id = build_teacher(self.cfg, self.device)
+        self.dim = self.model.visual.transformer.width
+
+    def process(self, name: str) -> dict[str, Any]:
+        t0 = time.monotonic()
+        table = pq.read_table(self.in_dir / f"{name}.parquet")
+        kept, rejected = teacher_table(table, self.model, self.dim, self.cfg.batch_size, self.device)
+        meta = {"breen.teacher": self.name, "breen.teacher_weights": self.weights_id,
+                "breen.preprocess": PREPROCESS_VERSION}  # fmt: skip
+        seconds = time.monotonic() - t0
+        return common.write_shard(self.out_dir, name, kept, rejected, table.num_rows,
+                                  {"seconds": round(seconds, 3), "device": self.device}, metadata=meta)  # fmt: skip
+
+
+def teacher_table(
+    table: pa.Table, model, dim: int, batch_size: int, device: str
+) -> tuple[pa.Table, pa.Table]:
+    """Append `fine`/`coarse` to every row with a decodable image (null image -> null features)."""
+    images = table.column("image").to_pylist()
+    n = len(images)
+    fine = np.zeros((n, 64, dim), np.float16)
+    coarse = np.zeros((n, 36, dim), np.float16)
+    has_image = np.array([img is not None for img in images], bool)
+    errors: dict[int, str] = {}
+    todo = [i for i in range(n) if has_image[i]]
+    for start in range(0, len(todo), batch_size):
+        idx, pix = [], []
+        for i in todo[start : start + batch_size]:
+            try:
+                pix.append(decode(images[i]))
+                idx.append(i)
+            except Exception as e:
+                errors[i] = common.error_detail(e)
+        if idx:
+            f, c = features(model, np.stack(pix), device)
+            fine[idx], coarse[idx] = f, c
+    bad = np.zeros(n, bool)
+    bad[list(errors)] = True
+    ok = pa.array(~bad, pa.bool_())
+    out = table.append_column("fine", tensor_array(fine, has_image)).append_column(
+        "coarse", tensor_array(coarse, has_image)
+    )
+    kept = out.filter(ok)
+    rejected = common.with_reason(
+        table.filter(pc.invert(ok)).drop_columns(["image"]),
+        "decode_error",
+        [errors[i] for i in sorted(errors)],
+    )
+    return kept, rejected
+
+
+# ----------------------------------------------------------------------------- the step
+
+
+def run_teacher(cfg: PrepareConfig, in_dir: Path, out: Path, produced_by: str) -> dict[str, Any]:
+    """Run the teacher over one dataset dir (captions for pre-training, sft_import for SFT)."""
+    import ray
+
+    names = common.require_dataset(in_dir, produced_by)
+    todo = [n for n in names if not common.done_marker(out, n).exists()]
+    t = cfg.teacher
+    if todo:
+        common.init_ray(cfg.ray.address, cfg.ray.num_cpus)
+        gpus = ray.cluster_resources().get("GPU", 0) if t.device != "cpu" else 0
+        num_gpus = t.num_gpus_per_actor if gpus else 0.0
+        print(f"[{STEP}] {len(todo)} of {len(names)} shards to do, {t.num_actors} actor(s), "
+              f"{'GPU' if num_gpus else 'CPU'}", flush=True)  # fmt: skip
+        common.run_shards(STEP, todo, TeacherWorker, {"in_dir": str(in_dir), "out_dir": str(out), "cfg": to_dict(t)},
+                          num_actors=t.num_actors, num_cpus=t.cpus_per_actor, num_gpus=num_gpus)  # fmt: skip
+    name, weights_id = teacher_identity(t)
+    if t.random_init_seed is not None and names:
+        weights_id = pq.read_schema(out / f"{names[0]}.parquet").metadata[b"breen.teacher_weights"].decode()
+    manifest = common.write_manifest(
+        out, STEP, [common.dataset_input(in_dir)], {"teacher": to_dict(t)},
+        extra={"teacher": {"name": name, "weights": weights_id, "preprocess": PREPROCESS_VERSION}},
+    )  # fmt: skip
+    common.print_accounting(STEP, manifest["counts"])
+    return manifest
+
+
+def run(cfg: PrepareConfig) -> dict[str, Any]:
+    return run_teacher(cfg, cfg.out / "captions", cfg.out / STEP, "captions")
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+    return common.step_main(__doc__, run, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,128 @@
+"""Filter rules, perceptual hash and dedup group logic (pure functions), and the shard planner."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pyarrow as pa
+import pytest
+from PIL import Image
+
+from pipelines import filter as filt
+from pipelines.config import PRESETS, CaptionsConfig, FilterConfig, apply_preset
+from pipelines.shards import plan
+
+
+def jpeg(w: int, h: int, seed: int = 0, quality: int = 90) -> bytes:
+    rng = np.random.default_rng(seed)
+    small = rng.integers(0, 255, (8, 8, 3), np.uint8)  # smooth content: stable perceptual hash
+    img = Image.fromarray(small).resize((w, h), Image.Resampling.BILINEAR)
+    buf = io.BytesIO()
+    img.save(buf, "JPEG", quality=quality)
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def rules():
+    return filt.RowRules(apply_preset(FilterConfig(preset="datacomp-basic")), CaptionsConfig())
+
+
+def test_datacomp_basic_preset_values():
+    assert PRESETS["datacomp-basic"] == {"min_short_side": 200, "max_aspect_ratio": 3.0, "min_words": 3,
+                                          "min_chars": 6, "languages": ["en"]}  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("image", "caption", "reason"),
+    [
+        (jpeg(400, 300), "A small brown dog runs across the green park", None),
+        (b"garbage", "A small brown dog runs across the green park", "decode_error"),
+        (b"", "A small brown dog runs across the green park", "decode_error"),
+        (None, "A small brown dog runs across the green park", "decode_error"),
+        (jpeg(300, 150), "A small brown dog runs across the green park", "too_small"),
+        (jpeg(640, 200), "A small brown dog runs across the green park", "aspect_ratio"),
+        (jpeg(400, 300), "   ", "empty_caption"),
+        (jpeg(400, 300), "<b></b>", "empty_caption"),
+        (jpeg(400, 300), "dog park", "caption_too_short"),
+        (jpeg(400, 300), "a b c", "caption_too_short"),
+        (jpeg(400, 300), "Ein kleiner brauner Hund rennt über die grüne Wiese im Park", "language"),
+        (jpeg(400, 300), "Маленькая коричневая собака бежит по зелёному парку", "language"),
+        (jpeg(400, 300), "一只棕色的小狗在绿色的公园里奔跑着玩耍", "caption_too_short"),  # no spaces: 1 word
+    ],
+)
+def test_row_rules(rules, image, caption, reason):
+    out = rules.check(image, caption)
+    assert out["reason"] == reason, out
+    if reason is None:
+        assert out["language"] == "en" and len(out["phash"]) == 16
+
+
+def test_language_keeps_all_when_unset():
+    r = filt.RowRules(FilterConfig(), CaptionsConfig())
+    assert r.check(jpeg(400, 300), "Ein kleiner brauner Hund rennt über die grüne Wiese")["reason"] is None
+
+
+def test_phash_is_robust_to_reencoding_and_resizing_but_separates_images():
+    a = Image.open(io.BytesIO(jpeg(500, 400, seed=1)))
+    a_low = Image.open(io.BytesIO(jpeg(500, 400, seed=1, quality=40)))
+    a_small = a.resize((480, 384))
+    b = Image.open(io.BytesIO(jpeg(500, 400, seed=2)))
+    assert filt.hamming(filt.phash(a), filt.phash(a_low)) <= 3
+    assert filt.hamming(filt.phash(a), filt.phash(a_small)) <= 3
+    assert filt.hamming(filt.phash(a), filt.phash(b)) > 10
+
+
+def test_exact_groups_keep_the_smallest_key():
+    group = {"key": np.array(["0003", "0001", "0002"], object), "shard": np.array(["p1", "p0", "p0"], object),
+             "phash": np.array(["aa", "aa", "aa"], object), "sha256": np.array(["s"] * 3, object)}  # fmt: skip
+    out = filt.exact_groups(group).to_pylist()
+    assert [(r["key"], r["reason"]) for r in out] == [
+        ("0001", None),
+        ("0002", "duplicate"),
+        ("0003", "duplicate"),
+    ]
+    assert out[1]["detail"] == "same bytes as 0001"
+
+
+def test_near_groups_and_bands():
+    h0 = 0x0123456789ABCDEF
+    h_close = h0 ^ 0b101  # distance 2
+    h_far = h0 ^ 0xFFFF0000FFFF0000  # distance 32, still shares bands 1 and 3 with h0
+    batch = {"key": np.array(["k2", "k1", "k3"], object), "shard": np.array(["p"] * 3, object),
+             "phash": np.array([f"{h_close:016x}", f"{h0:016x}", f"{h_far:016x}"], object)}  # fmt: skip
+    banded = filt.banded(batch)
+    assert len(banded["band"]) == 3 * filt.BANDS
+    out = filt.near_groups(3)({k: np.array(v, object) for k, v in batch.items()}).to_pylist()
+    assert [(r["key"], r["reason"]) for r in out] == [("k2", "near_duplicate")]
+    assert out[0]["detail"] == "phash distance 2 to k1"
+    # A row flagged in several buckets keeps one deterministic decision.
+    dup = {"key": np.array(["k2", "k2"], object), "shard": np.array(["p", "p"], object),
+           "reason": np.array(["near_duplicate"] * 2, object),
+           "detail": np.array(["phash distance 2 to k1", "phash distance 1 to k0"], object)}  # fmt: skip
+    assert filt.first_decision(dup).to_pylist() == [
+        {"key": "k2", "shard": "p", "reason": "near_duplicate", "detail": "phash distance 1 to k0"}
+    ]
+
+
+def test_split_shard_accounts_for_every_row(tmp_path):
+    table = pa.table({"key": ["a", "b", "c", "d"], "caption": ["x"] * 4, "image": [b"i"] * 4})
+    index = pa.table({"key": ["a", "b", "c", "d"], "shard": ["p"] * 4, "sha256": ["1", "2", "3", "4"],
+                      "phash": ["0" * 16] * 4, "language": ["en", "en", None, "en"],
+                      "reason": [None, None, "too_small", None], "detail": [None, None, "10x10", None]},
+                     schema=filt.INDEX_SCHEMA)  # fmt: skip
+    dups = pa.table({"key": ["d"], "shard": ["p"], "reason": ["duplicate"], "detail": ["same bytes as a"]})
+    stats = filt.split_shard(tmp_path, "part-00000", table, index, dups)
+    assert stats["rows_in"] == 4 and stats["kept"] == 2
+    assert stats["rejected"] == {"duplicate": 1, "too_small": 1}
+
+
+@pytest.mark.parametrize(("counts", "rows"), [([("a", 5), ("b", 0), ("c", 7)], 4), ([("a", 8)], 4), ([], 3)])
+def test_shard_plan_has_fixed_rows_per_file(counts, rows):
+    files = plan(counts, rows)
+    sizes = [sum(n for _, _, n in f) for f in files]
+    total = sum(n for _, n in counts)
+    assert sum(sizes) == total
+    assert all(s == rows for s in sizes[:-1]) and (not sizes or 0 < sizes[-1] <= rows)
+    flat = [(name, o + i) for f in files for name, o, n in f for i in range(n)]
+    assert flat == [(name, i) for name, n in counts for i in range(n)]  # order preserved, nothing twice
