@@ -40,10 +40,9 @@ from pipelines.config import ConfigError, DownloadConfig, PrepareConfig, from_di
 from pipelines.guard import (
     AddressPolicy,
     Limits,
-    RefusedURL,
+    UrlVetter,
     check_image_header,
     install_guarded_opener,
-    vet_url,
 )
 
 STEP = "download"
@@ -164,23 +163,8 @@ def download_one_shard(
 
     policy = AddressPolicy(cfg.allow_private)
     install_guarded_opener(policy, Limits(cfg.max_response_bytes, max(cfg.timeout_s * 3, 30.0)))
-    host_verdict: dict[str, str | None] = {}
-    refused: list[str | None] = []
-    for url in table.column("url").to_pylist():
-        try:
-            host = url.split("/")[2].lower() if isinstance(url, str) and url.count("/") >= 2 else url
-            if host not in host_verdict:
-                try:
-                    vet_url(url, policy)
-                    host_verdict[host] = None
-                except RefusedURL as e:
-                    host_verdict[host] = str(e)
-            verdict = host_verdict[host]
-            if verdict is None:
-                vet_url(url, policy)  # per-URL syntax/scheme checks (host already resolved)
-            refused.append(verdict)
-        except RefusedURL as e:
-            refused.append(str(e))
+    vet = UrlVetter(policy)
+    refused = [vet(url) for url in table.column("url").to_pylist()]
     ok_mask = pa.array([r is None for r in refused], pa.bool_())
     allowed = table.filter(ok_mask)
     refused_rows = table.filter(pc.invert(ok_mask))

@@ -76,8 +76,8 @@ class AddressPolicy:
             self.check_ip(str(info[4][0]), host)
 
 
-def vet_url(url: object, policy: AddressPolicy) -> None:
-    """Raise RefusedURL unless `url` is a well-formed http(s) URL to an allowed address."""
+def parse_url(url: object) -> tuple[str, int | None]:
+    """(host, port) of a well-formed http(s) URL; raise RefusedURL otherwise. No network access."""
     if not isinstance(url, str) or not url.strip():
         raise RefusedURL("missing url")
     if any(c.isspace() or ord(c) < 32 for c in url.strip()) or len(url) > 4096:
@@ -91,7 +91,34 @@ def vet_url(url: object, policy: AddressPolicy) -> None:
         raise RefusedURL(f"unsupported scheme {parts.scheme!r}")
     if not parts.hostname:
         raise RefusedURL("malformed url: no host")
-    policy.check_host(parts.hostname, port)
+    return parts.hostname, port
+
+
+def vet_url(url: object, policy: AddressPolicy) -> None:
+    """Raise RefusedURL unless `url` is a well-formed http(s) URL to an allowed address."""
+    policy.check_host(*parse_url(url))
+
+
+class UrlVetter:
+    """`vet_url` with one address check per (host, port): lists have many URLs per host."""
+
+    def __init__(self, policy: AddressPolicy) -> None:
+        self.policy = policy
+        self._hosts: dict[tuple[str, int | None], str | None] = {}
+
+    def __call__(self, url: object) -> str | None:
+        """None if the URL may be fetched, else the reason it is refused."""
+        try:
+            host = parse_url(url)
+        except RefusedURL as e:
+            return str(e)
+        if host not in self._hosts:
+            try:
+                self.policy.check_host(*host)
+                self._hosts[host] = None
+            except RefusedURL as e:
+                self._hosts[host] = str(e)
+        return self._hosts[host]
 
 
 # ----------------------------------------------------------------------------- guarded urllib

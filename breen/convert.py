@@ -1,0 +1,167 @@
+"""Build a BREEN model from a local Hugging Face Qwen2 checkpoint (the stage-1 starting point).
+
+Reads a Qwen2 directory: ``config.json``, ``model.safetensors`` or sharded ``model-*.safetensors`` (with or
+without ``model.safetensors.index.json``), and the tokenizer files. Writes a BREEN directory in Hugging
+Face layout (``config.json`` + safetensors + tokenizer) that `BreenForCausalLM.from_pretrained` loads.
+
+Every Qwen2 tensor goes through the explicit key map `qwen2_key_map`: attention, norms, embeddings and
+``lm_head`` keep their names; each layer's ``mlp.{gate,up,down}_proj`` is copied to *both*
+``mlp.text_expert.*`` and ``mlp.image_expert.*``. An unexpected or missing key is an error. Parameters with
+no Qwen2 counterpart (expert gates, patch embedding, queries, alignment head) get `init_weights` rules
+from `BreenForCausalLM._init_weights`, reproducibly from ``--seed``.
+
+Run with:
+    python -m breen.convert --qwen /models/Qwen2.5-7B-Instruct --out /models/breen-7b-init \\
+        [--dtype bfloat16] [--seed 0] [--set image_size=672 ...]
+The 7B conversion needs about 27 GB of host memory in bf16 (the model is built on the meta device and
+filled tensor by tensor; no fp32 copy of Qwen is kept).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from breen.config import BreenConfig
+from breen.model import BreenForCausalLM
+
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "vocab.json",
+    "merges.txt",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "chat_template.jinja",
+)
+_ATTENTION_KEYS = (
+    "self_attn.q_proj.weight",
+    "self_attn.q_proj.bias",
+    "self_attn.k_proj.weight",
+    "self_attn.k_proj.bias",
+    "self_attn.v_proj.weight",
+    "self_attn.v_proj.bias",
+    "self_attn.o_proj.weight",
+    "input_layernorm.weight",
+    "post_attention_layernorm.weight",
+)
+
+
+def qwen2_key_map(config: BreenConfig) -> dict[str, tuple[str, ...]]:
+    """Qwen2 state-dict key -> the BREEN keys it initialises (one, or two for the FFN)."""
+    key_map: dict[str, tuple[str, ...]] = {
+        "model.embed_tokens.weight": ("model.embed_tokens.weight",),
+        "model.norm.weight": ("model.norm.weight",),
+    }
+    if not config.tie_word_embeddings:
+        key_map["lm_head.weight"] = ("lm_head.weight",)
+    for i in range(config.num_hidden_layers):
+        p = f"model.layers.{i}."
+        for name in _ATTENTION_KEYS:
+            key_map[p + name] = (p + name,)
+        for proj in ("gate_proj", "up_proj", "down_proj"):
+            key_map[f"{p}mlp.{proj}.weight"] = (
+                f"{p}mlp.text_expert.{proj}.weight",
+                f"{p}mlp.image_expert.{proj}.weight",
+            )
+    return key_map
+
+
+def iter_safetensors(directory: str | Path) -> Iterator[tuple[str, torch.Tensor]]:
+    """(key, tensor) for every tensor of every ``*.safetensors`` file in `directory`, one file at a time."""
+    files = sorted(Path(directory).glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"no *.safetensors in {directory} (only safetensors checkpoints are loaded)")
+    for file in files:
+        with safe_open(str(file), framework="pt") as f:
+            for key in f.keys():  # noqa: SIM118 (safe_open is not a dict)
+                yield key, f.get_tensor(key)
+
+
+def convert_qwen2(
+    qwen_dir: str | Path,
+    *,
+    dtype: torch.dtype = torch.float32,
+    seed: int = 0,
+    **config_overrides,
+) -> BreenForCausalLM:
+    """Load a local Qwen2 checkpoint into a new `BreenForCausalLM` (on CPU, in `dtype`)."""
+    qwen_dir = Path(qwen_dir)
+    with open(qwen_dir / "config.json") as f:
+        config = BreenConfig.from_qwen2_config(json.load(f), **config_overrides)
+    with torch.device("meta"):
+        model = BreenForCausalLM._from_config(config, dtype=dtype)
+    model.to_empty(device="cpu")
+    model.tie_weights()
+
+    key_map = qwen2_key_map(config)
+    loaded: set[str] = set()
+    with torch.no_grad():
+        for key, tensor in iter_safetensors(qwen_dir):
+            if key not in key_map:
+                if key == "lm_head.weight" and config.tie_word_embeddings:
+                    continue  # a tied checkpoint may still store the shared matrix twice
+                raise KeyError(f"unexpected Qwen2 key {key!r} (not in the BREEN key map)")
+            for target in key_map[key]:
+                param = model.get_parameter(target)
+                if param.shape != tensor.shape:
+                    raise ValueError(
+                        f"{key}: checkpoint shape {tuple(tensor.shape)} != {target} {tuple(param.shape)}"
+                    )
+                param.copy_(tensor.to(dtype))
+                param._is_hf_initialized = True  # initialize_weights() skips it
+            loaded.add(key)
+    missing = sorted(set(key_map) - loaded)
+    if missing:
+        raise KeyError(f"Qwen2 checkpoint lacks {len(missing)} keys, e.g. {missing[:3]}")
+
+    torch.manual_seed(seed)
+    model.initialize_weights()  # everything not loaded: gates, patch embedding, queries, alignment head
+    model.tie_weights()
+    for param in model.parameters():
+        if hasattr(param, "_is_hf_initialized"):
+            del param._is_hf_initialized
+    return model.eval()
+
+
+def fresh_parameter_names(config: BreenConfig) -> list[str]:
+    """BREEN parameters with no Qwen2 counterpart (initialised by `init_weights` rules)."""
+    targets = {t for ts in qwen2_key_map(config).values() for t in ts}
+    with torch.device("meta"):
+        model = BreenForCausalLM(config)
+    return [n for n, _ in model.named_parameters() if n not in targets]
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--qwen", required=True, help="local Hugging Face Qwen2 directory (safetensors)")
+    parser.add_argument("--out", required=True, help="output BREEN directory")
+    parser.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--set", nargs="*", default=[], metavar="FIELD=JSON", help="BreenConfig overrides")
+    args = parser.parse_args(argv)
+    overrides = {}
+    for item in args.set:
+        field, _, value = item.partition("=")
+        overrides[field] = json.loads(value)
+    model = convert_qwen2(args.qwen, dtype=getattr(torch, args.dtype), seed=args.seed, **overrides)
+    model.save_pretrained(args.out)
+    copied = []
+    for name in TOKENIZER_FILES:
+        if (Path(args.qwen) / name).exists():
+            shutil.copy2(Path(args.qwen) / name, Path(args.out) / name)
+            copied.append(name)
+    print(
+        f"BREEN model written to {args.out}: {model.num_params() / 1e9:.3f}B stored, "
+        f"{model.num_params(active=True) / 1e9:.3f}B active; tokenizer files: {copied}"
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,109 @@
+"""Greedy generation with a KV cache, prompt in the stage-3 layout (image, queries, repeated question).
+
+Reads a BREEN directory in Hugging Face layout (``config.json``, safetensors weights, tokenizer files, as
+written by `breen.convert` or a training checkpoint export) and an image file; prints the answer.
+
+Run with:
+    python -m breen.generate --model DIR --image FILE --prompt TEXT \\
+        [--max-new-tokens 128] [--dtype float32|bfloat16|float16] [--device cpu|cuda]
+``--image`` may be omitted for a text-only prompt. No CLIP model is needed at inference.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+
+from breen.data import encode_prompt
+from breen.model import BreenForCausalLM
+
+
+@torch.no_grad()
+def greedy_generate(
+    model: BreenForCausalLM,
+    input_ids: torch.Tensor,
+    pixel_values: torch.Tensor | None = None,
+    image_grid: torch.Tensor | None = None,
+    max_new_tokens: int = 128,
+    eos_token_ids: set[int] | None = None,
+) -> list[int]:
+    """Greedy decoding of one prompt (input_ids [L] or [1, L] with sentinels) -> new token ids.
+
+    The prompt (with image and queries) runs once to fill the cache; each new token is then one
+    text-token step through the text expert. Stops at any id in `eos_token_ids` (kept in the output).
+    """
+    model.eval()
+    device = model.device
+    ids = input_ids.view(1, -1).to(device)  # [1, L]
+    if pixel_values is not None:
+        pixel_values = pixel_values.view(1, *pixel_values.shape[-3:]).to(device)  # [1, 3, S, S]
+        image_grid = image_grid.view(1, 2).to(device)
+    out = model(
+        input_ids=ids, pixel_values=pixel_values, image_grid=image_grid, use_cache=True, logits_to_keep=1
+    )
+    new_tokens: list[int] = []
+    for _ in range(max_new_tokens):
+        next_id = int(out.logits[0, -1].argmax())
+        new_tokens.append(next_id)
+        if eos_token_ids and next_id in eos_token_ids:
+            break
+        step = torch.tensor([[next_id]], device=device)  # [1, 1]
+        out = model(input_ids=step, past_key_values=out.past_key_values, use_cache=True, logits_to_keep=1)
+    return new_tokens
+
+
+def stop_ids(tokenizer, model: BreenForCausalLM) -> set[int]:
+    """`<|im_end|>`, `<|endoftext|>` and the config's eos ids that exist in this tokenizer."""
+    ids = set()
+    for token in ("<|im_end|>", "<|endoftext|>"):
+        tid = tokenizer.convert_tokens_to_ids(token)
+        if tid is not None and tid != tokenizer.unk_token_id:
+            ids.add(int(tid))
+    eos = model.config.eos_token_id
+    ids.update(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+    return ids
+
+
+def answer(model: BreenForCausalLM, tokenizer, prompt: str, image=None, max_new_tokens: int = 128) -> str:
+    """Generate the answer to `prompt` about `image` (PIL image, encoded bytes, or None)."""
+    inputs = encode_prompt(tokenizer, model.config, question=prompt, image=image)
+    pixel_values = torch.from_numpy(inputs["pixel_values"]) if "pixel_values" in inputs else None
+    tokens = greedy_generate(
+        model,
+        torch.from_numpy(inputs["input_ids"]),
+        pixel_values,
+        torch.from_numpy(inputs["image_grid"]),
+        max_new_tokens=max_new_tokens,
+        eos_token_ids=stop_ids(tokenizer, model),
+    )
+    return tokenizer.decode(tokens, skip_special_tokens=True)
+
+
+def main(argv: list[str] | None = None) -> None:
+    from transformers import AutoTokenizer
+
+    parser = argparse.ArgumentParser(description="Greedy BREEN generation (stage-3 prompt layout).")
+    parser.add_argument(
+        "--model", required=True, help="BREEN directory (config.json, safetensors, tokenizer)"
+    )
+    parser.add_argument("--image", default=None, help="image file (omit for a text-only prompt)")
+    parser.add_argument("--prompt", required=True)
+    parser.add_argument("--max-new-tokens", type=int, default=128)
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = parser.parse_args(argv)
+    # flash attention needs CUDA and half precision; anything else uses SDPA
+    attn = None if args.device.startswith("cuda") and args.dtype != "float32" else "sdpa"
+    model = BreenForCausalLM.from_pretrained(
+        args.model, dtype=getattr(torch, args.dtype), attn_implementation=attn
+    )
+    model = model.to(args.device)
+    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    image = Path(args.image).read_bytes() if args.image else None
+    print(answer(model, tokenizer, args.prompt, image=image, max_new_tokens=args.max_new_tokens))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,134 @@
+"""Offline tiny models for tests: a byte-level BPE tokenizer with the Qwen special tokens, the `tiny` BREEN
+config matching it, a tiny random `Qwen2ForCausalLM`, and a saved Hugging Face Qwen2 directory.
+
+Nothing is downloaded. Tests import it as `from _tiny_models import ...` (pytest puts `tests/` on sys.path
+because the folder has no `__init__.py`).
+"""
+
+from __future__ import annotations
+
+import functools
+import io
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from breen.config import BreenConfig
+
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]  # ids 0, 1, 2 (Qwen: 151643, 151644, 151645)
+CHATML_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+_CORPUS = [
+    "A photo of a cat sitting on a red sofa next to a window.",
+    "Two dogs run across a green field under a blue sky.",
+    "What is in the image? Describe the picture in detail.",
+    "You are a helpful assistant.",
+    "The answer is yes. The answer is no. There are three apples on the table.",
+    "user assistant system\n\n",
+]
+
+
+@functools.cache
+def _tokenizer_json() -> str:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=400,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(_CORPUS * 4, trainer=trainer)
+    return tok.to_str()
+
+
+def tiny_tokenizer():
+    """A Qwen-like fast tokenizer (ChatML template, pad `<|endoftext|>`, eos `<|im_end|>`), < 512 tokens."""
+    from tokenizers import Tokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer.from_str(_tokenizer_json()),
+        pad_token="<|endoftext|>",
+        eos_token="<|im_end|>",
+        additional_special_tokens=["<|im_start|>"],
+    )
+    tok.chat_template = CHATML_TEMPLATE
+    return tok
+
+
+def tiny_config(**overrides) -> BreenConfig:
+    """The `tiny` preset (its pad/eos ids match `tiny_tokenizer`), with field overrides."""
+    return BreenConfig.preset("tiny", **overrides)
+
+
+def tiny_qwen2(config: BreenConfig | None = None, seed: int = 0):
+    """A random `transformers.Qwen2ForCausalLM` with the decoder shapes of `config` (default tiny)."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    config = config or tiny_config()
+    torch.manual_seed(seed)
+    model = Qwen2ForCausalLM(Qwen2Config(**config.qwen2_config_dict()))
+    with torch.no_grad():  # non-zero biases so the conversion test checks them
+        for layer in model.model.layers:
+            for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+                proj.bias.normal_(0.0, 0.02)
+            layer.input_layernorm.weight.normal_(1.0, 0.1)
+            layer.post_attention_layernorm.weight.normal_(1.0, 0.1)
+    return model.eval()
+
+
+def save_tiny_qwen2_dir(path: str | Path, config: BreenConfig | None = None, seed: int = 0) -> Path:
+    """Save a tiny random Qwen2 (safetensors) and the tiny tokenizer to `path`; return the path."""
+    path = Path(path)
+    tiny_qwen2(config, seed).save_pretrained(path)
+    tiny_tokenizer().save_pretrained(path)
+    return path
+
+
+def png_bytes(width: int, height: int, seed: int = 0) -> bytes:
+    """A random RGB PNG of the given size, encoded."""
+    rng = np.random.default_rng(seed)
+    img = Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def tiny_batch(config: BreenConfig | None = None, tokenizer=None, seed: int = 0) -> dict[str, torch.Tensor]:
+    """A padded batch of three samples: plain caption with image and targets (square), stage-3 chat with
+    image and targets (portrait), and a text-only chat sample (no queries, no targets)."""
+    from breen.data import collate, encode_sample
+
+    config = config or tiny_config()
+    tokenizer = tokenizer or tiny_tokenizer()
+    rng = np.random.default_rng(seed)
+
+    def targets():
+        return {
+            "fine": rng.standard_normal((config.num_fine_queries, config.clip_dim)).astype(np.float16),
+            "coarse": rng.standard_normal((config.num_coarse_queries, config.clip_dim)).astype(np.float16),
+        }
+
+    chat = [
+        {"from": "human", "value": "<image>\nWhat is in the image?"},
+        {"from": "gpt", "value": "A cat on a red sofa."},
+    ]
+    text_only = [{"from": "human", "value": "Describe a dog."}, {"from": "gpt", "value": "Two dogs run."}]
+    samples = [
+        encode_sample(
+            tokenizer, config, text="A photo of a cat.", image=png_bytes(64, 64, seed), **targets()
+        ),
+        encode_sample(tokenizer, config, text=chat, image=png_bytes(30, 60, seed + 1), **targets()),
+        encode_sample(tokenizer, config, text=text_only),
+    ]
+    return collate(samples, pad_token_id=config.pad_token_id)

@@ -1,0 +1,173 @@
+"""Save/load, generation, KV cache, parameter counts, stage trainability, entrypoints and imports."""
+
+import subprocess
+import sys
+
+import pytest
+import torch
+from _tiny_models import png_bytes, save_tiny_qwen2_dir, tiny_batch, tiny_config, tiny_tokenizer
+
+from breen.config import PAPER_FIGURE_SETTINGS, BreenConfig
+from breen.data import encode_prompt
+from breen.model import BreenForCausalLM
+from breen.stages import param_groups, set_trainable, trainable_components
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    return BreenForCausalLM(tiny_config()).eval()
+
+
+@pytest.fixture(scope="module")
+def prompt(model):
+    p = encode_prompt(
+        tiny_tokenizer(), model.config, question="What is in the image?", image=png_bytes(64, 48)
+    )
+    return {k: torch.from_numpy(v)[None] for k, v in p.items()}  # batch of one
+
+
+def test_save_load_round_trip_is_exact(model, tmp_path):
+    model.save_pretrained(tmp_path)
+    assert (tmp_path / "model.safetensors").exists()
+    loaded = BreenForCausalLM.from_pretrained(tmp_path).eval()
+    want, got = model.state_dict(), loaded.state_dict()
+    assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
+    drop = ("_name_or_path",)
+    assert {k: v for k, v in loaded.config.to_dict().items() if k not in drop} == {
+        k: v for k, v in model.config.to_dict().items() if k not in drop
+    }
+    batch = tiny_batch()
+    with torch.no_grad():
+        a, b = model(**batch), loaded(**batch)
+    assert torch.equal(a.loss, b.loss)
+
+
+def test_kv_cache_decode_equals_full_recompute(model, prompt):
+    ids = prompt["input_ids"]
+    extra = torch.tensor([[40, 41, 42, 43]])
+    with torch.no_grad():
+        full = model(
+            input_ids=torch.cat([ids, extra], 1),
+            pixel_values=prompt["pixel_values"],
+            image_grid=prompt["image_grid"],
+            use_cache=False,
+        ).logits
+        out = model(
+            input_ids=ids,
+            pixel_values=prompt["pixel_values"],
+            image_grid=prompt["image_grid"],
+            use_cache=True,
+        )
+        steps = [out.logits[:, -1]]
+        for t in range(extra.shape[1]):
+            out = model(input_ids=extra[:, t : t + 1], past_key_values=out.past_key_values, use_cache=True)
+            steps.append(out.logits[:, -1])
+    cached = torch.stack(steps, 1)  # [1, 5, V]
+    assert (cached - full[:, ids.shape[1] - 1 :]).abs().max().item() < 1e-5
+
+
+def test_generate_is_deterministic_and_matches_hf_generate(model, prompt):
+    from breen.generate import greedy_generate
+
+    args = (prompt["input_ids"], prompt["pixel_values"], prompt["image_grid"])
+    first = greedy_generate(model, *args, max_new_tokens=8)
+    assert first == greedy_generate(model, *args, max_new_tokens=8) and len(first) == 8
+    hf = model.generate(
+        input_ids=args[0],
+        pixel_values=args[1],
+        image_grid=args[2],
+        max_new_tokens=8,
+        do_sample=False,
+        eos_token_id=None,
+    )
+    assert hf[0, args[0].shape[1] :].tolist() == first
+
+
+def test_qwen25_7b_parameter_counts_on_meta_device():
+    config = BreenConfig.preset("qwen2.5-7b")
+    with torch.device("meta"):
+        big = BreenForCausalLM(config)
+    stored, active = big.num_params(), big.num_params(active=True)
+    print(
+        f"\nqwen2.5-7b BREEN: stored {stored / 1e9:.3f}B ({stored:,}), active per token {active / 1e9:.3f}B ({active:,})"
+    )
+    assert 13.2e9 < stored < 13.45e9 and 7.5e9 < active < 7.7e9
+    counts = config.param_counts()
+    assert (counts["stored"], counts["active"]) == (stored, active)
+    assert counts["image_experts"] == 28 * 3 * 3584 * 18944  # ~5.70B
+    assert config.flops_per_token(2500) > 6 * 7e9
+    assert 0.7e9 < BreenConfig.preset("mid").param_counts()["stored"] < 1.2e9
+
+
+def test_stage_trainability_and_learning_rates(capsys):
+    torch.manual_seed(0)
+    m = BreenForCausalLM(tiny_config())
+    counts = set_trainable(m, "stage1")
+    assert "patch_embed" in capsys.readouterr().out
+    assert counts["queries"][0] == 0 and counts["align_head"][0] == 0 and counts["image_experts"][1] == 0
+    assert (
+        not m.lm_head.weight.requires_grad
+        and not m.model.layers[0].mlp.text_expert.up_proj.weight.requires_grad
+    )
+    assert m.model.layers[0].mlp.text_expert_gate.weight.requires_grad
+    lrs = {g["name"]: g["lr"] for g in param_groups(m, "stage1")}
+    assert lrs == {"patch_embed": 4e-4, "text_gates": 4e-5, "image_experts": 4e-5, "image_gates": 4e-5}
+    set_trainable(m, "stage2", log=None)
+    assert (
+        not m.align_head.proj.weight.requires_grad
+        and m.queries.requires_grad
+        and m.lm_head.weight.requires_grad
+    )
+    assert {g["lr"] for g in param_groups(m, "stage3", 2e-5)} == {2e-5}
+    figure = tiny_config(**PAPER_FIGURE_SETTINGS)
+    assert {"queries", "align_head"} <= set(trainable_components(figure, "stage1"))
+    assert "align_head" in trainable_components(figure, "stage3")
+    with pytest.raises(ValueError, match="stage"):
+        set_trainable(m, "stage4")
+
+
+def test_gradient_checkpointing_gives_same_loss_and_grads():
+    torch.manual_seed(0)
+    m = BreenForCausalLM(tiny_config())
+    batch = tiny_batch()
+    m(**batch).loss.backward()
+    want = m.model.layers[0].mlp.image_expert.up_proj.weight.grad.clone()
+    m.zero_grad()
+    m.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    m(**batch).loss.backward()
+    assert torch.allclose(m.model.layers[0].mlp.image_expert.up_proj.weight.grad, want, atol=1e-6)
+
+
+def test_convert_then_generate_cli(tmp_path, capsys):
+    from breen.convert import main as convert_main
+    from breen.generate import main as generate_main
+
+    qwen = save_tiny_qwen2_dir(tmp_path / "qwen")
+    convert_main(["--qwen", str(qwen), "--out", str(tmp_path / "breen"), "--dtype", "float32"])
+    (tmp_path / "img.png").write_bytes(png_bytes(40, 30))
+    args = [
+        "--model",
+        str(tmp_path / "breen"),
+        "--image",
+        str(tmp_path / "img.png"),
+        "--prompt",
+        "What is it?",
+        "--max-new-tokens",
+        "4",
+        "--device",
+        "cpu",
+    ]
+    capsys.readouterr()
+    generate_main(args)
+    first = capsys.readouterr().out
+    generate_main(args)
+    assert first and capsys.readouterr().out == first  # deterministic
+
+
+def test_breen_imports_neither_ray_nor_deepspeed():
+    code = (
+        "import sys, breen.model, breen.data, breen.convert, breen.stages, breen.generate, breen.config;"
+        "bad = [m for m in ('ray', 'deepspeed') if m in sys.modules]; assert not bad, bad"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
