@@ -71,6 +71,12 @@ _URL = re.compile(
 )
 _EMPTY_BRACKETS = re.compile(r"\(\s*\)|\[\s*\]|\{\s*\}|<\s*>")
 _ORPHAN_PUNCT = re.compile(r"\s+([.,])(?=\s|$)")
+# Words left pointing at a removed link: "... via", "(source: )", "photo from".
+_DANGLING = re.compile(
+    r"\s*\b(?:via|source|src|credits?|from|see|visit|at|on)\s*:?\s*$"
+    r"|[(\[]\s*(?:source|src|via|credits?|photo|image|link)\s*:?\s*[)\]]",
+    re.IGNORECASE,
+)
 # C0/C1 controls (tab/newline/CR are whitespace and handled by _SPACE), DEL, invisible format
 # characters that carry no meaning in a caption (zero-width space, word joiner, BOM, soft hyphen,
 # bidi controls), the replacement character left by broken decodes, and lone surrogates.
@@ -104,24 +110,24 @@ _HEAD = [
     re.compile(r"^(?:" + _STOCK + r"|royalty[\s-]*free\s+" + _STOCK_KIND + r")\s+of\s+", re.IGNORECASE),
     re.compile(r"^download\s+(?:this\s+)?(?:stock\s+)?" + _STOCK_KIND + r"\s*:\s*", re.IGNORECASE),
 ]
+# No pattern starts with a run of separators (that backtracks badly on "- - - - ..."): the
+# separators left in front of a removed tail are stripped by `_TRAIL_CHARS`.
 _TAIL = [
     # "| Shutterstock", "- Alamy", "via Getty Images", "on Pinterest".
-    re.compile(rf"{_SEP}*(?:\b(?:on|via|by)\s+|[|–—-]\s*)(?:{_STOCK_SITES})\b\.?{_SEP}*$", re.IGNORECASE),
+    re.compile(rf"(?:\b(?:on|via|by)\s+|[|–—-]\s*)(?:{_STOCK_SITES})\b\.?{_SEP}*$", re.IGNORECASE),
     # "Stock Photo - Download Image Now - Animal, Dog, Pets" (iStock titles).
-    re.compile(rf"{_SEP}*{_STOCK}\s*[-–—:|]\s*download\b[^|]*$", re.IGNORECASE),
+    re.compile(rf"{_STOCK}\s*[-–—:|]\s*download\b[^|]*$", re.IGNORECASE),
     # "Stock Photo - Image 12345", "stock photo 12345", "Royalty-free stock photo ID: 123",
     # "stock image. Image of a, b - 987", "Royalty Free Stock Photography".
     re.compile(
-        rf"{_SEP}*{_STOCK}"
+        rf"{_STOCK}"
         r"(?:\s*[-–—|:,.]?\s*(?:(?:image|picture|photo|id|no|nr|number|item|#)[\s.:#]*)?\d[\d-]*"
         r"|\s*\.\s*(?:image|picture|illustration)\s+of\b[^.|]*)?"
         rf"{_SEP}*$",
         re.IGNORECASE,
     ),
     # "Image ID: 12345", "Photo #123456".
-    re.compile(
-        r"[\s|:,(\[–—-]*\b(?:image|photo|picture)\s*(?:id|#|no\.?)\s*:?\s*\d+[)\]]?\s*$", re.IGNORECASE
-    ),
+    re.compile(r"\b(?:image|photo|picture)\s*(?:id|#|no\.?)\s*:?\s*\d+[)\]]?\s*$", re.IGNORECASE),
 ]
 _ANYWHERE = [
     # "Royalty-free stock photo", "royalty free image".
@@ -134,8 +140,10 @@ _ANYWHERE = [
         re.IGNORECASE,
     ),
 ]
-_LEAD_SEP = re.compile(r"^[\s|:;,.·•~*_/\\–—-]+")
-_TRAIL_SEP = re.compile(r"[\s|:;,·•~*_/\\–—-]+$")
+# Separators stripped from the ends (str.strip: linear, unlike an unanchored regex); "." "!" "?"
+# ")" stay at the end, an opening bracket does not.
+_LEAD_CHARS = " |:;,.·•~*_/\\–—-"
+_TRAIL_CHARS = " |:;,·•~*_/\\–—-([{"
 
 
 # ----------------------------------------------------------------------------- cleaning
@@ -186,7 +194,7 @@ def _trim_boilerplate(text: str) -> str:
         for pattern in _ANYWHERE:
             text = pattern.sub(" ", text)
         text = _SPACE.sub(" ", text)
-        text = _TRAIL_SEP.sub("", _LEAD_SEP.sub("", text))
+        text = text.lstrip(_LEAD_CHARS).rstrip(_TRAIL_CHARS)
         if text == before:
             break
     return text
@@ -204,7 +212,7 @@ def _cut(text: str, max_chars: int) -> str:
     space = head.rfind(" ")
     # A run without spaces longer than any word (CJK text, a long token) is cut hard.
     head = head[:space] if space > 0 and len(head) - space <= _MAX_WORD else head[:max_chars]
-    return _TRAIL_SEP.sub("", head) or head.rstrip()
+    return head.rstrip(_TRAIL_CHARS) or head.rstrip()
 
 
 def _clean(text: str, cfg: CaptionsConfig) -> str:
@@ -229,8 +237,10 @@ def _clean(text: str, cfg: CaptionsConfig) -> str:
     if cfg.remove_urls:
         text, n = _URL.subn(" ", text)
         removed += n
-    if removed:  # "see (http://x.org)." -> "see."
-        text = _ORPHAN_PUNCT.sub(r"\1", _EMPTY_BRACKETS.sub(" ", text))
+    if removed:  # "a cat (http://x.org)." -> "a cat.", "sunset via www.x.org" -> "sunset"
+        text = _SPACE.sub(" ", text).rstrip()  # single spaces keep the two patterns below linear
+        text = _DANGLING.sub(" ", _EMPTY_BRACKETS.sub(" ", text))
+        text = _ORPHAN_PUNCT.sub(r"\1", text)
     if not unicodedata.is_normalized("NFC", text):
         text = unicodedata.normalize("NFC", text)
     text = _CONTROL.sub("", text)
@@ -242,16 +252,19 @@ def _clean(text: str, cfg: CaptionsConfig) -> str:
     return cut
 
 
+def _as_str(value: Any) -> str:
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "replace")
+    return value if isinstance(value, str) else str(value)
+
+
 def clean_caption(text: str | None, cfg: CaptionsConfig) -> str:
     """The cleaned caption ("" for None/empty); pure, deterministic, never raises."""
     if text is None:
         return ""
-    if not isinstance(text, str):
-        text = text.decode("utf-8", "replace") if isinstance(text, bytes) else str(text)
-    if not text:
-        return ""
     try:
-        return _clean(text, cfg)
+        text = _as_str(text)
+        return _clean(text, cfg) if text else ""
     except Exception:  # a bug here must not kill a 13M-row job: degrade to a plain clean-up
         try:
             safe = text[: _raw_limit(cfg.max_chars)].encode("utf-8", "ignore").decode("utf-8")
@@ -264,9 +277,7 @@ def clean_caption(text: str | None, cfg: CaptionsConfig) -> str:
 
 
 def _detail(raw: Any) -> str:
-    if raw is None:
-        return "caption is null"
-    return (raw if isinstance(raw, str) else repr(raw))[:DETAIL_CHARS]
+    return "caption is null" if raw is None else _as_str(raw)[:DETAIL_CHARS]
 
 
 def clean_table(table: pa.Table, cfg: CaptionsConfig) -> tuple[pa.Table, pa.Table]:
@@ -279,11 +290,22 @@ def clean_table(table: pa.Table, cfg: CaptionsConfig) -> tuple[pa.Table, pa.Tabl
         raise ValueError(f"input has no 'caption' column (columns: {table.column_names})")
     raw_col = table.column("caption")
     raw = raw_col.to_pylist()
-    cleaned = [clean_caption(c, cfg) for c in raw]
+    cache: dict[Any, str] = {}  # web captions repeat a lot ("image", product titles): clean each once
+    cleaned = []
+    for c in raw:
+        try:
+            out_c = cache[c]
+        except (KeyError, TypeError):
+            out_c = clean_caption(c, cfg)
+            if isinstance(c, str):
+                cache[c] = out_c
+        cleaned.append(out_c)
     idx = table.column_names.index("caption")
     out = table.set_column(idx, pa.field("caption", pa.string()), pa.array(cleaned, pa.string()))
     if "caption_raw" not in table.column_names:
-        out = out.add_column(idx + 1, pa.field("caption_raw", pa.string()), raw_col.cast(pa.string()))
+        if not pa.types.is_string(raw_col.type):  # large_string, binary, null: as (valid) strings
+            raw_col = pa.array([None if r is None else _as_str(r) for r in raw], pa.string())
+        out = out.add_column(idx + 1, pa.field("caption_raw", pa.string()), raw_col)
     ok = pa.array([len(c) >= cfg.min_chars for c in cleaned], pa.bool_())
     kept = out.filter(ok)
     bad = out.filter(pc.invert(ok))

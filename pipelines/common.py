@@ -90,7 +90,9 @@ def write_table(path: Path, table: pa.Table, metadata: dict[str, str] | None = N
         merged.update({k.encode(): v.encode() for k, v in metadata.items()})
         table = table.replace_schema_metadata(merged)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    pq.write_table(table, tmp, compression="zstd", row_group_size=1024)
+    # Encoded images are already compressed: store them as is; zstd for everything else.
+    codecs = {f.name: "none" if f.name == "image" else "zstd" for f in table.schema}
+    pq.write_table(table, tmp, compression=codecs, row_group_size=1024)
     os.replace(tmp, path)
 
 

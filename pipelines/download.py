@@ -150,7 +150,6 @@ def download_one_shard(
     """Download one input shard with img2dataset and write kept/rejected rows (runs in a Ray task)."""
     os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
     from img2dataset.downloader import Downloader
-    from img2dataset.writer import ParquetSampleWriter
 
     cfg: DownloadConfig = from_dict(DownloadConfig, cfg_dict, "download")
     out = Path(out_dir)
@@ -174,9 +173,7 @@ def download_one_shard(
     work.mkdir(parents=True)
     try:
         if allowed.num_rows:
-            kept, failed = _run_img2dataset(
-                allowed, extras, cfg, max_pixels, work, Downloader, ParquetSampleWriter
-            )
+            kept, failed = _run_img2dataset(allowed, extras, cfg, max_pixels, work, Downloader)
         else:
             kept, failed = _empty_results(allowed, extras)
     finally:
@@ -212,15 +209,33 @@ def _empty_results(allowed: pa.Table, extras: list[str]) -> tuple[pa.Table, pa.T
     return kept, failed
 
 
-def _run_img2dataset(allowed, extras, cfg, max_pixels, work, Downloader, ParquetSampleWriter):
+class CollectingWriter:
+    """img2dataset sample writer that keeps rows in memory (we write the shard ourselves, once)."""
+
+    def __init__(self, sink: list[dict], shard_id, output_folder, save_caption, oom_shard_count, schema, fmt):
+        self.sink, self.schema, self.fmt = sink, schema.append(pa.field(fmt, pa.binary())), fmt
+
+    def write(self, img_str, key, caption, meta) -> None:
+        self.sink.append({**meta, self.fmt: img_str})
+
+    def close(self) -> None:
+        pass
+
+    def table(self) -> pa.Table:
+        return pa.Table.from_pylist(self.sink, schema=self.schema)
+
+
+def _run_img2dataset(allowed, extras, cfg, max_pixels, work, Downloader):
     """Run img2dataset's Downloader on the allowed rows; return (kept, failed-with-reason)."""
     src = allowed.rename_columns(["_key" if c == "key" else c for c in allowed.column_names])
     column_list = ["url", "caption", "_key", *extras]
     shard_file = work / "input.arrow"
     with ipc.new_file(shard_file, src.schema) as w:
         w.write_table(src)
+    rows: list[dict] = []
+    writers: list[CollectingWriter] = []
     downloader = Downloader(
-        sample_writer_class=ParquetSampleWriter,
+        sample_writer_class=lambda *args: writers.append(CollectingWriter(rows, *args)) or writers[-1],
         resizer=_resizer(cfg, max_pixels),
         thread_count=cfg.threads_per_shard,
         save_caption=False,
@@ -238,7 +253,7 @@ def _run_img2dataset(allowed, extras, cfg, max_pixels, work, Downloader, Parquet
         disallowed_header_directives=None,
     )
     downloader.download_shard((0, str(shard_file)))
-    res = pq.read_table(work / "00000.parquet")
+    res = writers[0].table()
     # img2dataset's own key is shard-local; ours is the global input row number.
     res = res.drop_columns(["key"])
     res = res.rename_columns(["key" if c == "_key" else c for c in res.column_names])

@@ -38,9 +38,23 @@ import pyarrow.parquet as pq
 
 from pipelines import common
 
-STEPS = ("download", "filter", "captions", "teacher", "shards", "sft")
+# Known step datasets, in pipeline order; any other folder of DIR with shard markers or a manifest is
+# reported too (after these). The pre-training steps are named in the page when they are missing.
+STEPS = (
+    "download",
+    "filter",
+    "captions",
+    "teacher",
+    "shards",
+    "sft",
+    "sft_import",
+    "sft_teacher",
+    "sft_shards",
+)
+CORE_STEPS = ("download", "filter", "captions", "teacher", "shards")
 # Which step each step reads its rows from (for the "input = upstream kept" column).
-UPSTREAM = {"filter": "download", "captions": "filter", "teacher": "captions", "shards": "teacher"}
+UPSTREAM = {"filter": "download", "captions": "filter", "teacher": "captions", "shards": "teacher",
+            "sft_teacher": "sft_import", "sft_shards": "sft_teacher"}  # fmt: skip
 # Steps whose kept rows carry width/height, latest first (the sizes are read from the first found).
 IMAGE_STEPS = ("shards", "teacher", "captions", "filter", "download")
 PLOTS = ("rows_per_step", "rejected_reasons", "image_size", "aspect_ratio", "caption_length", "language",
@@ -125,6 +139,19 @@ def load_step(path: Path) -> StepData:
     except (OSError, ValueError) as e:
         step.notes.append(f"unreadable manifest.json ({type(e).__name__})")
     return step
+
+
+def discover_steps(out_dir: Path) -> list[str]:
+    """Names of the step dataset folders in `out_dir` (known ones in pipeline order first)."""
+    found = [
+        d.name
+        for d in out_dir.iterdir()
+        if d.is_dir()
+        and d.name != REPORT_DIR
+        and (d.name in STEPS or (d / "manifest.json").exists() or next(d.glob("part-*.done"), None))
+    ]
+    order = {n: i for i, n in enumerate(STEPS)}
+    return sorted(found, key=lambda n: (order.get(n, len(STEPS)), n))
 
 
 def _spread(items: list[Path], k: int) -> list[Path]:
@@ -482,7 +509,7 @@ def _accounting(page: _Page, steps: list[StepData]) -> None:
         rows.append([
             _e(s.name), f"{len(s.stats):,}", f"{s.rows_in:,}", f"{s.kept:,}", f"{s.rejected_total:,}",
             f'<span class="reasons">{reasons}</span>', _mark(s.balanced), upstream,
-            _fmt(s.seconds), _fmt(rate),
+            _fmt(s.seconds, 2), _fmt(rate),
         ])  # fmt: skip
     page.raw(_table(["step", "shards", "rows in", "kept", "rejected", "rejected by reason",
                      "in = kept + rejected", "input = upstream kept", "shard seconds", "rows/s per worker"],
@@ -707,16 +734,15 @@ def write_report(
     dest.mkdir(parents=True, exist_ok=True)
     for plot in PLOTS:  # no stale plot from an earlier report survives
         (dest / f"{plot}.png").unlink(missing_ok=True)
-    steps, absent = [], []
-    for name in STEPS:
-        if (out_dir / name).is_dir():
-            step = load_step(out_dir / name)
-            if step.stats:
-                steps.append(step)
-            else:
-                absent.append(f"{name} (no finished shards)")
+    found = discover_steps(out_dir)
+    absent = [n for n in CORE_STEPS if n not in found]
+    steps = []
+    for name in found:
+        step = load_step(out_dir / name)
+        if step.stats:
+            steps.append(step)
         else:
-            absent.append(name)
+            absent.append(f"{name} (no finished shards)")
     by_name = {s.name: s for s in steps}
     page = _Page(f"Pipeline report: {out_dir.resolve().name}")
     page.p(f"{out_dir.resolve()} — generated {time.strftime('%Y-%m-%d %H:%M:%S')}")
