@@ -304,7 +304,8 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     root = str(Path(__file__).resolve().parent.parent)
     env = {"env_vars": {"NO_ALBUMENTATIONS_UPDATE": "1", "PYTHONPATH": root}}
     if address or os.environ.get("RAY_ADDRESS"):
-        ray.init(address=address or os.environ["RAY_ADDRESS"], runtime_env=env, log_to_driver=True)
+        # A cluster (or a `ray job submit` job): keep the job's runtime env (working_dir) as it is.
+        ray.init(address=address or os.environ["RAY_ADDRESS"], log_to_driver=True)
     else:
         ray.init(
             address="local",
@@ -400,8 +401,8 @@ def step_main(doc: str, run: Callable[[Any], Any], argv: list[str] | None = None
     args = parser.parse_args(argv)
     try:
         cfg = load_config(args.config, args.set)
-    except ConfigError as e:
+        run(cfg)
+    except (ConfigError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    run(cfg)
     return 0

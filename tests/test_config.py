@@ -65,3 +65,17 @@ def test_overrides(tmp_path):
 def test_missing_config_file(tmp_path):
     with pytest.raises(ConfigError, match="config file not found"):
         load_config(tmp_path / "nope.yaml")
+
+
+def test_step_cli_reports_bad_input_without_a_traceback(tmp_path, capsys):
+    from pipelines import download, filter
+
+    urls = tmp_path / "urls.csv"
+    urls.write_text("link,caption\nhttp://example.com/a.jpg,a cat\n")
+    cfg = write(tmp_path, f"output_dir: {tmp_path / 'out'}\ninput: {{urls: [{urls}]}}\nteacher: {{random_init_seed: 0}}\n")
+    assert download.main(["--config", str(cfg)]) == 2
+    assert "urls.csv: URL list has no 'url' column" in capsys.readouterr().err
+    assert filter.main(["--config", str(cfg)]) == 2
+    assert "no finished shards" in capsys.readouterr().err
+    assert download.main(["--config", str(cfg), "--set", "download.rows_per_shard=0"]) == 2
+    assert "download.rows_per_shard: must be > 0" in capsys.readouterr().err
