@@ -348,11 +348,7 @@ def run(cfg: PrepareConfig) -> dict[str, Any]:
         {"in_dir": str(in_dir), "out_dir": str(out), "captions": to_dict(cfg.captions)},
         num_actors=cfg.captions.num_actors, num_cpus=cfg.captions.cpus_per_actor,
     )  # fmt: skip
-    manifest = common.write_manifest(
-        out, STEP, [common.dataset_input(in_dir)], {"captions": to_dict(cfg.captions)}
-    )
-    common.print_accounting(STEP, manifest["counts"])
-    return manifest
+    return common.finish_step(out, STEP, [common.dataset_input(in_dir)], {"captions": to_dict(cfg.captions)})
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -282,6 +282,23 @@ class Progress:
             )
 
 
+# Every dataset directory a full prepare run writes, in pipeline order.
+DATASETS = ["download", "filter", "captions", "teacher", "shards", "sft_import", "sft_teacher", "sft_shards"]
+
+
+def finish_step(
+    dataset: Path,
+    step: str,
+    inputs: list[dict[str, Any]],
+    config: dict[str, Any],
+    extra: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """End of a step: write the manifest, print the accounting, return the manifest."""
+    manifest = write_manifest(dataset, step, inputs, config, extra)
+    print_accounting(dataset.name, manifest["counts"])
+    return manifest
+
+
 def print_accounting(step: str, counts: dict[str, Any]) -> None:
     print(
         f"[{step}] rows in {counts['rows_in']} = kept {counts['kept']} + rejected {counts['rejected_total']}"

@@ -308,10 +308,9 @@ def run(cfg: PrepareConfig) -> dict[str, Any]:
                   f"{failed[name]}", file=sys.stderr, flush=True)  # fmt: skip
     shutil.rmtree(out / "_work", ignore_errors=True)
     inputs = [{"path": u, "sha256": common.sha256_file(u)} for u in cfg.input.urls]
-    manifest = common.write_manifest(
+    manifest = common.finish_step(
         out, STEP, inputs, {"download": cfg_dict, "max_pixels": cfg.filter.max_pixels}
     )
-    common.print_accounting(STEP, manifest["counts"])
     if failed:
         raise RuntimeError(f"{STEP}: {len(failed)} shard(s) failed ({sorted(failed)}); finished shards are kept, "
                            "relaunch the same command to retry only the failed ones")  # fmt: skip

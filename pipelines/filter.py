@@ -357,10 +357,8 @@ def run(cfg: PrepareConfig) -> dict[str, Any]:
                           num_actors=f.num_actors, num_cpus=f.cpus_per_actor)  # fmt: skip
     else:
         print(f"[{STEP}] nothing to do: all {len(names)} shards are finished", flush=True)
-    manifest = common.write_manifest(out, STEP, [common.dataset_input(in_dir)],
-                                     {"filter": to_dict(cfg.filter), "captions": to_dict(cfg.captions)})  # fmt: skip
-    common.print_accounting(STEP, manifest["counts"])
-    return manifest
+    return common.finish_step(out, STEP, [common.dataset_input(in_dir)],
+                              {"filter": to_dict(cfg.filter), "captions": to_dict(cfg.captions)})  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:

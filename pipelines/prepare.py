@@ -64,16 +64,7 @@ def synthetic_input(cfg: PrepareConfig) -> Iterator[None]:
 def accounting(cfg: PrepareConfig) -> dict[str, Any]:
     """Per-step counts from the manifests and the end-to-end check: input = kept + all rejected."""
     steps = {}
-    for name in [
-        "download",
-        "filter",
-        "captions",
-        "teacher",
-        "shards",
-        "sft_import",
-        "sft_teacher",
-        "sft_shards",
-    ]:
+    for name in common.DATASETS:
         m = cfg.out / name / "manifest.json"
         if m.exists():
             steps[name] = json.loads(m.read_text())["counts"]

@@ -191,8 +191,7 @@ def run(cfg: PrepareConfig) -> dict[str, Any]:
             progress.update(ray.get(ready[0])["rows_in"])
     inputs = [{"path": cfg.input.sft.json, "sha256": common.sha256_file(cfg.input.sft.json)},
               {"path": cfg.input.sft.image_folder}]  # fmt: skip
-    manifest = common.write_manifest(out, STEP, inputs, {"sft": common_dict(cfg)})
-    common.print_accounting(STEP, manifest["counts"])
+    manifest = common.finish_step(out, STEP, inputs, {"sft": common_dict(cfg)})
     teacher.run_teacher(cfg, out, cfg.out / "sft_teacher", STEP)
     shards.run_shards_step(cfg, cfg.out / "sft_teacher", cfg.out / "sft_shards", "teacher", "sft_shards")
     return manifest

@@ -105,12 +105,11 @@ def run_shards_step(
         json.loads((in_dir / "manifest.json").read_text()) if (in_dir / "manifest.json").exists() else {}
     )
     schema = pq.read_schema(out / f"{common.shard_name(0)}.parquet") if files else None
-    manifest = common.write_manifest(
+    manifest = common.finish_step(
         out, step, [common.dataset_input(in_dir)], {"shards": {"rows_per_file": cfg.shards.rows_per_file}},
         extra={"teacher": teacher_manifest.get("teacher"),
                "schema": {f.name: str(f.type) for f in schema} if schema else {}},
     )  # fmt: skip
-    common.print_accounting(step, manifest["counts"])
     return manifest
 
 

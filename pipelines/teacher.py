@@ -208,11 +208,10 @@ def run_teacher(cfg: PrepareConfig, in_dir: Path, out: Path, produced_by: str) -
     name, weights_id = teacher_identity(t)
     if t.random_init_seed is not None and names:
         weights_id = pq.read_schema(out / f"{names[0]}.parquet").metadata[b"breen.teacher_weights"].decode()
-    manifest = common.write_manifest(
+    manifest = common.finish_step(
         out, STEP, [common.dataset_input(in_dir)], {"teacher": to_dict(t)},
         extra={"teacher": {"name": name, "weights": weights_id, "preprocess": PREPROCESS_VERSION}},
     )  # fmt: skip
-    common.print_accounting(STEP, manifest["counts"])
     return manifest
 
 

@@ -72,7 +72,10 @@ def test_step_cli_reports_bad_input_without_a_traceback(tmp_path, capsys):
 
     urls = tmp_path / "urls.csv"
     urls.write_text("link,caption\nhttp://example.com/a.jpg,a cat\n")
-    cfg = write(tmp_path, f"output_dir: {tmp_path / 'out'}\ninput: {{urls: [{urls}]}}\nteacher: {{random_init_seed: 0}}\n")
+    cfg = write(
+        tmp_path,
+        f"output_dir: {tmp_path / 'out'}\ninput: {{urls: [{urls}]}}\nteacher: {{random_init_seed: 0}}\n",
+    )
     assert download.main(["--config", str(cfg)]) == 2
     assert "urls.csv: URL list has no 'url' column" in capsys.readouterr().err
     assert filter.main(["--config", str(cfg)]) == 2

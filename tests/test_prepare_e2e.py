@@ -72,16 +72,7 @@ def all_rows(dataset: Path, columns: list[str], rejected: bool = False) -> list[
 
 def test_every_shard_and_the_total_balance(prepared):
     cfg, acc, _, _ = prepared
-    for step in [
-        "download",
-        "filter",
-        "captions",
-        "teacher",
-        "shards",
-        "sft_import",
-        "sft_teacher",
-        "sft_shards",
-    ]:
+    for step in common.DATASETS:
         stats = common.read_stats(cfg.out / step)
         assert stats, step
         for s in stats:
