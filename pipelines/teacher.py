@@ -81,14 +81,18 @@ def teacher_identity(cfg: TeacherConfig) -> tuple[str, str]:
     return name, f"random-init-seed:{cfg.random_init_seed}"
 
 
-def build_teacher(cfg: TeacherConfig, device: str = "cpu"):
-    """Build the open_clip model (eval, frozen) and return (model, name, weights_sha256)."""
+def build_teacher(cfg: TeacherConfig, device: str = "cpu", identity: tuple[str, str] | None = None):
+    """Build the open_clip model (eval, frozen) and return (model, name, weights id).
+
+    `identity` is `teacher_identity(cfg)` when the caller already has it (it hashes the weights
+    file: the driver does that once instead of every actor).
+    """
     import open_clip
     import torch
 
     if cfg.model_config:
         open_clip.add_model_config(cfg.model_config)
-    name, weights_id = teacher_identity(cfg)
+    name, weights_id = identity or teacher_identity(cfg)
     if cfg.random_init_seed is not None:
         torch.manual_seed(cfg.random_init_seed)
         model = open_clip.create_model(name, pretrained=None, device="cpu")
@@ -132,11 +136,11 @@ def features(model, pixels: np.ndarray, device: str) -> tuple[np.ndarray, np.nda
 class TeacherWorker(common.ShardWorker):
     """One actor = one model replica; processes whole shards in fixed-size batches."""
 
-    def __init__(self, in_dir: str, out_dir: str, cfg: dict) -> None:
+    def __init__(self, in_dir: str, out_dir: str, cfg: dict, identity: tuple[str, str]) -> None:
         super().__init__(in_dir, out_dir)
         self.cfg: TeacherConfig = from_dict(TeacherConfig, cfg, "teacher")
         self.device = resolve_device(self.cfg)
-        self.model, self.name, self.weights_id = build_teacher(self.cfg, self.device)
+        self.model, self.name, self.weights_id = build_teacher(self.cfg, self.device, tuple(identity))
         self.dim = self.model.visual.transformer.width
 
     def process(self, name: str) -> dict[str, Any]:
@@ -197,15 +201,16 @@ def run_teacher(cfg: PrepareConfig, in_dir: Path, out: Path, produced_by: str) -
     names = common.require_dataset(in_dir, produced_by)
     todo = [n for n in names if not common.done_marker(out, n).exists()]
     t = cfg.teacher
+    name, weights_id = teacher_identity(t)
     if todo:
         common.init_ray(cfg.ray.address, cfg.ray.num_cpus)
         gpus = ray.cluster_resources().get("GPU", 0) if t.device != "cpu" else 0
         num_gpus = t.num_gpus_per_actor if gpus else 0.0
         print(f"[{STEP}] {len(todo)} of {len(names)} shards to do, {t.num_actors} actor(s), "
               f"{'GPU' if num_gpus else 'CPU'}", flush=True)  # fmt: skip
-        common.run_shards(STEP, todo, TeacherWorker, {"in_dir": str(in_dir), "out_dir": str(out), "cfg": to_dict(t)},
+        kwargs = {"in_dir": str(in_dir), "out_dir": str(out), "cfg": to_dict(t), "identity": (name, weights_id)}
+        common.run_shards(STEP, todo, TeacherWorker, kwargs,
                           num_actors=t.num_actors, num_cpus=t.cpus_per_actor, num_gpus=num_gpus)  # fmt: skip
-    name, weights_id = teacher_identity(t)
     if t.random_init_seed is not None and names:
         weights_id = pq.read_schema(out / f"{names[0]}.parquet").metadata[b"breen.teacher_weights"].decode()
     manifest = common.finish_step(
