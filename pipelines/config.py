@@ -66,7 +66,9 @@ class DownloadConfig:
     encode_format: str = "jpg"
     encode_quality: int = 95
     threads_per_shard: int = 32
-    timeout_s: float = 10.0
+    timeout_s: float = 10.0  # per socket operation (connect, each read)
+    # Total time of one download (connect, redirects, headers, body); None: max(3 * timeout_s, 30).
+    total_timeout_s: float | None = None
     retries: int = 0  # img2dataset per-URL retries
     max_shard_retries: int = 3  # Ray task retries per shard
     max_response_bytes: int = 32 * 1024 * 1024
@@ -316,6 +318,11 @@ def validate(cfg: PrepareConfig, where: str = "config") -> None:
     need(cfg.download.rows_per_shard > 0, "download.rows_per_shard", "must be > 0")
     need(cfg.download.image_size >= 28, "download.image_size", "must be >= 28")
     need(cfg.download.encode_format in ("jpg", "png", "webp"), "download.encode_format", "jpg, png or webp")
+    need(cfg.download.timeout_s > 0, "download.timeout_s", "must be > 0")
+    total = cfg.download.total_timeout_s
+    need(total is None or total > 0, "download.total_timeout_s", "must be > 0 (or null)")
+    need(cfg.download.max_response_bytes > 0, "download.max_response_bytes", "must be > 0")
+    need(cfg.download.threads_per_shard > 0, "download.threads_per_shard", "must be > 0")
     need(cfg.shards.rows_per_file > 0, "shards.rows_per_file", "must be > 0")
     need(cfg.teacher.batch_size > 0, "teacher.batch_size", "must be > 0")
     need(cfg.teacher.num_actors > 0, "teacher.num_actors", "must be > 0")

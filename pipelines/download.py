@@ -20,6 +20,7 @@ Run:  python -m pipelines.download --config pipelines/configs/demo.yaml
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import shutil
@@ -38,11 +39,13 @@ import pyarrow.parquet as pq
 from pipelines import common
 from pipelines.config import ConfigError, DownloadConfig, PrepareConfig, from_dict, to_dict
 from pipelines.guard import (
+    URL_REFUSED_MARK,
     AddressPolicy,
     Limits,
     UrlVetter,
     check_image_header,
     install_guarded_opener,
+    normalise_image,
 )
 
 STEP = "download"
@@ -91,7 +94,21 @@ def read_url_list(path: str | Path) -> pa.Table:
             f"{path}: column(s) {clash} clash with columns the download step writes; rename them"
         )
     # Everything as strings: extra columns are carried through untouched.
-    return table.cast(pa.schema([pa.field(n, pa.string()) for n in table.column_names]))
+    return pa.table({n: _as_strings(path, n, table.column(n)) for n in table.column_names})
+
+
+def _as_strings(path: Path, name: str, col: pa.ChunkedArray) -> pa.ChunkedArray:
+    """A column as UTF-8 strings: invalid UTF-8 bytes become U+FFFD (the captions step drops them)."""
+    t = col.type
+    if pa.types.is_binary(t) or pa.types.is_large_binary(t) or pa.types.is_fixed_size_binary(t):
+        values = [None if v is None else v.decode("utf-8", "replace") for v in col.to_pylist()]
+        return pa.chunked_array([pa.array(values, pa.string())])
+    try:
+        return col.cast(pa.string())
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as e:
+        raise ConfigError(
+            f"{path}: column {name!r} has type {t}, which cannot be read as text: {e}"
+        ) from None
 
 
 def make_input_shards(urls: list[str], rows_per_shard: int, dest: Path) -> list[str]:
@@ -128,10 +145,17 @@ def _resizer(cfg: DownloadConfig, max_pixels: int):
         """img2dataset's resizer behind a header check (no full decode of decompression bombs)."""
 
         def __call__(self, img_stream, blurring_bbox_list=None):
+            data = img_stream.read()
             try:
-                check_image_header(img_stream.read(), max_pixels)
+                check_image_header(data, max_pixels)
+                # EXIF orientation and 16-bit samples: OpenCV (IMREAD_UNCHANGED) ignores the first
+                # and clips the second; hand it an equivalent 8-bit, upright PNG instead.
+                fixed = normalise_image(data)
             except ValueError as e:
                 return None, None, None, None, None, str(e)
+            except Exception as e:  # a decoder failure is a rejected row, never a failed shard
+                return None, None, None, None, None, common.error_detail(e)
+            img_stream = io.BytesIO(fixed) if fixed is not None else img_stream
             img_stream.seek(0)
             return super().__call__(img_stream, blurring_bbox_list)
 
@@ -161,7 +185,8 @@ def download_one_shard(
     extras = [c for c in table.column_names if c not in ("key", "url", "caption")]
 
     policy = AddressPolicy(cfg.allow_private)
-    install_guarded_opener(policy, Limits(cfg.max_response_bytes, max(cfg.timeout_s * 3, 30.0)))
+    max_seconds = cfg.total_timeout_s if cfg.total_timeout_s is not None else max(cfg.timeout_s * 3, 30.0)
+    install_guarded_opener(policy, Limits(cfg.max_response_bytes, max_seconds))
     vet = UrlVetter(policy)
     refused = [vet(url) for url in table.column("url").to_pylist()]
     ok_mask = pa.array([r is None for r in refused], pa.bool_())
@@ -264,12 +289,17 @@ def _run_img2dataset(allowed, extras, cfg, max_pixels, work, Downloader):
     kept_cols = [*base, "image", "width", "height", "original_width", "original_height", "sha256", *extras]
     kept = res.filter(ok).select(kept_cols)
     bad = res.filter(pc.invert(ok))
-    reasons = ["download_error" if s == "failed_to_download" else "decode_error"
-               for s in bad.column("status").to_pylist()]  # fmt: skip
-    failed = common.with_reason(
-        bad.select([*base, *extras]), reasons, bad.column("error_message").to_pylist()
-    )
+    messages = bad.column("error_message").to_pylist()
+    reasons = [_failure_reason(s, m) for s, m in zip(bad.column("status").to_pylist(), messages, strict=True)]
+    failed = common.with_reason(bad.select([*base, *extras]), reasons, messages)
     return kept, failed
+
+
+def _failure_reason(status: str, message: str | None) -> str:
+    """img2dataset's status -> our reason (a redirect or connection the guard refused is url_refused)."""
+    if status != "failed_to_download":
+        return "decode_error"
+    return "url_refused" if (message or "").startswith(URL_REFUSED_MARK) else "download_error"
 
 
 # ----------------------------------------------------------------------------- the step

@@ -135,7 +135,10 @@ class RowRules:
             return {**out, "reason": "aspect_ratio", "detail": f"{w}x{h}, aspect > {c.max_aspect_ratio}"}
         text = clean_caption(caption, self.captions)
         if not text:
-            return {**out, "reason": "empty_caption", "detail": (caption or "")[:200]}
+            shown = (caption or "")[:200]
+            if not shown.strip():
+                shown = "caption is null" if caption is None else "caption is blank"
+            return {**out, "reason": "empty_caption", "detail": shown}
         words = len(text.split())
         if (c.min_words is not None and words < c.min_words) or (
             c.min_chars is not None and len(text) < c.min_chars
@@ -319,8 +322,9 @@ def split_shard(out_dir: Path, name: str, table: pa.Table, index: pa.Table, dups
             if reason[i] is None:
                 reason[i], detail[i] = r, d
     order = [by_key[k] for k in table.column("key").to_pylist()]
-    table = table.append_column("language", index.column("language").take(order))
-    table = table.append_column("phash", index.column("phash").take(order))
+    take = pa.array(order, pa.int64())  # typed: a shard with no rows (all rejected upstream) is fine too
+    table = table.append_column("language", index.column("language").take(take))
+    table = table.append_column("phash", index.column("phash").take(take))
     row_reason = [reason[i] for i in order]
     keep = pa.array([r is None for r in row_reason], pa.bool_())
     kept = table.filter(keep)

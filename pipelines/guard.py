@@ -3,15 +3,19 @@
 - `AddressPolicy` refuses loopback, private, link-local, multicast, reserved and
   cloud-metadata addresses unless a host or CIDR is explicitly allowed.
 - `vet_url` checks a URL before download (scheme, syntax, every resolved address).
-- `install_guarded_opener` makes urllib (which img2dataset uses) check the *connected*
-  peer address of every connection, including each redirect hop, and caps the
-  response size and total read time.
+- `install_guarded_opener` makes urllib (which img2dataset uses) vet every redirect target
+  before connecting, check the *connected* peer address of every connection, and cap the
+  response size and the total time of one download (connect, redirects, headers and body:
+  every socket read waits at most until the download's deadline, so a server that trickles
+  bytes cannot hold a thread longer than `Limits.max_seconds`).
 - `check_image_header` reads only the image header and refuses decompression bombs
-  before anything decodes the pixels.
+  before anything decodes the pixels; `normalise_image` applies the EXIF orientation and
+  reduces 16-bit samples to 8 bits (OpenCV would clip them) before the pixels are stored.
 """
 
 from __future__ import annotations
 
+import functools
 import http.client
 import io
 import ipaddress
@@ -30,6 +34,11 @@ METADATA_IPS = {ipaddress.ip_address("169.254.169.254"), ipaddress.ip_address("f
 
 class RefusedURL(ValueError):
     """A URL that must not be fetched; the message is the rejection detail."""
+
+
+# Messages of refusals raised while downloading (a redirect or a connection to a refused
+# address) start with this, so the download step can tell them from network errors.
+URL_REFUSED_MARK = "url refused: "
 
 
 @dataclass
@@ -130,55 +139,130 @@ class Limits:
     max_seconds: float = 30.0
 
 
+class _DeadlineReader(io.RawIOBase):
+    """A socket reader whose every read waits at most until `deadline` (time.monotonic)."""
+
+    def __init__(self, sock, deadline: float, op_timeout: float | None, max_seconds: float) -> None:
+        self.raw = sock.makefile("rb", buffering=0)  # counts as a reference: the socket stays open
+        self.sock, self.deadline, self.op_timeout, self.max_seconds = sock, deadline, op_timeout, max_seconds
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b) -> int:
+        left = self.deadline - time.monotonic()
+        if left <= 0:
+            raise RefusedURL(f"download took longer than the {self.max_seconds:g}s limit")
+        self.sock.settimeout(left if self.op_timeout is None else min(self.op_timeout, left))
+        try:
+            return self.raw.readinto(b)
+        except TimeoutError:
+            if time.monotonic() >= self.deadline:
+                raise RefusedURL(f"download took longer than the {self.max_seconds:g}s limit") from None
+            raise
+
+    def close(self) -> None:
+        self.raw.close()
+        super().close()
+
+
 def _guarded_classes(policy: AddressPolicy, limits: Limits):
+    def too_slow() -> RefusedURL:
+        return RefusedURL(f"download took longer than the {limits.max_seconds:g}s limit")
+
     class CappedResponse(http.client.HTTPResponse):
+        def __init__(self, sock, *args, deadline: float, **kwargs) -> None:
+            super().__init__(sock, *args, **kwargs)
+            plain, self.fp = (
+                self.fp,
+                io.BufferedReader(_DeadlineReader(sock, deadline, sock.gettimeout(), limits.max_seconds)),
+            )
+            plain.close()
+            self._deadline = deadline
+            self._got = 0
+
         def read(self, amt: int | None = None) -> bytes:  # type: ignore[override]
             if amt is not None:
-                return super().read(amt)
+                data = super().read(amt)
+                self._got += len(data)
+                if self._got > limits.max_bytes:
+                    raise RefusedURL(f"response too large: more than {limits.max_bytes} bytes")
+                return data
             length = self.getheader("Content-Length")
             if length and length.isdigit() and int(length) > limits.max_bytes:
                 raise RefusedURL(f"response too large: Content-Length {length} > {limits.max_bytes}")
-            deadline = time.monotonic() + limits.max_seconds
             buf = io.BytesIO()
             while chunk := super().read(64 * 1024):
                 buf.write(chunk)
                 if buf.tell() > limits.max_bytes:
                     raise RefusedURL(f"response too large: more than {limits.max_bytes} bytes")
-                if time.monotonic() > deadline:
-                    raise RefusedURL(f"download slower than {limits.max_seconds}s limit")
+                if time.monotonic() > self._deadline:
+                    raise too_slow()
+            if self.length:  # read(amt) returns short data silently when the server closes early
+                raise http.client.IncompleteRead(buf.getvalue(), self.length)
             return buf.getvalue()
 
     def checked_connect(conn: http.client.HTTPConnection) -> None:
-        policy.check_ip(conn.sock.getpeername()[0], conn.host)
+        try:
+            policy.check_ip(conn.sock.getpeername()[0], conn.host)
+        except RefusedURL as e:
+            conn.close()
+            raise RefusedURL(f"{URL_REFUSED_MARK}connection to {conn.host!r}: {e}") from None
+
+    def bounded(conn: http.client.HTTPConnection, deadline: float) -> None:
+        """Bound the connect by the time left; responses read under the same deadline."""
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise too_slow()
+        conn.timeout = left if not isinstance(conn.timeout, (int, float)) else min(conn.timeout, left)
+        conn.response_class = functools.partial(CappedResponse, deadline=deadline)
 
     class GuardedHTTPConnection(http.client.HTTPConnection):
-        response_class = CappedResponse
+        def __init__(self, *args, deadline: float, **kwargs) -> None:
+            super().__init__(*args, **kwargs)
+            self._deadline = deadline
 
         def connect(self) -> None:
+            bounded(self, self._deadline)
             super().connect()
             checked_connect(self)
 
     class GuardedHTTPSConnection(http.client.HTTPSConnection):
-        response_class = CappedResponse
+        def __init__(self, *args, deadline: float, **kwargs) -> None:
+            super().__init__(*args, **kwargs)
+            self._deadline = deadline
 
         def connect(self) -> None:
+            bounded(self, self._deadline)
             super().connect()
             checked_connect(self)
 
+    def deadline_of(req) -> float:
+        # One deadline per download: set on the first request, copied to every redirect.
+        if getattr(req, "_breen_deadline", None) is None:
+            req._breen_deadline = time.monotonic() + limits.max_seconds
+        return req._breen_deadline
+
     class GuardedHTTPHandler(urllib.request.HTTPHandler):
         def http_open(self, req):
-            return self.do_open(GuardedHTTPConnection, req)
+            return self.do_open(functools.partial(GuardedHTTPConnection, deadline=deadline_of(req)), req)
 
     class GuardedHTTPSHandler(urllib.request.HTTPSHandler):
         def https_open(self, req):
-            return self.do_open(GuardedHTTPSConnection, req)
+            return self.do_open(functools.partial(GuardedHTTPSConnection, deadline=deadline_of(req)), req)
 
     class GuardedRedirectHandler(urllib.request.HTTPRedirectHandler):
         max_redirections = 5
 
         def redirect_request(self, req, fp, code, msg, headers, newurl):
-            vet_url(newurl, policy)
-            return super().redirect_request(req, fp, code, msg, headers, newurl)
+            try:
+                vet_url(newurl, policy)  # before any connection to the new target
+            except RefusedURL as e:
+                raise RefusedURL(f"{URL_REFUSED_MARK}redirect to {newurl[:200]!r}: {e}") from None
+            new = super().redirect_request(req, fp, code, msg, headers, newurl)
+            if new is not None:
+                new._breen_deadline = deadline_of(req)
+            return new
 
     return GuardedHTTPHandler, GuardedHTTPSHandler, GuardedRedirectHandler
 
@@ -214,3 +298,78 @@ def check_image_header(data: bytes, max_pixels: int, max_bytes: int | None = Non
     if w * h > max_pixels:
         raise ValueError(f"decompression bomb: {w}x{h} = {w * h} pixels > {max_pixels}")
     return w, h
+
+
+ORIENTATION = 0x0112  # EXIF tag
+_TRANSPOSE = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180,
+              4: Image.Transpose.FLIP_TOP_BOTTOM, 5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270,
+              7: Image.Transpose.TRANSVERSE, 8: Image.Transpose.ROTATE_90}  # fmt: skip
+_HIGH_DEPTH_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I", "F")
+
+
+def _orientation(im: Image.Image) -> int:
+    """EXIF orientation from the header only (1 when absent or unreadable)."""
+    try:
+        if hasattr(im, "tag_v2"):  # TIFF: the tag is in the IFD
+            return int(im.tag_v2.get(274, 1) or 1)
+        raw = im.info.get("exif")  # JPEG/WebP; PNG when eXIf precedes the pixels
+        if not raw:
+            return 1
+        exif = Image.Exif()
+        exif.load(raw)
+        return int(exif.get(ORIENTATION, 1) or 1)
+    except Exception:
+        return 1
+
+
+def _high_depth(data: bytes, im: Image.Image) -> bool:
+    """More than 8 bits per sample (OpenCV decodes these as uint16 and clips them when encoding)."""
+    if im.mode in _HIGH_DEPTH_MODES:
+        return True
+    if data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 24:
+        return data[24] > 8  # IHDR bit depth
+    bits = getattr(im, "tag_v2", {}).get(258)  # TIFF BitsPerSample
+    return bits is not None and max(bits if isinstance(bits, tuple) else (bits,)) > 8
+
+
+def normalise_image(data: bytes, flatten_alpha: bool = False) -> bytes | None:
+    """8-bit PNG bytes of the image as a viewer shows it, or None when `data` needs no change.
+
+    Changes: EXIF orientation applied (browsers display it rotated; the stored copy has no
+    EXIF), 16-bit (or 32-bit) samples scaled to 8 bits, and with `flatten_alpha` transparency
+    composited on white (what the download step's decoder does). Call after
+    `check_image_header`: this decodes the pixels when a change is needed.
+    """
+    with Image.open(io.BytesIO(data)) as im:
+        orientation = _orientation(im)
+        high = _high_depth(data, im)
+        alpha = flatten_alpha and (im.mode in ("RGBA", "LA", "PA", "La", "RGBa") or "transparency" in im.info)
+        if (
+            orientation not in _TRANSPOSE
+            and not high
+            and not alpha
+            and not (flatten_alpha and im.mode == "CMYK")
+        ):
+            return None
+        im.load()
+        img = im
+        if orientation in _TRANSPOSE:
+            img = img.transpose(_TRANSPOSE[orientation])
+        if img.mode in _HIGH_DEPTH_MODES:
+            import numpy as np
+
+            arr = np.asarray(img, dtype=np.float64)
+            if img.mode != "F":
+                arr = arr * (255.0 / 65535.0)  # 16-bit range (Pillow reads 16-bit grey as I;16)
+            elif arr.max(initial=0.0) <= 1.0:
+                arr = arr * 255.0  # float images in [0, 1]
+            img = Image.fromarray(np.clip(np.rint(arr), 0, 255).astype(np.uint8), "L")
+        if alpha:
+            rgba = img.convert("RGBA")
+            white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+            img = Image.alpha_composite(white, rgba).convert("RGB")
+        elif flatten_alpha and img.mode == "CMYK":
+            img = img.convert("RGB")
+        out = io.BytesIO()
+        img.save(out, "PNG", compress_level=1)
+        return out.getvalue()

@@ -33,7 +33,7 @@ import pyarrow.ipc as ipc
 
 from pipelines import common, shards, teacher
 from pipelines.config import ConfigError, PrepareConfig
-from pipelines.guard import check_image_header
+from pipelines.guard import check_image_header, normalise_image
 
 STEP = "sft_import"
 HUMAN = {"human", "user"}
@@ -89,6 +89,12 @@ def load_image(folder: Path, rel: Any, max_side: int, max_pixels: int) -> tuple[
         raise FileNotFoundError(f"image file not found: {rel}")
     data = path.read_bytes()
     w, h = check_image_header(data, max_pixels)
+    # Same pixels as the download step stores: EXIF orientation applied, 8-bit samples, transparency
+    # on white, RGB instead of CMYK (the teacher and training decode with a plain Pillow convert).
+    fixed = normalise_image(data, flatten_alpha=True)
+    if fixed is not None:
+        data = fixed
+        w, h = check_image_header(data, max_pixels)
     with Image.open(io.BytesIO(data)) as im:
         im.load()
         if max(w, h) <= max_side and im.format in ("JPEG", "PNG", "WEBP"):

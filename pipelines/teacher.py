@@ -41,7 +41,7 @@ import pyarrow.parquet as pq
 
 from breen.teacher import PREPROCESS_VERSION, last_block_grid, letterbox, pool_targets
 from pipelines import common
-from pipelines.config import PrepareConfig, TeacherConfig, from_dict, to_dict
+from pipelines.config import ConfigError, PrepareConfig, TeacherConfig, from_dict, to_dict
 
 STEP = "teacher"
 
@@ -101,10 +101,35 @@ def build_teacher(cfg: TeacherConfig, device: str = "cpu", identity: tuple[str, 
             h.update(k.encode())
             h.update(v.detach().cpu().contiguous().numpy().tobytes())
         weights_id = f"{weights_id}:sha256:{h.hexdigest()}"
-    else:
-        model = open_clip.create_model(name, pretrained=cfg.weights or cfg.pretrained, device="cpu")
+    else:  # safetensors, or torch.load(weights_only=True): never unpickles code
+        model = open_clip.create_model(
+            name, pretrained=cfg.weights or cfg.pretrained, device="cpu", weights_only=True
+        )
     model = model.to(device).eval().requires_grad_(False)
     return model, name, weights_id
+
+
+def check_weights(path: str) -> None:
+    """Fail fast, naming the file, when weights cannot be loaded without unpickling code.
+
+    Reads the safetensors header, or runs `torch.load(weights_only=True)` (memory-mapped for zip
+    checkpoints, so a 1.7 GB file costs little), before any actor starts.
+    """
+    import zipfile
+
+    try:
+        if path.endswith(".safetensors"):
+            from safetensors import safe_open
+
+            with safe_open(path, "pt") as f:
+                f.keys()
+        else:
+            import torch
+
+            torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
+    except Exception as e:
+        raise ConfigError(f"teacher.weights: {path}: cannot be loaded as safetensors or with "
+                          f"torch.load(weights_only=True): {common.error_detail(e)}") from None  # fmt: skip
 
 
 def resolve_device(cfg: TeacherConfig) -> str:
@@ -201,6 +226,8 @@ def run_teacher(cfg: PrepareConfig, in_dir: Path, out: Path, produced_by: str) -
     names = common.require_dataset(in_dir, produced_by)
     todo = [n for n in names if not common.done_marker(out, n).exists()]
     t = cfg.teacher
+    if todo and t.weights:
+        check_weights(t.weights)  # before hashing it and before any actor starts
     name, weights_id = teacher_identity(t)
     if todo:
         common.init_ray(cfg.ray.address, cfg.ray.num_cpus)

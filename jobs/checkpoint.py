@@ -1,0 +1,192 @@
+"""Checkpoints (ZeRO-3 shards + client state through ``ray.train.report``) and the stage-end export.
+
+A checkpoint is one folder in Ray Train's storage (``<output_dir>/<name>/step-NNNNNNN/``), merged by Ray
+from what every rank wrote into its own temporary folder::
+
+    zero/zero_pp_rank_R_mp_rank_00_{model,optim}_states.pt   DeepSpeed ZeRO-3 shards of rank R
+    latest, zero_to_fp32.py                                  DeepSpeed bookkeeping (rank 0)
+    rng/rank-RRRRR.json                                      RNG states of rank R
+    train_state.json                                         client state (rank 0), human-readable
+    train_config.json                                        the resolved TrainConfig
+    model/                                                   BreenConfig + tokenizer (to rebuild the model)
+
+Client state (`TrainState`): optimizer step, samples and tokens seen, data position (global stream
+position = step x global batch), rejected-sample counts by reason, and the scale it was written with. The
+learning-rate schedule is a pure function of the step, so restoring the step restores the scheduler.
+Weights and optimizer moments live in the ZeRO shards; ``deepspeed.utils.zero_to_fp32`` consolidates them
+offline. Ray keeps the last ``checkpoint.keep_last`` checkpoints.
+
+Export (stage end): the consolidated weights, gathered on rank 0 one module at a time, saved in Hugging
+Face layout (``config.json`` + safetensors) with the tokenizer, ``train_config.json`` and
+``breen_stage.json``: `BreenForCausalLM.from_pretrained`, `breen.generate` and the next stage load it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import random
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+ZERO_TAG = "zero"
+STATE_FILE = "train_state.json"
+MODEL_DIR = "model"
+RAY_SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train V2's record of registered checkpoints
+
+
+@dataclass
+class TrainState:
+    step: int = 0  # optimizer steps done
+    samples_seen: int = 0  # samples trained on (rejected ones excluded), all ranks
+    tokens_seen: int = 0  # non-padding tokens (image + queries + text), all ranks
+    data_position: int = 0  # global stream position consumed = step * global_batch_size
+    rejected: dict[str, int] = field(default_factory=dict)  # samples left out, by reason
+    stage: str = ""
+    total_steps: int = 0
+    num_workers: int = 0
+    micro_batch_size: int = 0
+    global_batch_size: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TrainState:
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in names})
+
+
+def checkpoint_name(step: int) -> str:
+    return f"step-{step:07d}"
+
+
+# ----------------------------------------------------------------------------- RNG
+def rng_state() -> dict[str, Any]:
+    import torch
+
+    np_state = np.random.get_state()
+    state = {
+        "python": [list(x) if isinstance(x, tuple) else x for x in random.getstate()],
+        "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]],
+        "torch": torch.get_rng_state().tolist(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state().tolist()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    import torch
+
+    py = state["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    np_state = state["numpy"]
+    np.random.set_state((np_state[0], np.asarray(np_state[1], dtype=np.uint32), *np_state[2:]))
+    torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(torch.tensor(state["cuda"], dtype=torch.uint8))
+
+
+# ----------------------------------------------------------------------------- save / restore
+def save_checkpoint(
+    engine,
+    state: TrainState,
+    *,
+    rank: int,
+    train_config: dict[str, Any],
+    model_config,
+    tokenizer,
+    scratch: str | None = None,
+) -> str:
+    """Every rank: write this rank's part of the checkpoint into a fresh local folder and return it
+    (the caller reports it with ``ray.train.report``; Ray merges the ranks' folders)."""
+    local = tempfile.mkdtemp(prefix=f"breen-ckpt-r{rank}-", dir=scratch)
+    engine.save_checkpoint(local, tag=ZERO_TAG, client_state={"train_state": state.to_dict()})
+    rng_dir = Path(local, "rng")
+    rng_dir.mkdir(exist_ok=True)
+    (rng_dir / f"rank-{rank:05d}.json").write_text(json.dumps(rng_state()))
+    if rank == 0:
+        Path(local, STATE_FILE).write_text(json.dumps(state.to_dict(), indent=2, sort_keys=True) + "\n")
+        Path(local, "train_config.json").write_text(json.dumps(train_config, indent=2, sort_keys=True) + "\n")
+        model_config.save_pretrained(Path(local, MODEL_DIR))
+        tokenizer.save_pretrained(Path(local, MODEL_DIR))
+    return local
+
+
+def restore_checkpoint(engine, directory: str | Path, rank: int) -> TrainState:
+    """Every rank: load ZeRO shards + optimizer state, the client state and this rank's RNG."""
+    load_path, client = engine.load_checkpoint(
+        str(directory), tag=ZERO_TAG, load_optimizer_states=True, load_lr_scheduler_states=False
+    )
+    if load_path is None:
+        raise RuntimeError(f"DeepSpeed could not load the checkpoint in {directory}")
+    state = TrainState.from_dict(client["train_state"])
+    rng_file = Path(directory, "rng", f"rank-{rank:05d}.json")
+    if rng_file.exists():
+        set_rng_state(json.loads(rng_file.read_text()))
+    return state
+
+
+def latest_checkpoint(run_dir: str | Path) -> tuple[Path, dict[str, Any]] | None:
+    """(folder, reported metrics) of the run's latest registered checkpoint, from Ray Train's snapshot
+    (the one Ray restores on a restart or rerun), or None."""
+    snapshot = Path(run_dir) / RAY_SNAPSHOT
+    try:
+        latest = json.loads(snapshot.read_text()).get("latest_checkpoint_result")
+    except (OSError, ValueError):
+        return None
+    if not latest:
+        return None
+    folder = Path(run_dir) / latest["checkpoint_dir_name"]
+    return (folder, latest.get("metrics") or {}) if folder.is_dir() else None
+
+
+# ----------------------------------------------------------------------------- export
+def export_model(
+    engine,
+    out_dir: str | Path,
+    *,
+    rank: int,
+    model_config,
+    tokenizer,
+    train_config: dict[str, Any],
+    state: TrainState,
+) -> None:
+    """Collective (every rank): gather the full weights on rank 0 and write a Hugging Face directory.
+
+    Written under a temporary name and renamed into place, so a reader never sees half an export.
+    """
+    import torch
+
+    from breen.model import BreenForCausalLM
+
+    state_dict = engine._zero3_consolidated_16bit_state_dict()  # rank 0: full weights on CPU, else None
+    if rank != 0:
+        return
+    out_dir = Path(out_dir)
+    tmp = out_dir.with_name(f".{out_dir.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    with torch.device("meta"):
+        model = BreenForCausalLM(model_config)
+    if model_config.tie_word_embeddings:
+        state_dict.pop("lm_head.weight", None)
+    missing, unexpected = model.load_state_dict(state_dict, strict=False, assign=True)
+    missing = [k for k in missing if not (model_config.tie_word_embeddings and k == "lm_head.weight")]
+    if missing or unexpected:
+        raise RuntimeError(f"export: missing {missing[:3]} / unexpected {unexpected[:3]} weights")
+    model.tie_weights()
+    model.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    (tmp / "train_config.json").write_text(json.dumps(train_config, indent=2, sort_keys=True) + "\n")
+    stage_info = {"produced_by": "jobs.train", "stage": state.stage, **state.to_dict()}
+    (tmp / "breen_stage.json").write_text(json.dumps(stage_info, indent=2, sort_keys=True) + "\n")
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    os.replace(tmp, out_dir)

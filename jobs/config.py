@@ -1,0 +1,441 @@
+"""Typed training configs: one function per stage, stage 2 written as "stage 1 plus these changes".
+
+`stage1()`, `stage2()` and `stage3()` return a full `TrainConfig` with the released recipe at full scale
+(reference section 2): 64 workers x 16 per worker = global batch 1024 (stages 1-2), 32 x 8 = 256
+(stage 3), AdamW without weight decay, cosine schedule with warmup 0.03 / 0.01 / 0.01, learning rates
+from `breen.stages.DEFAULT_LRS`, gradient checkpointing, ZeRO-3 in bf16.
+
+Scale is configuration only: ``global_batch_size`` is fixed by the recipe and
+``gradient_accumulation = global_batch_size / (micro_batch_size * num_workers)``, so 8 GPUs at 16 per GPU
+train with 8 accumulation steps and the same global batch. A *profile* is a named set of overrides for a
+kind of machine (``cpu``: 2 CPU workers, fp32, tiny batches, for tests and the demo).
+
+Overrides are dotted ``KEY=VALUE`` strings (``scale.num_workers=8``, ``optim.lrs.patch_embed=1e-4``,
+``data.paths=a,b``); values are parsed as YAML/JSON scalars and checked against the field type. An unknown
+key or a bad value raises `ConfigError` naming the field. The resolved config is saved as JSON with the run
+(`train_config.json`), with every checkpoint and with the exported model, and read back by `from_dict`.
+
+Resume rule (OLMo-style, one rule): a run resumes from its own latest checkpoint (``output_dir/name``)
+when one exists; otherwise it starts from ``model.init_from`` (weights only).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from breen.stages import DEFAULT_LRS, STAGES
+
+TINY_INIT = "tiny"  # model.init_from value: build a tiny random BREEN + tokenizer (demo, no downloads)
+PRECISIONS = ("bf16", "fp32")
+TEXT_FIELDS = ("caption", "conversations", "auto")
+
+
+class ConfigError(ValueError):
+    """A bad training config value; the message names the dotted field."""
+
+
+# ----------------------------------------------------------------------------- sections
+@dataclass
+class DataSection:
+    """Training shards and the CPU-side ingest (Ray Data) that feeds the workers."""
+
+    # Training-shard directories (`pipelines.shards` output: part-NNNNN.parquet + manifest.json).
+    paths: list[str] = field(default_factory=list)
+    # Which text column to train on: "caption" (plain layout, stages 1-2), "conversations" (chat layout,
+    # stage 3), or "auto" (conversations when present and not null, else caption).
+    text_field: str = "caption"
+    # Whole spliced sequence (image + queries + text) per sample; longer samples are cut (text only) or
+    # rejected (see `breen.data.encode_sample`).
+    max_length: int = 4096
+    # Stage 3: micro-batches hold one modality (image+text or text-only), as `group_by_modality_length`.
+    group_by_modality: bool = False
+    # Rows encoded per actor call; actors in the encode pool; CPUs per actor.
+    encode_batch_size: int = 32
+    encode_actors: int = 8
+    encode_cpus: float = 1.0
+    # Micro-batches each worker prefetches (collated in a background thread).
+    prefetch_batches: int = 4
+
+
+@dataclass
+class ModelSection:
+    # BREEN directory in Hugging Face layout (config.json + safetensors + tokenizer), e.g. from
+    # `python -m breen.convert` or a previous stage's export; "tiny" builds a tiny random model.
+    init_from: str | None = None
+    # Tokenizer directory; None: the one saved with init_from.
+    tokenizer: str | None = None
+    gradient_checkpointing: bool = True
+    # None: breen's default (flash attention on CUDA when installed, else SDPA).
+    attn_implementation: str | None = None
+    # Build the model partitioned across ranks (deepspeed.zero.Init via transformers) instead of a full
+    # copy per rank: needed for the 7B preset (a full fp32 copy per rank does not fit host memory).
+    zero_init: bool = True
+    # Seed and teacher-feature width of the "tiny" init (clip_dim is read from the shards when None).
+    tiny_seed: int = 0
+
+
+@dataclass
+class OptimSection:
+    # Learning rate per component (`breen.model.COMPONENTS`) and "default" (breen.stages.DEFAULT_LRS).
+    lrs: dict[str, float] = field(default_factory=dict)
+    warmup_ratio: float = 0.03
+    min_lr_ratio: float = 0.0  # cosine decays to min_lr_ratio * lr
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0  # max global grad norm (HF Trainer default, used by the released scripts)
+
+
+@dataclass
+class ScaleSection:
+    num_workers: int = 64
+    use_gpu: bool = True
+    cpus_per_worker: float = 8.0  # on CPU keep it below 1 so Ray Data keeps CPUs for ingest
+    micro_batch_size: int = 16  # samples per worker per forward
+    global_batch_size: int = 1024  # = micro_batch_size * num_workers * gradient accumulation
+    precision: str = "bf16"  # "bf16" (GPU) or "fp32" (CPU); fp16 is not supported
+    zero_stage: int = 3
+
+    @property
+    def grad_accum(self) -> int:
+        return self.global_batch_size // (self.micro_batch_size * self.num_workers)
+
+
+@dataclass
+class ScheduleSection:
+    epochs: int = 1
+    max_steps: int | None = None  # cap on optimizer steps (the cosine schedule spans the capped run)
+
+
+@dataclass
+class CheckpointSection:
+    every_steps: int = 100  # also one at the end of the stage
+    keep_last: int = 3
+    async_upload: bool = True  # intermediate checkpoints upload in the background (the last one does not)
+    max_failures: int = 3  # worker-group restarts from the latest checkpoint before the run fails
+    export: bool = True  # consolidated Hugging Face model (safetensors) at stage end, in <run>/export
+
+
+@dataclass
+class MetricsSection:
+    log_every: int = 1
+    tensorboard: bool = True
+    # Peak dense TFLOP/s per device for the MFU estimate; None: known GPUs by name, else 1.0 on CPU.
+    peak_tflops: float | None = None
+
+
+@dataclass
+class DebugSection:
+    # Raise once on rank 0 when this step starts (Ray Train then restarts from the latest checkpoint).
+    fail_at_step: int | None = None
+    # End the run after this many steps (checkpoint saved, no export), as if the job had been stopped.
+    stop_after_step: int | None = None
+
+
+@dataclass
+class TrainConfig:
+    stage: str = "stage1"
+    name: str = ""  # run name (Ray RunConfig name); "" -> the stage name
+    output_dir: str = "runs/train"  # storage path: <output_dir>/<name>/ holds checkpoints, logs, export
+    seed: int = 0
+    data: DataSection = field(default_factory=DataSection)
+    model: ModelSection = field(default_factory=ModelSection)
+    optim: OptimSection = field(default_factory=OptimSection)
+    scale: ScaleSection = field(default_factory=ScaleSection)
+    schedule: ScheduleSection = field(default_factory=ScheduleSection)
+    checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
+    metrics: MetricsSection = field(default_factory=MetricsSection)
+    debug: DebugSection = field(default_factory=DebugSection)
+
+    @property
+    def run_name(self) -> str:
+        return self.name or self.stage
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.output_dir) / self.run_name
+
+    @property
+    def export_dir(self) -> Path:
+        return self.run_dir / "export"
+
+
+# ----------------------------------------------------------------------------- the three stages
+def stage1() -> TrainConfig:
+    """Pre-align: patch embedding + projector (4e-4), image experts and gates (4e-5); LLM frozen."""
+    return TrainConfig(
+        stage="stage1",
+        data=DataSection(text_field="caption"),
+        optim=OptimSection(lrs=dict(DEFAULT_LRS["stage1"]), warmup_ratio=0.03),
+        checkpoint=CheckpointSection(every_steps=100),
+    )
+
+
+def stage2() -> TrainConfig:
+    """Stage 1 plus: everything but the alignment head trains, one learning rate 4e-5, warmup 0.01,
+    checkpoints every 200 steps; starts from stage 1's export."""
+    cfg = stage1()
+    cfg.stage = "stage2"
+    cfg.optim.lrs = dict(DEFAULT_LRS["stage2"])
+    cfg.optim.warmup_ratio = 0.01
+    cfg.checkpoint.every_steps = 200
+    return cfg
+
+
+def stage3() -> TrainConfig:
+    """Stage 2 plus: SFT conversations (chat layout), lr 2e-5, global batch 256 (32 workers x 8),
+    micro-batches grouped by modality; starts from stage 2's export."""
+    cfg = stage2()
+    cfg.stage = "stage3"
+    cfg.data.text_field = "conversations"
+    cfg.data.group_by_modality = True
+    cfg.optim.lrs = dict(DEFAULT_LRS["stage3"])
+    cfg.scale.num_workers = 32
+    cfg.scale.micro_batch_size = 8
+    cfg.scale.global_batch_size = 256
+    return cfg
+
+
+STAGE_CONFIGS = {"stage1": stage1, "stage2": stage2, "stage3": stage3}
+
+# Profiles: overrides for a kind of machine; "all" applies to every stage, a stage key to that stage.
+PROFILES: dict[str, dict[str, dict[str, Any]]] = {
+    "cluster": {"all": {}},
+    "cpu": {
+        "all": {
+            "scale.use_gpu": False,
+            "scale.num_workers": 2,
+            "scale.cpus_per_worker": 0.5,
+            "scale.micro_batch_size": 2,
+            "scale.global_batch_size": 8,
+            "scale.precision": "fp32",
+            "data.encode_actors": 1,
+            "data.encode_cpus": 0.5,
+            "data.encode_batch_size": 8,
+            "data.prefetch_batches": 2,
+            "checkpoint.every_steps": 10,
+            "checkpoint.keep_last": 2,
+            "checkpoint.max_failures": 1,
+            "metrics.log_every": 1,
+        },
+        "stage3": {"scale.global_batch_size": 4},
+    },
+}
+
+
+def build_config(stage: str, profile: str = "cluster", overrides: list[str] | None = None) -> TrainConfig:
+    """The stage's config, then the profile's overrides, then the user's (later wins); validated."""
+    if stage not in STAGE_CONFIGS:
+        raise ConfigError(f"stage: unknown stage {stage!r} (choose one of {sorted(STAGE_CONFIGS)})")
+    if profile not in PROFILES:
+        raise ConfigError(f"profile: unknown profile {profile!r} (choose one of {sorted(PROFILES)})")
+    cfg = STAGE_CONFIGS[stage]()
+    items = {**PROFILES[profile].get("all", {}), **PROFILES[profile].get(stage, {})}
+    for key, value in items.items():
+        set_field(cfg, key, value)
+    for item in overrides or []:
+        apply_override(cfg, item)
+    validate(cfg)
+    return cfg
+
+
+# ----------------------------------------------------------------------------- overrides
+def _parse_value(raw: str) -> Any:
+    try:
+        return yaml.safe_load(raw)
+    except yaml.YAMLError:
+        return raw
+
+
+def apply_override(cfg: TrainConfig, item: str) -> None:
+    """Apply one ``dotted.key=value`` override in place."""
+    if "=" not in item:
+        raise ConfigError(f"override {item!r}: expected KEY=VALUE (e.g. scale.num_workers=8)")
+    key, raw = item.split("=", 1)
+    set_field(cfg, key.strip(), _parse_value(raw))
+
+
+def set_field(cfg: Any, key: str, value: Any) -> None:
+    """Set dotted field `key` of a config dataclass (or a key of a dict field such as optim.lrs)."""
+    parts = key.split(".")
+    node, where = cfg, ""
+    for i, part in enumerate(parts):
+        where = f"{where}.{part}" if where else part
+        last = i == len(parts) - 1
+        if isinstance(node, dict):
+            if not last:
+                raise ConfigError(f"{where}: not a section")
+            node[part] = _convert(float, value, where)  # the only dict fields hold learning rates
+            return
+        if not dataclasses.is_dataclass(node):
+            raise ConfigError(f"{where}: not a section")
+        hints = typing.get_type_hints(type(node))
+        names = [f.name for f in dataclasses.fields(node)]
+        if part not in names:
+            raise ConfigError(f"{where}: unknown key (allowed here: {', '.join(names)})")
+        if last:
+            setattr(node, part, _convert(hints[part], value, where))
+        else:
+            node = getattr(node, part)
+
+
+def _convert(tp: Any, value: Any, where: str) -> Any:
+    """Check/convert a value against a type hint; raise ConfigError naming `where`."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None or value == "None":
+            if type(None) in typing.get_args(tp):
+                return None
+            raise ConfigError(f"{where}: must not be null")
+        errors = []
+        for a in args:
+            try:
+                return _convert(a, value, where)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0])
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        return _build(tp, value, where)
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        _, item = typing.get_args(tp)
+        return {str(k): _convert(item, v, f"{where}.{k}") for k, v in value.items()}
+    if origin is list:
+        (item,) = typing.get_args(tp)
+        if isinstance(value, str):
+            value = [v for v in value.split(",") if v]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        return [_convert(item, v, f"{where}[{i}]") for i, v in enumerate(value)]
+    if value is None:
+        raise ConfigError(f"{where}: must not be null")
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: expected true/false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads "4e-4" as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+            raise ConfigError(f"{where}: expected a string, got {value!r}")
+        return str(value)
+    raise ConfigError(f"{where}: unsupported type {tp}")
+
+
+def _build(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in data.items():
+        where = f"{prefix}.{key}" if prefix else str(key)
+        if key not in names:
+            raise ConfigError(f"{where}: unknown key (allowed here: {', '.join(sorted(names))})")
+        kwargs[key] = _convert(hints[key], value, where)
+    return cls(**kwargs)
+
+
+# ----------------------------------------------------------------------------- (de)serialisation
+def to_dict(cfg: TrainConfig) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def from_dict(data: dict[str, Any]) -> TrainConfig:
+    """Strictly rebuild a `TrainConfig` (e.g. from a saved `train_config.json`)."""
+    return _build(TrainConfig, copy.deepcopy(data))
+
+
+def save_config(cfg: TrainConfig, path: str | Path) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(to_dict(cfg), indent=2, sort_keys=True) + "\n")
+    tmp.replace(path)
+
+
+def load_config(path: str | Path) -> TrainConfig:
+    return from_dict(json.loads(Path(path).read_text()))
+
+
+# ----------------------------------------------------------------------------- validation
+def validate(cfg: TrainConfig, check_paths: bool = False) -> None:
+    """Range and consistency checks (types are checked on assignment). `check_paths`: inputs exist."""
+
+    def need(ok: bool, name: str, why: str) -> None:
+        if not ok:
+            raise ConfigError(f"{name}: {why}")
+
+    s = cfg.scale
+    need(cfg.stage in STAGES, "stage", f"must be one of {STAGES}")
+    need(bool(cfg.run_name) and "/" not in cfg.run_name, "name", "must be a non-empty name without '/'")
+    need(s.num_workers >= 1, "scale.num_workers", "must be >= 1")
+    need(s.micro_batch_size >= 1, "scale.micro_batch_size", "must be >= 1")
+    need(s.cpus_per_worker > 0, "scale.cpus_per_worker", "must be > 0")
+    need(
+        s.global_batch_size % (s.micro_batch_size * s.num_workers) == 0 and s.global_batch_size > 0,
+        "scale.global_batch_size",
+        f"{s.global_batch_size} is not a positive multiple of micro_batch_size x num_workers = "
+        f"{s.micro_batch_size} x {s.num_workers}",
+    )
+    need(s.precision != "fp16", "scale.precision", "fp16 is not supported (use bf16 on GPU, fp32 on CPU)")
+    need(s.precision in PRECISIONS, "scale.precision", f"must be one of {PRECISIONS}")
+    need(s.zero_stage == 3, "scale.zero_stage", "only ZeRO stage 3 is supported")
+    need(cfg.data.text_field in TEXT_FIELDS, "data.text_field", f"must be one of {TEXT_FIELDS}")
+    need(cfg.data.max_length > 0, "data.max_length", "must be > 0")
+    need(cfg.data.encode_batch_size > 0, "data.encode_batch_size", "must be > 0")
+    need(cfg.data.encode_actors > 0, "data.encode_actors", "must be > 0")
+    need(cfg.data.encode_cpus > 0, "data.encode_cpus", "must be > 0")
+    need(cfg.data.prefetch_batches >= 1, "data.prefetch_batches", "must be >= 1")
+    need(bool(cfg.optim.lrs), "optim.lrs", "needs at least a 'default' learning rate")
+    need(all(v >= 0 for v in cfg.optim.lrs.values()), "optim.lrs", "learning rates must be >= 0")
+    need(0 <= cfg.optim.warmup_ratio < 1, "optim.warmup_ratio", "must be in [0, 1)")
+    need(0 <= cfg.optim.min_lr_ratio <= 1, "optim.min_lr_ratio", "must be in [0, 1]")
+    need(len(cfg.optim.betas) == 2, "optim.betas", "needs two values")
+    need(cfg.optim.weight_decay >= 0, "optim.weight_decay", "must be >= 0")
+    need(cfg.optim.grad_clip >= 0, "optim.grad_clip", "must be >= 0 (0 disables clipping)")
+    need(cfg.schedule.epochs >= 1, "schedule.epochs", "must be >= 1")
+    need(cfg.schedule.max_steps is None or cfg.schedule.max_steps >= 1, "schedule.max_steps", "must be >= 1")
+    need(cfg.checkpoint.every_steps >= 1, "checkpoint.every_steps", "must be >= 1")
+    need(cfg.checkpoint.keep_last >= 1, "checkpoint.keep_last", "must be >= 1")
+    need(cfg.checkpoint.max_failures >= 0, "checkpoint.max_failures", "must be >= 0")
+    need(cfg.metrics.log_every >= 1, "metrics.log_every", "must be >= 1")
+    if check_paths:
+        need(bool(cfg.data.paths), "data.paths", "no training-shard directory given (--data)")
+        for i, p in enumerate(cfg.data.paths):
+            need(Path(p).is_dir(), f"data.paths[{i}]", f"not a directory: {p}")
+        init = cfg.model.init_from
+        need(init is not None, "model.init_from", "no initial model given (--init-from DIR or 'tiny')")
+        if init != TINY_INIT:
+            need(Path(init, "config.json").is_file(), "model.init_from", f"no config.json in {init}")
+        tok = cfg.model.tokenizer or (None if init == TINY_INIT else init)
+        if tok is not None:
+            need(
+                Path(tok, "tokenizer_config.json").is_file() or Path(tok, "tokenizer.json").is_file(),
+                "model.tokenizer" if cfg.model.tokenizer else "model.init_from",
+                f"no tokenizer files in {tok}",
+            )

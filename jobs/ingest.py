@@ -1,0 +1,437 @@
+"""Ray Data ingest: training shards -> encoded micro-batches, one deterministic stream per worker.
+
+Reads training-shard directories written by `pipelines.shards` (``part-NNNNN.parquet``: key, image bytes,
+width, height, caption | conversations, fine [64, D] / coarse [36, D] float16 tensors). Nothing here loads
+CLIP: the teacher targets are read from the shards.
+
+Pipeline (all CPU, before the trainer, so accelerators never wait for decode)::
+
+    from_items(plan: one item per shard file and epoch)
+      -> map_batches(ReadEncode, actor pool)   read the file with pyarrow, order its rows (seeded), decode
+                                               + letterbox the image and tokenise (breen.data.encode_sample)
+      -> repartition(micro_batch_size rows per block, strict)
+      -> streaming_split(num_workers, equal) via ray.train.get_dataset_shard("train")
+
+Determinism. The epoch order is addressable: files are permuted with ``(seed, epoch)`` and the rows of a
+file with ``(seed, epoch, file index)`` (stage 3 optionally groups them by modality), so global position
+``pos`` names one sample of one epoch. With ``preserve_order`` every block of ``micro_batch_size`` rows
+reaches the splitter in ``pos`` order and, all blocks being equal, the splitter deals them round robin:
+worker ``r`` receives micro-batch blocks ``r, r + W, r + 2W, ...``. So optimizer step ``s`` of worker ``r``
+always holds positions ``[(s*A*W + m*W + r) * B, ... + B)`` for ``m < A`` (W workers, A accumulation
+steps, B micro-batch), whatever the timing; each worker checks this on every batch (`expected_pos`).
+
+Data position and resume. Every step consumes exactly ``global_batch`` positions, so the data position
+after ``s`` steps is ``s * global_batch``. A resumed run rebuilds the plan with that many leading positions
+dropped *before* reading and decoding (whole files skipped, the first file sliced), and the round-robin
+deal restarts aligned. Rejected samples (`breen.data.SampleRejected`: corrupt image, too long, ...) are
+never dropped from the stream, which would shift positions: they travel as rows with ``ok = False`` and a
+``reason``, the worker leaves them out of its micro-batch and counts them.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from ray.data.collate_fn import NumpyBatchCollateFn
+
+from breen.config import BreenConfig
+from breen.data import SampleRejected, collate, encode_sample
+
+# `breen.data.SampleRejected` reasons (plus our own "other"), coded as integers in worker batches.
+REJECT_REASONS = (
+    "decode_error", "image_too_large", "image_exceeds_max_length", "question_exceeds_max_length",
+    "empty_text", "no_answer_after_truncation", "bad_conversation", "placeholder_without_image",
+    "targets_without_image", "other",
+)  # fmt: skip
+READ_COLUMNS = ("key", "image", "caption", "conversations", "fine", "coarse")
+TEACHER_KEYS = ("breen.teacher", "breen.teacher_weights", "breen.preprocess")
+
+
+# ----------------------------------------------------------------------------- shard files
+@dataclass(frozen=True)
+class ShardFile:
+    path: str
+    rows: int
+    clip_dim: int | None  # width D of fine/coarse; None when the file has no teacher columns
+    columns: tuple[str, ...]
+    teacher: tuple[str, ...]  # (name, weights id, preprocessing) from the Parquet metadata
+
+
+def list_shards(paths: Sequence[str | Path]) -> list[ShardFile]:
+    """Every finished training shard (``part-*.parquet`` with its ``.done`` marker when markers exist)
+    under the given directories, sorted by directory then name; row counts from the Parquet footers."""
+    files: list[ShardFile] = []
+    for d in paths:
+        d = Path(d)
+        parquet = sorted(d.glob("part-*.parquet"))
+        if any(d.glob("part-*.done")):
+            parquet = [p for p in parquet if p.with_suffix(".done").exists()]
+        if not parquet:
+            raise FileNotFoundError(f"no training shards (part-*.parquet) in {d}")
+        for p in parquet:
+            meta = pq.ParquetFile(p)
+            schema = meta.schema_arrow
+            dim = None
+            if "fine" in schema.names:
+                shape = getattr(schema.field("fine").type, "shape", None)
+                dim = int(shape[-1]) if shape else None
+            md = schema.metadata or {}
+            teacher = tuple(md.get(k.encode(), b"").decode() for k in TEACHER_KEYS)
+            files.append(ShardFile(str(p), meta.metadata.num_rows, dim, tuple(schema.names), teacher))
+    return files
+
+
+def check_shards(files: Sequence[ShardFile], config: BreenConfig, text_field: str) -> None:
+    """Fail fast when the shards do not fit the model or the stage (clip_dim, teacher, text column)."""
+    dims = {f.clip_dim for f in files if f.clip_dim is not None}
+    if dims and dims != {config.clip_dim}:
+        raise ValueError(
+            f"data.paths: teacher features have width {sorted(dims)} but the model's clip_dim is "
+            f"{config.clip_dim} (model.init_from was built for another teacher)"
+        )
+    teachers = {f.teacher for f in files if f.clip_dim is not None}
+    if len(teachers) > 1:
+        raise ValueError(f"data.paths: shards come from different teachers: {sorted(teachers)}")
+    if text_field == "conversations":
+        missing = [f.path for f in files if "conversations" not in f.columns]
+        if missing:
+            raise ValueError(f"data.text_field=conversations but {missing[0]} has no conversations column")
+    if text_field == "caption":
+        missing = [f.path for f in files if "caption" not in f.columns]
+        if missing:
+            raise ValueError(f"data.text_field=caption but {missing[0]} has no caption column")
+
+
+# ----------------------------------------------------------------------------- epoch order
+def file_order(num_files: int, seed: int, epoch: int) -> np.ndarray:
+    return np.random.default_rng([seed, epoch]).permutation(num_files)
+
+
+def row_order(
+    num_rows: int,
+    seed: int,
+    epoch: int,
+    file_index: int,
+    has_image: np.ndarray | None = None,
+    group_size: int = 0,
+) -> np.ndarray:
+    """Order of a file's rows in an epoch (a seeded permutation).
+
+    With `has_image` and `group_size` > 0 (modality grouping): image rows and text-only rows are permuted
+    separately and cut into groups of `group_size`; full groups are shuffled together, partial groups go
+    last. A file of a multiple of `group_size` rows then yields single-modality micro-batches except for at
+    most one mixed one at its end.
+    """
+    rng = np.random.default_rng([seed, epoch, file_index])
+    if has_image is None or group_size <= 0:
+        return rng.permutation(num_rows)
+    full, partial = [], []
+    for rows in (np.flatnonzero(has_image), np.flatnonzero(~has_image)):
+        rows = rows[rng.permutation(len(rows))]
+        cut = len(rows) - len(rows) % group_size
+        full += [rows[i : i + group_size] for i in range(0, cut, group_size)]
+        if cut < len(rows):
+            partial.append(rows[cut:])
+    full = [full[i] for i in rng.permutation(len(full))]
+    parts = full + partial
+    return np.concatenate(parts).astype(np.int64) if parts else np.zeros(0, np.int64)
+
+
+def epoch_plan(files: Sequence[ShardFile], seed: int, epochs: int, skip: int = 0) -> list[dict[str, Any]]:
+    """Work items, one per (epoch, file), in stream order. ``first_pos`` is the global position of the
+    file's first row in that epoch; positions below `skip` (consumed before a resume) are dropped here,
+    before anything is read: whole files are left out and the first remaining file starts at ``skip``."""
+    total = sum(f.rows for f in files)
+    items = []
+    for epoch in range(epochs):
+        pos = epoch * total
+        for idx in file_order(len(files), seed, epoch):
+            f = files[idx]
+            if pos + f.rows > skip:
+                items.append(
+                    {"path": f.path, "epoch": epoch, "file_index": int(idx), "first_pos": pos,
+                     "rows": f.rows, "skip": max(0, skip - pos)}
+                )  # fmt: skip
+            pos += f.rows
+    return items
+
+
+def total_rows(files: Sequence[ShardFile]) -> int:
+    return sum(f.rows for f in files)
+
+
+def expected_pos(step: int, micro: int, rank: int, world: int, micro_batch: int, accum: int) -> int:
+    """Global position of the first row of micro-batch `micro` of optimizer step `step` on `rank`."""
+    return ((step * accum + micro) * world + rank) * micro_batch
+
+
+# ----------------------------------------------------------------------------- read + encode
+def load_tokenizer(path: str | Path):
+    """A tokenizer from a local directory (a BREEN export or model directory)."""
+    from transformers import AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # AutoTokenizer warns that config.json's model_type is unknown
+    try:
+        return AutoTokenizer.from_pretrained(str(path))
+    finally:
+        hf_logging.set_verbosity(level)
+
+
+class ReadEncode:
+    """Ray Data actor: one plan item (a shard file) -> encoded rows, yielded in chunks.
+
+    Heavy state (tokenizer, model config) is loaded once per actor. Output columns: ``pos``, ``key``,
+    ``ok``, ``reason``, ``input_ids``/``labels`` (int32 bytes), ``grid_rows``/``grid_cols``,
+    ``pixel_values`` (uint8 [3, S, S] bytes, empty without image), ``fine``/``coarse`` (float16 bytes,
+    empty without targets), ``num_tokens``.
+    """
+
+    def __init__(
+        self,
+        tokenizer_dir: str,
+        model_config: dict[str, Any],
+        text_field: str,
+        max_length: int,
+        seed: int,
+        group_size: int = 0,
+        chunk_rows: int = 32,
+    ):
+        self.tokenizer = load_tokenizer(tokenizer_dir)
+        self.config = BreenConfig(**model_config)
+        self.text_field = text_field
+        self.max_length = max_length
+        self.seed = seed
+        self.group_size = group_size
+        self.chunk_rows = chunk_rows
+
+    def __call__(self, items: dict[str, np.ndarray]) -> Iterator[dict[str, np.ndarray]]:
+        for i in range(len(items["path"])):
+            item = {k: v[i] for k, v in items.items()}
+            yield from self.encode_file(item)
+
+    def encode_file(self, item: dict[str, Any]) -> Iterator[dict[str, np.ndarray]]:
+        schema = pq.read_schema(item["path"])
+        table = pq.read_table(item["path"], columns=[c for c in READ_COLUMNS if c in schema.names])
+        n = table.num_rows
+        if n != int(item["rows"]):
+            raise RuntimeError(f"{item['path']}: {n} rows, the plan expected {item['rows']} (file changed?)")
+        has_image = None
+        if self.group_size:
+            has_image = ~np.asarray(table.column("image").is_null().to_numpy(zero_copy_only=False))
+        order = row_order(
+            n, self.seed, int(item["epoch"]), int(item["file_index"]), has_image, self.group_size
+        )
+        start = int(item["skip"])
+        for lo in range(start, n, self.chunk_rows):
+            idx = order[lo : lo + self.chunk_rows]
+            rows = table.take(pa.array(idx))
+            yield self.encode_rows(rows, int(item["first_pos"]) + lo)
+
+    def encode_rows(self, rows: pa.Table, first_pos: int) -> dict[str, np.ndarray]:
+        n = rows.num_rows
+        cols = {name: rows.column(name) for name in rows.column_names}
+        fine = _tensor_rows(cols.get("fine"), n)
+        coarse = _tensor_rows(cols.get("coarse"), n)
+        images = cols["image"].to_pylist()
+        captions = cols["caption"].to_pylist() if "caption" in cols else [None] * n
+        convs = cols["conversations"].to_pylist() if "conversations" in cols else [None] * n
+        out: dict[str, list] = {k: [] for k in _OUTPUT_COLUMNS}
+        for i in range(n):
+            out["pos"].append(first_pos + i)
+            out["key"].append(str(cols["key"][i].as_py()) if "key" in cols else str(first_pos + i))
+            try:
+                text = self._text(captions[i], convs[i])
+                has_targets = fine is not None and fine[i] is not None and images[i] is not None
+                enc = encode_sample(
+                    self.tokenizer,
+                    self.config,
+                    text=text,
+                    image=images[i],
+                    fine=fine[i] if has_targets else None,
+                    coarse=coarse[i] if has_targets else None,
+                    max_length=self.max_length,
+                )
+            except SampleRejected as err:
+                _append_rejected(out, err.reason)
+                continue
+            out["ok"].append(True)
+            out["reason"].append("")
+            out["input_ids"].append(enc["input_ids"].astype(np.int32).tobytes())
+            out["labels"].append(enc["labels"].astype(np.int32).tobytes())
+            out["grid_rows"].append(int(enc["image_grid"][0]))
+            out["grid_cols"].append(int(enc["image_grid"][1]))
+            pix = enc.get("pixel_values")
+            out["pixel_values"].append(b"" if pix is None else pix.tobytes())
+            out["fine"].append(enc["fine"].astype(np.float16).tobytes() if "fine" in enc else b"")
+            out["coarse"].append(enc["coarse"].astype(np.float16).tobytes() if "coarse" in enc else b"")
+            out["num_tokens"].append(len(enc["input_ids"]))
+        return {k: _column(k, v) for k, v in out.items()}
+
+    def _text(self, caption: str | None, conversations: str | None) -> str | list:
+        use_conv = self.text_field == "conversations" or (
+            self.text_field == "auto" and conversations is not None
+        )
+        if use_conv:
+            if conversations is None:
+                raise SampleRejected("bad_conversation", "no conversations in this row")
+            try:
+                turns = json.loads(conversations)
+            except ValueError as err:
+                raise SampleRejected("bad_conversation", f"not JSON: {err}") from err
+            if not isinstance(turns, list):
+                raise SampleRejected("bad_conversation", "conversations is not a list")
+            return turns
+        if not caption:
+            raise SampleRejected("empty_text", "no caption")
+        return caption
+
+
+_OUTPUT_COLUMNS = (
+    "pos", "key", "ok", "reason", "input_ids", "labels", "grid_rows", "grid_cols", "pixel_values", "fine",
+    "coarse", "num_tokens",
+)  # fmt: skip
+_DTYPES = {"pos": np.int64, "ok": bool, "grid_rows": np.int32, "grid_cols": np.int32, "num_tokens": np.int32}
+
+
+def _append_rejected(out: dict[str, list], reason: str) -> None:
+    out["ok"].append(False)
+    out["reason"].append(reason)
+    for k in ("input_ids", "labels", "pixel_values", "fine", "coarse"):
+        out[k].append(b"")
+    for k in ("grid_rows", "grid_cols", "num_tokens"):
+        out[k].append(0)
+
+
+def _column(name: str, values: list) -> np.ndarray:
+    if name in _DTYPES:
+        return np.asarray(values, dtype=_DTYPES[name])
+    arr = np.empty(len(values), dtype=object)
+    arr[:] = values
+    return arr
+
+
+def _tensor_rows(column: pa.ChunkedArray | None, n: int) -> list[np.ndarray | None] | None:
+    """fixed_shape_tensor column -> one [R, D] array per row (None for null rows)."""
+    if column is None:
+        return None
+    arr = column.combine_chunks()
+    valid = ~np.asarray(arr.is_null().to_numpy(zero_copy_only=False)) if arr.null_count else np.ones(n, bool)
+    if arr.null_count:
+        shape = arr.type.shape
+        storage = arr.storage.fill_null(pa.scalar([0.0] * int(np.prod(shape)), arr.storage.type))
+        values = np.stack(storage.to_numpy(zero_copy_only=False)).reshape(-1, *shape)
+    else:
+        values = arr.to_numpy_ndarray()
+    return [values[i] if valid[i] else None for i in range(n)]
+
+
+# ----------------------------------------------------------------------------- the dataset
+def build_dataset(
+    files: Sequence[ShardFile],
+    *,
+    tokenizer_dir: str,
+    model_config: dict[str, Any],
+    text_field: str,
+    max_length: int,
+    seed: int,
+    epochs: int,
+    micro_batch_size: int,
+    group_by_modality: bool = False,
+    skip: int = 0,
+    encode_actors: int = 2,
+    encode_cpus: float = 1.0,
+    chunk_rows: int = 32,
+):
+    """The training stream as a Ray Dataset (lazy). `skip`: leading positions already consumed."""
+    import ray
+
+    items = epoch_plan(files, seed, epochs, skip)
+    if not items:
+        raise ValueError(f"nothing left to read: skip={skip} >= {epochs} x {total_rows(files)} rows")
+    ds = ray.data.from_items(items, override_num_blocks=len(items))
+    ds = ds.map_batches(
+        ReadEncode,
+        batch_size=1,
+        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=encode_actors),
+        num_cpus=encode_cpus,
+        fn_constructor_kwargs={
+            "tokenizer_dir": tokenizer_dir,
+            "model_config": model_config,
+            "text_field": text_field,
+            "max_length": max_length,
+            "seed": seed,
+            "group_size": micro_batch_size if group_by_modality else 0,
+            "chunk_rows": chunk_rows,
+        },
+    )
+    return ds.repartition(target_num_rows_per_block=micro_batch_size, strict=True)
+
+
+def ingest_options():
+    """Ray Data execution options for training ingest: order preserved (determinism)."""
+    from ray.data import DataContext, ExecutionOptions
+
+    ctx = DataContext.get_current()
+    return ExecutionOptions(
+        resource_limits=ctx.execution_options.resource_limits,
+        preserve_order=True,
+        verbose_progress=False,
+    )
+
+
+# ----------------------------------------------------------------------------- worker-side collate
+class Collate(NumpyBatchCollateFn):
+    """Ray batch (numpy dict, one micro-batch) -> model batch (torch tensors) + bookkeeping tensors.
+
+    Extra keys: ``pos`` [n] int64 (every row, rejected ones included) and ``reject`` [n] int64 (-1 for
+    an ok row, else the index of its reason in `REJECT_REASONS`). Model keys (``breen.data.collate``
+    layout) are present only when at least one row is ok.
+    """
+
+    def __init__(self, config: BreenConfig, pad_to_multiple_of: int | None = None):
+        self.config = config
+        self.pad_to_multiple_of = pad_to_multiple_of
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
+        import torch
+
+        s = self.config.image_size
+        samples = []
+        for i in np.flatnonzero(batch["ok"]):
+            sample = {
+                "input_ids": np.frombuffer(batch["input_ids"][i], dtype=np.int32).astype(np.int64),
+                "labels": np.frombuffer(batch["labels"][i], dtype=np.int32).astype(np.int64),
+                "image_grid": np.asarray([batch["grid_rows"][i], batch["grid_cols"][i]], dtype=np.int64),
+            }
+            if len(batch["pixel_values"][i]):
+                sample["pixel_values"] = np.frombuffer(batch["pixel_values"][i], np.uint8).reshape(3, s, s)
+            if len(batch["fine"][i]):
+                d = self.config.clip_dim
+                sample["fine"] = np.frombuffer(batch["fine"][i], np.float16).reshape(-1, d)
+                sample["coarse"] = np.frombuffer(batch["coarse"][i], np.float16).reshape(-1, d)
+            samples.append(sample)
+        out: dict[str, Any] = {}
+        if samples:
+            out = collate(samples, self.config.pad_token_id, self.pad_to_multiple_of, return_tensors="pt")
+            if "fine" not in out:  # every rank must run the alignment head (ZeRO-3 gathers per call)
+                n, c, d = len(samples), self.config, self.config.clip_dim
+                out["fine"] = torch.zeros(n, c.num_fine_queries, d, dtype=torch.float16)
+                out["coarse"] = torch.zeros(n, c.num_coarse_queries, d, dtype=torch.float16)
+                out["align_mask"] = torch.zeros(n, dtype=torch.bool)
+        out["pos"] = torch.tensor(np.asarray(batch["pos"], dtype=np.int64))
+        codes = [-1 if ok else _reason_code(r) for ok, r in zip(batch["ok"], batch["reason"], strict=True)]
+        out["reject"] = torch.tensor(codes, dtype=torch.int64)
+        return out
+
+
+def _reason_code(reason: str) -> int:
+    return REJECT_REASONS.index(reason) if reason in REJECT_REASONS else len(REJECT_REASONS) - 1

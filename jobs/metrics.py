@@ -1,0 +1,136 @@
+"""Rank-0 training metrics: one summary line per step, a JSONL record per step, TensorBoard scalars.
+
+Writes under the run directory (``<output_dir>/<name>/``):
+
+- ``metrics.jsonl``: one JSON object per optimizer step (step, loss, lm_loss, align_fine, align_coarse,
+  lr per parameter group, grad_norm, samples/s, tokens/s, MFU, step time, ETA, counters). Steps re-run
+  after a restart from a checkpoint are appended again: the last record of a step wins (`read_metrics`).
+- ``tensorboard/``: the same scalars (``train/...``), readable with ``tensorboard --logdir <run dir>``.
+
+MFU = model FLOPs per step (`BreenConfig.flops_per_token` at the step's mean sequence length x tokens,
+forward + backward, recomputation of gradient checkpointing not counted) / (step time x devices x peak
+FLOP/s per device). Peak: ``metrics.peak_tflops`` or, when unset, a table of known GPUs (bf16 dense),
+else 1 TFLOP/s per CPU worker (a nominal value: CPU MFU is only comparable with itself).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+# Dense bf16 TFLOP/s by GPU name fragment (first match wins).
+PEAK_TFLOPS = (("H200", 989.0), ("H100", 989.0), ("A100", 312.0), ("L40S", 362.0), ("A10G", 125.0))
+CPU_PEAK_TFLOPS = 1.0
+
+
+def peak_tflops(configured: float | None, use_gpu: bool) -> float:
+    if configured:
+        return configured
+    if use_gpu:
+        import torch
+
+        if torch.cuda.is_available():
+            name = torch.cuda.get_device_name()
+            for fragment, value in PEAK_TFLOPS:
+                if fragment in name:
+                    return value
+    return CPU_PEAK_TFLOPS
+
+
+def format_eta(seconds: float) -> str:
+    if not math.isfinite(seconds) or seconds < 0:
+        return "?"
+    seconds = round(seconds)
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s"
+
+
+def mfu(flops_per_step: float, step_seconds: float, devices: int, peak: float) -> float:
+    return flops_per_step / max(step_seconds, 1e-9) / (devices * peak * 1e12)
+
+
+class Tracker:
+    """Rank 0's metrics sink (a no-op object on other ranks: ``Tracker(..., enabled=False)``)."""
+
+    def __init__(
+        self,
+        run_dir: str | Path,
+        total_steps: int,
+        *,
+        enabled: bool = True,
+        tensorboard: bool = True,
+        log_every: int = 1,
+        print_fn=print,
+    ):
+        self.enabled = enabled
+        self.total_steps = total_steps
+        self.log_every = log_every
+        self.print = print_fn
+        self.step_times: list[float] = []
+        self.writer = None
+        self.jsonl = None
+        if not enabled:
+            return
+        run_dir = Path(run_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        self.jsonl = open(run_dir / "metrics.jsonl", "a")  # noqa: SIM115 (closed in close())
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(str(run_dir / "tensorboard"))
+
+    def eta(self, step: int) -> float:
+        """Seconds left after `step` (1-based count of finished steps), from recent step times."""
+        recent = self.step_times[-20:]
+        if not recent:
+            return float("nan")
+        return (self.total_steps - step) * sum(recent) / len(recent)
+
+    def log(self, record: dict[str, Any]) -> None:
+        """Record one finished step (``record["step"]`` is the 1-based step count)."""
+        if not self.enabled:
+            return
+        self.step_times.append(record["step_time"])
+        step = record["step"]
+        record = {**record, "eta_s": round(self.eta(step), 1), "time": time.time()}
+        self.jsonl.write(json.dumps(record, sort_keys=True) + "\n")
+        self.jsonl.flush()
+        if self.writer is not None:
+            for key, value in record.items():
+                if isinstance(value, (int, float)) and key not in ("step", "time"):
+                    self.writer.add_scalar(f"train/{key}", value, step)
+            for group, lr in record.get("lr", {}).items():
+                self.writer.add_scalar(f"lr/{group}", lr, step)
+        if step % self.log_every == 0 or step == self.total_steps or step == 1:
+            self.print(self.summary(record))
+
+    def summary(self, r: dict[str, Any]) -> str:
+        lr = max(r.get("lr", {}).values(), default=0.0)
+        return (
+            f"step {r['step']}/{self.total_steps} loss {r['loss']:.4f} (lm {r['lm_loss']:.4f} "
+            f"fine {r['align_fine']:.4f} coarse {r['align_coarse']:.4f}) lr {lr:.2e} "
+            f"gnorm {r['grad_norm']:.3f} {r['samples_per_s']:.1f} samples/s {r['tokens_per_s']:.0f} tok/s "
+            f"mfu {100 * r['mfu']:.2f}% step {r['step_time']:.2f}s eta {format_eta(r['eta_s'])}"
+        )
+
+    def close(self) -> None:
+        if self.jsonl is not None:
+            self.jsonl.close()
+        if self.writer is not None:
+            self.writer.close()
+
+
+def read_metrics(run_dir: str | Path) -> dict[int, dict[str, Any]]:
+    """{step: last record of that step} from ``<run_dir>/metrics.jsonl``."""
+    path = Path(run_dir) / "metrics.jsonl"
+    out: dict[int, dict[str, Any]] = {}
+    if path.exists():
+        for line in path.read_text().splitlines():
+            if line.strip():
+                rec = json.loads(line)
+                out[int(rec["step"])] = rec
+    return out

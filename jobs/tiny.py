@@ -1,0 +1,186 @@
+"""A tiny random BREEN (``tiny`` preset) with an offline byte-level tokenizer: the demo's and tests'
+stage-1 starting point, so nothing is downloaded; and small synthetic training shards (tests, benchmarks).
+
+Writes a BREEN directory in Hugging Face layout (``config.json``, ``model.safetensors``, tokenizer files)
+that `jobs.train` (``--init-from DIR``) and `breen.generate` load. The tokenizer is a byte-level BPE
+trained on a few fixed sentences with the Qwen special tokens ``<|endoftext|>`` (pad, id 0),
+``<|im_start|>`` (1) and ``<|im_end|>`` (2, eos) and a ChatML chat template, so any text encodes.
+
+`write_tiny_shards` writes training shards with the exact layout of `pipelines.shards` (key, image bytes,
+width, height, caption | conversations, fine/coarse `fixed_shape_tensor` float16, teacher metadata,
+markers, manifest) from random images and captions, in well under a second.
+
+Run with:
+    python -m jobs.tiny --out runs/tiny-init [--clip-dim 64] [--seed 0]
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
+CHATML_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+_CORPUS = (
+    "A photo of a small red boat on a calm lake at sunset.",
+    "Two happy dogs run across a green meadow in front of a forest.",
+    "What is in the image? Describe the picture in detail.",
+    "You are a helpful assistant.",
+    "The answer is yes. The answer is no. There are three apples on the table.",
+    "A blue car, a yellow kite and an old white house on a rainy day.",
+    "user assistant system\n\n",
+)
+
+
+def tiny_tokenizer(vocab_size: int = 400):
+    """A Qwen-like fast tokenizer (ChatML template, pad ``<|endoftext|>``, eos ``<|im_end|>``)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=list(SPECIAL_TOKENS),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(list(_CORPUS) * 4, trainer=trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        pad_token="<|endoftext|>",
+        eos_token="<|im_end|>",
+        additional_special_tokens=["<|im_start|>"],
+    )
+    fast.chat_template = CHATML_TEMPLATE
+    return fast
+
+
+def save_tiny_breen(out: str | Path, clip_dim: int = 32, seed: int = 0, **overrides) -> Path:
+    """Save a tiny random `BreenForCausalLM` (fp32, safetensors) and the tiny tokenizer to `out`."""
+    import torch
+
+    from breen.config import BreenConfig
+    from breen.model import BreenForCausalLM
+
+    out = Path(out)
+    config = BreenConfig.preset("tiny", clip_dim=clip_dim, **overrides)
+    torch.manual_seed(seed)
+    model = BreenForCausalLM(config)
+    model.save_pretrained(out)
+    tiny_tokenizer().save_pretrained(out)
+    return out
+
+
+_WORDS = [
+    "a",
+    "the",
+    "small",
+    "red",
+    "blue",
+    "green",
+    "old",
+    "happy",
+    "dog",
+    "cat",
+    "boat",
+    "car",
+    "house",
+    "tree",
+    "lake",
+    "sky",
+    "kite",
+    "apple",
+    "table",
+]
+
+
+def write_tiny_shards(
+    out: str | Path,
+    n_rows: int,
+    *,
+    clip_dim: int = 64,
+    rows_per_file: int = 16,
+    sft: bool = False,
+    text_only_every: int = 0,
+    corrupt_rows: tuple[int, ...] = (),
+    image_sides: tuple[int, int] = (20, 120),
+    seed: int = 0,
+) -> Path:
+    """Write ``n_rows`` synthetic training rows to `out` as `pipelines.shards` would.
+
+    `sft`: add a ``conversations`` column (two turns, the first with ``<image>``); `text_only_every` > 0:
+    every k-th row has no image and null targets (SFT text-only samples); `corrupt_rows`: row indices
+    whose image bytes are garbage (the ingest must reject them with ``decode_error``); `image_sides`:
+    range of image width/height (small images are random-noise PNGs, larger ones smooth JPEGs).
+    """
+    import io
+    import json
+
+    import numpy as np
+    import pyarrow as pa
+    from PIL import Image
+
+    from pipelines import common
+    from pipelines.teacher import tensor_array
+
+    out = Path(out)
+    rng = np.random.default_rng(seed)
+    meta = {"breen.teacher": "synthetic", "breen.teacher_weights": f"random:{seed}",
+            "breen.preprocess": "none"}  # fmt: skip
+    rows = []
+    for i in range(n_rows):
+        text_only = text_only_every > 0 and i % text_only_every == text_only_every - 1
+        w, h = (int(rng.integers(*image_sides)) for _ in range(2))
+        image = None
+        if not text_only:
+            buf = io.BytesIO()
+            if max(w, h) <= 128:
+                Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(buf, format="PNG")
+            else:
+                small = Image.fromarray(rng.integers(0, 256, (12, 12, 3), dtype=np.uint8))
+                small.resize((w, h), Image.Resampling.BILINEAR).save(buf, format="JPEG", quality=90)
+            image = b"not an image" if i in corrupt_rows else buf.getvalue()
+        caption = " ".join(rng.choice(_WORDS, size=int(rng.integers(4, 10)))).capitalize() + "."
+        row = {"key": f"{i:012d}", "image": image, "width": None if text_only else w,
+               "height": None if text_only else h, "caption": caption}  # fmt: skip
+        if sft:
+            question = "<image>\nWhat is in the picture?" if image is not None else "Say something."
+            row["conversations"] = json.dumps(
+                [{"from": "human", "value": question}, {"from": "gpt", "value": caption}]
+            )
+        rows.append(row)
+    fine = rng.standard_normal((n_rows, 64, clip_dim)).astype(np.float16)
+    coarse = rng.standard_normal((n_rows, 36, clip_dim)).astype(np.float16)
+    valid = np.array([r["image"] is not None for r in rows])
+    schema = [("key", pa.string()), ("image", pa.binary()), ("width", pa.int32()), ("height", pa.int32()),
+              ("caption", pa.string())] + ([("conversations", pa.string())] if sft else [])  # fmt: skip
+    for j, lo in enumerate(range(0, n_rows, rows_per_file)):
+        hi = min(n_rows, lo + rows_per_file)
+        table = pa.Table.from_pylist(rows[lo:hi], pa.schema(schema))
+        table = table.append_column("fine", tensor_array(fine[lo:hi], valid[lo:hi]))
+        table = table.append_column("coarse", tensor_array(coarse[lo:hi], valid[lo:hi]))
+        empty = common.with_reason(table.select(["key"]).slice(0, 0), [], [])
+        common.write_shard(out, common.shard_name(j), table, empty, table.num_rows, metadata=meta)
+    manifest = {"step": "shards", "teacher": {"name": "synthetic"}, "counts": {"kept": n_rows}}
+    common.atomic_write_json(out / "manifest.json", manifest)
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="Write a tiny random BREEN + tokenizer (offline).")
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--clip-dim", type=int, default=32, help="teacher feature width D of the shards")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    print(f"tiny BREEN written to {save_tiny_breen(args.out, args.clip_dim, args.seed)}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,626 @@
+"""Train BREEN: one stage, or all three chained, on Ray Train + DeepSpeed ZeRO-3, fed by Ray Data.
+
+Reads:  training shards (`pipelines.shards` output: ``--data`` for stages 1-2, ``--sft-data`` for stage 3);
+        an initial BREEN directory (``--init-from``: Hugging Face layout with tokenizer, e.g. from
+        ``python -m breen.convert``; ``tiny`` builds a tiny random model offline); for stage 2/3 the
+        previous stage's export by default.
+Writes: ``<output_dir>/<stage>/`` (Ray Train storage for the run): ``train_config.json`` (resolved
+        config), ``step-NNNNNNN/`` checkpoints (ZeRO-3 shards + client state, last K kept),
+        ``metrics.jsonl`` and ``tensorboard/`` (rank 0), and at stage end ``export/`` (consolidated
+        Hugging Face model, safetensors, tokenizer) that `breen.generate` and the next stage load.
+
+Run with (embedded local Ray when no cluster address is given or found):
+    python -m jobs.train --stage stage1 --data runs/prep/shards --init-from /models/breen-7b-init
+    python -m jobs.train --stage stage2 --data runs/prep/shards            # init: stage1/export
+    python -m jobs.train --stage stage3 --sft-data runs/prep/sft_shards    # init: stage2/export
+    python -m jobs.train --stage all --data runs/demo/shards --sft-data runs/demo/sft_shards \\
+        --init-from tiny --profile cpu --output-dir runs/demo/train        # the demo, on 2 CPU workers
+On a cluster:
+    ray job submit --working-dir . -- python -m jobs.train --stage stage1 --data /data/shards \\
+        --init-from /models/breen-7b-init scale.num_workers=64
+Overrides are dotted KEY=VALUE (``scale.num_workers=8 optim.lrs.patch_embed=2e-4``; with ``--stage all``
+``stage2.schedule.max_steps=100`` touches one stage); ``--profile cpu`` is the CPU/test scale (see
+`jobs.config`). Rerunning the same command resumes the run from its latest checkpoint.
+
+The step loop is in `train_worker` (one Ray Train worker per accelerator): resume rule, trainable set
+(`breen.stages.set_trainable`), client AdamW with per-component learning rates, DeepSpeed engine, then
+for each step: learning rate, micro-batches (forward, backward, step), metrics, checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import math
+import os
+import random
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from jobs import ingest
+from jobs.checkpoint import (
+    MODEL_DIR,
+    TrainState,
+    checkpoint_name,
+    export_model,
+    latest_checkpoint,
+    restore_checkpoint,
+    save_checkpoint,
+)
+from jobs.config import (
+    TINY_INIT,
+    ConfigError,
+    TrainConfig,
+    build_config,
+    from_dict,
+    save_config,
+    to_dict,
+    validate,
+)
+
+MODEL_KEYS = (
+    "input_ids",
+    "attention_mask",
+    "labels",
+    "pixel_values",
+    "image_grid",
+    "fine",
+    "coarse",
+    "align_mask",
+)
+CHAIN = ("stage1", "stage2", "stage3")
+
+
+# ----------------------------------------------------------------------------- schedule
+def lr_factor(step: int, total_steps: int, warmup_ratio: float, min_lr_ratio: float = 0.0) -> float:
+    """Cosine with linear warmup, as transformers' ``get_cosine_schedule_with_warmup`` (`step` is the
+    0-based optimizer step about to run; warmup = ceil(ratio x total) steps, starting from 0)."""
+    warmup = math.ceil(warmup_ratio * total_steps)
+    if step < warmup:
+        return step / max(1, warmup)
+    progress = (step - warmup) / max(1, total_steps - warmup)
+    return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+# ----------------------------------------------------------------------------- the worker
+def train_worker(loop_config: dict[str, Any]) -> None:
+    """One Ray Train worker: model (resume rule), DeepSpeed ZeRO-3 engine, then the step loop."""
+    import ray.train
+    import torch
+    import torch.distributed as dist
+    from ray.train import Checkpoint
+    from ray.train.v2.api.report_config import CheckpointUploadMode
+
+    cfg: TrainConfig = from_dict(loop_config["config"])
+    plan: dict[str, Any] = loop_config["plan"]
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    if not cfg.scale.use_gpu:
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    import deepspeed
+
+    from breen.config import BreenConfig
+    from breen.stages import param_groups, set_trainable
+    from jobs.deepspeed_config import deepspeed_config
+    from jobs.metrics import Tracker, mfu, peak_tflops
+
+    def print0(*args) -> None:
+        if rank == 0:
+            print(*args, flush=True)
+
+    device = ray.train.torch.get_device()
+    random.seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    torch.manual_seed(cfg.seed)
+    s = cfg.scale
+    accum, micro_bs, total_steps = s.grad_accum, s.micro_batch_size, plan["total_steps"]
+
+    # --- resume rule: this run's latest checkpoint if any, else init_from (weights only)
+    checkpoint = ray.train.get_checkpoint()
+    with checkpoint.as_directory() if checkpoint else contextlib.nullcontext() as ckpt_dir:
+        source = Path(ckpt_dir, MODEL_DIR) if ckpt_dir else Path(plan["init_dir"])
+        model_config = BreenConfig.from_pretrained(source)
+        tokenizer = ingest.load_tokenizer(source if ckpt_dir else plan["tokenizer_dir"])
+        ds_config = deepspeed_config(cfg, model_config.hidden_size)
+        model = build_model(cfg, model_config, None if ckpt_dir else source, ds_config, rank)
+        print0(f"[{cfg.stage}] model from {'checkpoint ' + str(ckpt_dir) if ckpt_dir else source}")
+        set_trainable(model, cfg.stage, log=print0)
+        if cfg.model.gradient_checkpointing:
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        groups = param_groups(model, cfg.stage, cfg.optim.lrs, cfg.optim.weight_decay)
+        base_lrs = {g["name"]: g["lr"] for g in groups}
+        optimizer = torch.optim.AdamW(
+            groups, lr=groups[0]["lr"], betas=tuple(cfg.optim.betas), eps=cfg.optim.eps,
+            weight_decay=cfg.optim.weight_decay,
+        )  # fmt: skip
+        engine, optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
+        if ckpt_dir:
+            state = restore_checkpoint(engine, ckpt_dir, rank)
+            check_same_scale(state, cfg, world)
+            print0(
+                f"[{cfg.stage}] resumed at step {state.step}/{total_steps} (data position {state.data_position})"
+            )
+        else:
+            state = TrainState(
+                stage=cfg.stage, total_steps=total_steps, num_workers=world,
+                micro_batch_size=micro_bs, global_batch_size=s.global_batch_size,
+            )  # fmt: skip
+
+    # --- data: this worker's deterministic stream of micro-batches (see jobs.ingest)
+    shard = ray.train.get_dataset_shard("train")
+    batches = iter(
+        shard.iter_torch_batches(
+            batch_size=micro_bs,
+            collate_fn=ingest.Collate(model_config, 8 if s.use_gpu else None),
+            prefetch_batches=cfg.data.prefetch_batches,
+            device=device,
+        )
+    )
+
+    def next_batch(step: int, micro: int) -> dict[str, torch.Tensor]:
+        """The micro-batch this rank must train on, checked against the deterministic order."""
+        want = ingest.expected_pos(step, micro, rank, world, micro_bs, accum)
+        while True:
+            try:
+                batch = next(batches)
+            except StopIteration:
+                raise RuntimeError(f"rank {rank}: the data stream ended before position {want}") from None
+            got = int(batch["pos"][0])
+            if got == want:
+                return batch
+            if got > want or (want - got) % (micro_bs * world):
+                raise RuntimeError(f"rank {rank}: data stream out of order (got position {got}, want {want})")
+            # got < want: the stream started before our data position (resume without read-time skip)
+
+    tracker = Tracker(
+        cfg.run_dir, total_steps, enabled=rank == 0, tensorboard=cfg.metrics.tensorboard,
+        log_every=cfg.metrics.log_every,
+    )  # fmt: skip
+    peak = peak_tflops(cfg.metrics.peak_tflops, s.use_gpu)
+    reasons = ingest.REJECT_REASONS
+    last_good: dict[str, torch.Tensor] | None = None
+    engine.train()
+    print0(
+        f"[{cfg.stage}] {total_steps} steps x global batch {s.global_batch_size} "
+        f"({micro_bs} per worker x {world} workers x {accum} accumulation), {plan['total_rows']} rows x "
+        f"{cfg.schedule.epochs} epoch(s)"
+    )
+
+    # --- the step loop
+    for step in range(state.step, total_steps):
+        maybe_fail(cfg, step, rank)
+        t0 = time.perf_counter()
+        factor = lr_factor(step, total_steps, cfg.optim.warmup_ratio, cfg.optim.min_lr_ratio)
+        lrs = {}
+        for group in engine.optimizer.param_groups:
+            group["lr"] = base_lrs[group["name"]] * factor
+            lrs[group["name"]] = group["lr"]
+        # sums: loss, lm, fine x rows, coarse x rows, micro-batches, aligned rows, samples, tokens, FLOPs,
+        # then rejected samples by reason (summed over micro-batches here, over ranks below)
+        sums = torch.zeros(9 + len(reasons), dtype=torch.float64)
+        for micro in range(accum):
+            batch = next_batch(step, micro)
+            for code in batch["reject"][batch["reject"] >= 0].tolist():
+                sums[9 + code] += 1
+            weight = 1.0
+            if "input_ids" not in batch:  # every row rejected: replay the last batch with zero weight
+                if last_good is None:
+                    raise RuntimeError(f"rank {rank}: first micro-batch has no usable sample")
+                batch, weight = last_good, 0.0
+            last_good = batch
+            out = engine(**{k: batch[k] for k in MODEL_KEYS if k in batch})
+            engine.backward(out.loss * weight)
+            engine.step()
+            lengths = batch["attention_mask"].sum(dim=1).tolist()
+            rows = int(batch["align_mask"].sum())
+            loss, lm, fine, coarse = (
+                t.detach().float().item()
+                for t in (out.loss, out.lm_loss, out.align_loss_fine, out.align_loss_coarse)
+            )
+            flops = sum(model_config.flops_per_token(n) * n for n in lengths)
+            sums[:9] += weight * torch.tensor(
+                [loss, lm, fine * rows, coarse * rows, 1.0, rows, len(lengths), sum(lengths), flops],
+                dtype=torch.float64,
+            )
+        grad_norm = engine.get_global_grad_norm()
+        sums = sums.to(device)
+        dist.all_reduce(sums)
+        sums = sums.cpu().tolist()
+        step_time = time.perf_counter() - t0
+        n, rows = max(sums[4], 1e-9), max(sums[5], 1e-9)
+        state.step = step + 1
+        state.data_position = state.step * s.global_batch_size
+        state.samples_seen += int(sums[6])
+        state.tokens_seen += int(sums[7])
+        for code, reason in enumerate(reasons):
+            if sums[9 + code]:
+                state.rejected[reason] = state.rejected.get(reason, 0) + int(sums[9 + code])
+        record = {
+            "step": state.step, "loss": sums[0] / n, "lm_loss": sums[1] / n, "align_fine": sums[2] / rows,
+            "align_coarse": sums[3] / rows, "lr": lrs, "grad_norm": float(grad_norm or 0.0),
+            "samples": int(sums[6]), "tokens": int(sums[7]), "step_time": step_time,
+            "samples_per_s": sums[6] / step_time, "tokens_per_s": sums[7] / step_time,
+            "mfu": mfu(sums[8], step_time, world, peak), "tokens_seen": state.tokens_seen,
+            "rejected": sum(state.rejected.values()),
+        }  # fmt: skip
+        tracker.log(record)
+
+        # --- checkpoint: every N steps, at the end, or when asked to stop
+        finished = state.step == total_steps
+        stop = cfg.debug.stop_after_step is not None and state.step >= cfg.debug.stop_after_step
+        if state.step % cfg.checkpoint.every_steps == 0 or finished or stop:
+            local = save_checkpoint(
+                engine, state, rank=rank, train_config=to_dict(cfg), model_config=model_config,
+                tokenizer=tokenizer,
+            )  # fmt: skip
+            asynchronous = cfg.checkpoint.async_upload and not (finished or stop)
+            ray.train.report(
+                {"step": state.step, "data_position": state.data_position, "loss": record["loss"],
+                 "tokens_seen": state.tokens_seen, "stage": cfg.stage},
+                checkpoint=Checkpoint.from_directory(local),
+                checkpoint_dir_name=checkpoint_name(state.step),
+                checkpoint_upload_mode=CheckpointUploadMode.ASYNC if asynchronous else CheckpointUploadMode.SYNC,
+                delete_local_checkpoint_after_upload=True,
+            )  # fmt: skip
+        if stop and not finished:
+            print0(f"[{cfg.stage}] debug.stop_after_step={cfg.debug.stop_after_step}: stopping")
+            tracker.close()
+            return
+
+    # --- stage end: consolidated Hugging Face export (collective)
+    if cfg.checkpoint.export:
+        export_model(
+            engine, cfg.export_dir, rank=rank, model_config=model_config, tokenizer=tokenizer,
+            train_config=to_dict(cfg), state=state,
+        )  # fmt: skip
+        print0(f"[{cfg.stage}] exported {cfg.export_dir}")
+    if state.rejected:
+        print0(f"[{cfg.stage}] samples left out by the ingest: {state.rejected}")
+    tracker.close()
+
+
+def build_model(cfg: TrainConfig, model_config, init_dir: Path | None, ds_config: dict[str, Any], rank: int):
+    """The model, with weights from `init_dir` (or from the config only: a checkpoint fills them next).
+
+    With ``model.zero_init`` the model is built inside ``deepspeed.zero.Init`` (each module partitioned
+    across ranks as soon as it is built, so no rank holds a full copy) and the safetensors weights are
+    copied in one tensor at a time (rank 0 reads, the gather/scatter distributes). Without it every
+    rank loads the full model (`from_pretrained`) and DeepSpeed partitions it at initialisation.
+    """
+    import deepspeed
+    import torch
+
+    from breen.model import BreenForCausalLM
+
+    dtype = torch.bfloat16 if cfg.scale.precision == "bf16" else torch.float32
+    attn = cfg.model.attn_implementation
+    if not cfg.model.zero_init:
+        if init_dir is not None:
+            model = BreenForCausalLM.from_pretrained(init_dir, dtype=dtype, attn_implementation=attn)
+        else:
+            model = BreenForCausalLM._from_config(model_config, dtype=dtype, attn_implementation=attn)
+    else:
+        from transformers.initialization import no_init_weights
+
+        # No init rules: every weight is loaded next (the rules index full tensors, absent here). The dtype
+        # comes from the DeepSpeed config: zero.Init(dtype=torch.float32) gives bf16 on CPU (DeepSpeed 0.19).
+        with no_init_weights(), deepspeed.zero.Init(config_dict_or_path=ds_config):
+            model = BreenForCausalLM._from_config(model_config, dtype=dtype, attn_implementation=attn)
+        if model_config.tie_word_embeddings:
+            model.tie_weights()
+        if init_dir is not None:
+            load_weights_zero3(model, init_dir, rank)
+    model.config.use_cache = False
+    return model
+
+
+def load_weights_zero3(model, directory: Path, rank: int) -> None:
+    """Copy a Hugging Face safetensors checkpoint into a ZeRO-3-partitioned model, tensor by tensor."""
+    import deepspeed
+    import torch
+    from safetensors import safe_open
+
+    params = dict(model.named_parameters(remove_duplicate=False))
+    files = sorted(Path(directory).glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"model.init_from: no *.safetensors in {directory}")
+    seen: set[str] = set()
+    with torch.no_grad():
+        for file in files:
+            with safe_open(str(file), framework="pt") as f:
+                for key in sorted(f.keys()):
+                    if key not in params:
+                        raise KeyError(f"model.init_from: unexpected weight {key!r} in {file}")
+                    param = params[key]
+                    with deepspeed.zero.GatheredParameters([param], modifier_rank=0):
+                        if rank == 0:
+                            tensor = f.get_tensor(key)
+                            if tuple(tensor.shape) != tuple(param.shape):
+                                raise ValueError(
+                                    f"{key}: shape {tuple(tensor.shape)} != {tuple(param.shape)}"
+                                )
+                            param.copy_(tensor.to(param.dtype))
+                    seen.add(key)
+    tied = {"lm_head.weight"} if model.config.tie_word_embeddings else set()
+    missing = sorted(set(params) - seen - tied)
+    if missing:
+        raise KeyError(f"model.init_from: {directory} lacks {len(missing)} weights, e.g. {missing[:3]}")
+
+
+def check_same_scale(state: TrainState, cfg: TrainConfig, world: int) -> None:
+    s = cfg.scale
+    now = (world, s.micro_batch_size, s.global_batch_size)
+    then = (state.num_workers, state.micro_batch_size, state.global_batch_size)
+    if now != then:
+        raise ConfigError(
+            f"scale.num_workers/micro_batch_size/global_batch_size = {now} but the checkpoint was written "
+            f"with {then}: resume with the same scale, or start a new run from an export (model.init_from)"
+        )
+
+
+def maybe_fail(cfg: TrainConfig, step: int, rank: int) -> None:
+    """``debug.fail_at_step``: rank 0 raises once when `step` steps are done (a marker file under the
+    run directory makes the restarted attempt go on)."""
+    if cfg.debug.fail_at_step is None or step != cfg.debug.fail_at_step or rank != 0:
+        return
+    marker = cfg.run_dir / f"debug-failed-at-step-{step}"
+    if marker.exists():
+        return
+    marker.write_text("injected failure\n")
+    raise RuntimeError(f"debug.fail_at_step={step}: injected failure on rank 0")
+
+
+# ----------------------------------------------------------------------------- the driver
+@dataclass
+class DatasetFactory:
+    """Builds the training Dataset when Ray Train starts (or restarts) the worker group, skipping the
+    positions already consumed by the run's latest checkpoint before anything is read or decoded."""
+
+    files: list[ingest.ShardFile]
+    run_dir: str
+    kwargs: dict[str, Any]
+    progress_bars: bool = False
+
+    def __call__(self):
+        from ray.data import DataContext
+
+        DataContext.get_current().enable_progress_bars = self.progress_bars  # runs in the controller
+        latest = latest_checkpoint(self.run_dir)
+        skip = int(latest[1].get("data_position", 0)) if latest else 0
+        return ingest.build_dataset(self.files, skip=skip, **self.kwargs)
+
+
+def resolve_init(cfg: TrainConfig, files: list[ingest.ShardFile]) -> tuple[Path, Path]:
+    """(model directory, tokenizer directory) to start from; builds the tiny model for ``tiny``."""
+    if cfg.model.init_from == TINY_INIT:
+        from jobs.tiny import save_tiny_breen
+
+        dims = {f.clip_dim for f in files if f.clip_dim}
+        clip_dim = dims.pop() if len(dims) == 1 else 32
+        out = Path(cfg.output_dir) / f"init-tiny-d{clip_dim}-s{cfg.model.tiny_seed}"
+        if not (out / "config.json").exists():
+            save_tiny_breen(out, clip_dim=clip_dim, seed=cfg.model.tiny_seed)
+            print(f"[{cfg.stage}] tiny random BREEN written to {out}", flush=True)
+        cfg.model.init_from = str(out)
+    init = Path(cfg.model.init_from)
+    return init, Path(cfg.model.tokenizer) if cfg.model.tokenizer else init
+
+
+def absolute_paths(cfg: TrainConfig) -> None:
+    """Make every local path absolute: Ray Train workers do not run in the driver's directory.
+    URIs (``s3://``, ``gs://``...) are left alone."""
+
+    def fix(p: str | None) -> str | None:
+        if p is None or p == TINY_INIT or "://" in p:
+            return p
+        return str(Path(p).expanduser().resolve())
+
+    cfg.output_dir = fix(cfg.output_dir)
+    cfg.data.paths = [fix(p) for p in cfg.data.paths]
+    cfg.model.init_from = fix(cfg.model.init_from)
+    cfg.model.tokenizer = fix(cfg.model.tokenizer)
+
+
+def stage_plan(cfg: TrainConfig) -> dict[str, Any]:
+    """Check inputs and settle everything the workers need (fails fast, naming the field)."""
+    from breen.config import BreenConfig
+
+    absolute_paths(cfg)
+    resume = latest_checkpoint(cfg.run_dir)
+    validate(cfg)
+    if not cfg.data.paths:
+        raise ConfigError("data.paths: no training-shard directory given (--data / --sft-data)")
+    for i, p in enumerate(cfg.data.paths):
+        if not Path(p).is_dir():
+            raise ConfigError(f"data.paths[{i}]: not a directory: {p}")
+    files = ingest.list_shards(cfg.data.paths)
+    if resume is not None:
+        init_dir = tokenizer_dir = resume[0] / MODEL_DIR
+        print(f"[{cfg.stage}] resuming {cfg.run_dir} from {resume[0].name}", flush=True)
+    else:
+        if cfg.model.init_from is None:
+            raise ConfigError("model.init_from: no initial model given (--init-from DIR or 'tiny')")
+        validate(cfg, check_paths=cfg.model.init_from != TINY_INIT)
+        init_dir, tokenizer_dir = resolve_init(cfg, files)
+    model_config = BreenConfig.from_pretrained(init_dir)
+    try:
+        ingest.check_shards(files, model_config, cfg.data.text_field)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    rows = ingest.total_rows(files)
+    steps = rows * cfg.schedule.epochs // cfg.scale.global_batch_size
+    if cfg.schedule.max_steps is not None:
+        steps = min(steps, cfg.schedule.max_steps)
+    if steps < 1:
+        raise ConfigError(
+            f"scale.global_batch_size: {rows} rows x {cfg.schedule.epochs} epoch(s) hold no full global "
+            f"batch of {cfg.scale.global_batch_size}"
+        )
+    return {
+        "files": files, "model_config": model_config, "init_dir": str(init_dir),
+        "tokenizer_dir": str(tokenizer_dir), "total_steps": steps, "total_rows": rows,
+    }  # fmt: skip
+
+
+def run_stage(cfg: TrainConfig, address: str | None = None, num_cpus: int | None = None) -> dict[str, Any]:
+    """Run (or resume) one stage to its end on Ray Train; returns a summary. Raises on failure."""
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from pipelines.common import init_ray
+
+    plan = stage_plan(cfg)
+    init_ray(address, num_cpus)
+    check_resources(cfg, address)
+    save_config(cfg, cfg.run_dir / "train_config.json")
+    s = cfg.scale
+    resources = {"CPU": s.cpus_per_worker, **({"GPU": 1} if s.use_gpu else {})}
+    factory = DatasetFactory(
+        progress_bars=sys.stderr.isatty(),
+        files=plan["files"],
+        run_dir=str(cfg.run_dir),
+        kwargs={
+            "tokenizer_dir": plan["tokenizer_dir"], "model_config": plan["model_config"].to_dict(),
+            "text_field": cfg.data.text_field, "max_length": cfg.data.max_length, "seed": cfg.seed,
+            "epochs": cfg.schedule.epochs, "micro_batch_size": s.micro_batch_size,
+            "group_by_modality": cfg.data.group_by_modality, "encode_actors": cfg.data.encode_actors,
+            "encode_cpus": cfg.data.encode_cpus, "chunk_rows": cfg.data.encode_batch_size,
+        },
+    )  # fmt: skip
+    env = {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}  # plain print: rank-0 lines appear once in the driver
+    if not s.use_gpu:
+        env["DS_ACCELERATOR"] = "cpu"
+    trainer = TorchTrainer(
+        train_worker,
+        train_loop_config={
+            "config": to_dict(cfg),
+            "plan": {k: plan[k] for k in ("init_dir", "tokenizer_dir", "total_steps", "total_rows")},
+        },
+        scaling_config=ScalingConfig(
+            num_workers=s.num_workers, use_gpu=s.use_gpu, resources_per_worker=resources
+        ),
+        torch_config=TorchConfig(backend="nccl" if s.use_gpu else "gloo"),
+        run_config=RunConfig(
+            name=cfg.run_name,
+            storage_path=str(Path(cfg.output_dir).resolve()),
+            failure_config=FailureConfig(max_failures=cfg.checkpoint.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=cfg.checkpoint.keep_last),
+            worker_runtime_env={"env_vars": env},
+        ),
+        datasets={"train": factory},
+        dataset_config=DataConfig(execution_options=ingest.ingest_options(), enable_shard_locality=False),
+    )
+    t0 = time.time()
+    result = trainer.fit()
+    if result.error:
+        raise result.error
+    summary = {
+        "stage": cfg.stage, "run_dir": str(cfg.run_dir), "steps": plan["total_steps"],
+        "metrics": result.metrics, "seconds": round(time.time() - t0, 1),
+        "export": str(cfg.export_dir) if cfg.checkpoint.export and (cfg.export_dir / "config.json").exists() else None,
+    }  # fmt: skip
+    print(f"[{cfg.stage}] done in {summary['seconds']} s: {summary}", flush=True)
+    return summary
+
+
+def check_resources(cfg: TrainConfig, address: str | None) -> None:
+    """On an embedded local Ray, fail fast when the workers cannot be placed (instead of waiting)."""
+    import ray
+
+    if address or os.environ.get("RAY_ADDRESS"):
+        return  # a cluster may autoscale: let Ray Train wait for resources
+    s = cfg.scale
+    total = ray.cluster_resources()
+    if s.use_gpu and total.get("GPU", 0) < s.num_workers:
+        raise ConfigError(
+            f"scale.use_gpu: {s.num_workers} GPU workers requested but local Ray has "
+            f"{int(total.get('GPU', 0))} GPUs (use --profile cpu, or scale.num_workers)"
+        )
+    need = s.num_workers * s.cpus_per_worker + cfg.data.encode_cpus
+    if total.get("CPU", 0) < need:
+        raise ConfigError(
+            f"scale.cpus_per_worker: workers and one encode actor need {need} CPUs, local Ray has "
+            f"{total.get('CPU', 0)}"
+        )
+
+
+def chain_configs(
+    stages: list[str],
+    *,
+    data: list[str],
+    sft_data: list[str],
+    init_from: str | None,
+    output_dir: str,
+    profile: str,
+    overrides: list[str],
+    name: str | None = None,
+) -> list[TrainConfig]:
+    """Configs for the requested stages. Overrides ``stageN.KEY=VALUE`` apply to that stage only; stage
+    N+1 starts from stage N's export (or, run alone, from ``<output_dir>/<previous stage>/export``)."""
+    cfgs = []
+    for i, stage in enumerate(stages):
+        mine = []
+        for item in overrides:
+            head, _, rest = item.partition(".")
+            if head in CHAIN and "=" in rest:
+                if head == stage:
+                    mine.append(rest)
+            else:
+                mine.append(item)
+        base = [f"output_dir={output_dir}"]
+        if name and len(stages) == 1:
+            base.append(f"name={name}")
+        paths = sft_data if stage == "stage3" else data
+        if paths:
+            base.append("data.paths=" + ",".join(paths))
+        if i > 0:
+            init = str(cfgs[-1].export_dir)
+        elif init_from is not None or stage == "stage1":
+            init = init_from
+        else:
+            init = str(Path(output_dir) / CHAIN[CHAIN.index(stage) - 1] / "export")
+        if init is not None:
+            base.append(f"model.init_from={init}")
+        cfgs.append(build_config(stage, profile, base + mine))
+    return cfgs
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description="Train BREEN on Ray Train + DeepSpeed ZeRO-3 (one stage or all three).",
+        epilog="Extra arguments are dotted overrides, e.g. scale.num_workers=8 optim.lrs.default=2e-5",
+    )
+    parser.add_argument("--stage", required=True, choices=[*CHAIN, "all"])
+    parser.add_argument("--data", action="append", default=[], help="training-shard directory (stages 1-2)")
+    parser.add_argument("--sft-data", action="append", default=[], help="SFT training shards (stage 3)")
+    parser.add_argument("--init-from", default=None, help="BREEN directory (weights + tokenizer) or 'tiny'")
+    parser.add_argument("--output-dir", default="runs/train")
+    parser.add_argument("--profile", default="cluster", help="cluster (default, the recipe scale) or cpu")
+    parser.add_argument("--name", default=None, help="run name (default: the stage name)")
+    parser.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS or local)")
+    parser.add_argument("--num-cpus", type=int, default=None, help="logical CPUs of an embedded local Ray")
+    args, overrides = parser.parse_known_args(argv)
+    bad = [o for o in overrides if "=" not in o or o.startswith("-")]
+    if bad:
+        parser.error(f"unrecognized arguments: {' '.join(bad)} (overrides are KEY=VALUE)")
+    stages = list(CHAIN) if args.stage == "all" else [args.stage]
+    try:
+        cfgs = chain_configs(
+            stages, data=args.data, sft_data=args.sft_data, init_from=args.init_from,
+            output_dir=args.output_dir, profile=args.profile, overrides=overrides, name=args.name,
+        )  # fmt: skip
+        for cfg in cfgs:
+            run_stage(cfg, args.address, args.num_cpus)
+    except ConfigError as err:
+        print(f"config error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,748 @@
+"""Cluster manifests and container recipe: `infra/kuberay` overlays and `infra/docker/Dockerfile`.
+
+Checks, for every overlay (cluster: `overlays/dev`, `overlays/full`; jobs: `overlays/dev/jobs`,
+`overlays/full/jobs`):
+
+- it builds with kustomize (`kubectl kustomize` when kubectl is installed, else the small Python
+  equivalent below, which handles exactly the kustomize features these overlays use; when kubectl is
+  present both are run and must agree object for object);
+- every RayCluster / RayJob validates against the KubeRay v1 CRD OpenAPI schema from
+  `../shared/kuberay/crds` with unknown fields rejected (the API server would drop them silently), plus
+  the operator's own rules that a schema cannot express (names, clusterSelector mode, auth, autoscaler);
+- every entrypoint resolves to a module whose `--help` works, and its arguments are accepted: pipeline
+  configs are parsed strictly with `pipelines.config`, training commands are parsed and resolved by
+  `jobs.train` itself (without running), and the GPU workers they ask for fit the cluster;
+- the Ray version (RayCluster, Dockerfile base image) and the image tag agree with `pyproject.toml`,
+  and the planner's default cluster size is the full overlay's.
+
+Run:  .venv/bin/python -m pytest tests/test_infra.py
+"""
+
+from __future__ import annotations
+
+import copy
+import fnmatch
+import importlib.util
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parent.parent
+KUBERAY = REPO / "infra" / "kuberay"
+DOCKERFILE = REPO / "infra" / "docker" / "Dockerfile"
+CRD_DIR = REPO.parent / "shared" / "kuberay" / "crds"
+CLUSTER_OVERLAYS = ("overlays/dev", "overlays/full")
+JOB_OVERLAYS = ("overlays/dev/jobs", "overlays/full/jobs")
+PREP_STEPS = ("download", "filter", "captions", "teacher", "shards", "sft-import", "report")
+TRAIN_STEPS = ("convert", "stage1", "stage2", "stage3")
+SHARED = "/mnt/breen"  # the shared volume's mount path in every pod
+CONFIG_MOUNT = "/etc/breen"  # the ConfigMap's mount path
+
+_Loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
+
+# ============================================================================ kustomize, in Python
+# Exactly what the overlays use: resources (files and folders), configMapGenerator (files, behavior
+# create/replace/merge, options.disableNameSuffixHash + labels), patches with a target and a JSON6902
+# operation list (add, replace, remove, test), images (name -> newName/newTag/digest). Anything else
+# fails loudly, so a new kustomize feature in the manifests cannot be silently mis-built here.
+SUPPORTED_KEYS = {"apiVersion", "kind", "resources", "configMapGenerator", "patches", "images"}
+
+
+class KustomizeError(ValueError):
+    pass
+
+
+def py_kustomize(folder: Path) -> list[dict[str, Any]]:
+    k = yaml.load((folder / "kustomization.yaml").read_text(), Loader=_Loader) or {}
+    unsupported = set(k) - SUPPORTED_KEYS
+    if unsupported:
+        raise KustomizeError(f"{folder}: kustomization keys not handled by the Python builder: {unsupported}")
+    objs: list[dict[str, Any]] = []
+    for res in k.get("resources", []):
+        path = folder / res
+        if path.is_dir():
+            objs += py_kustomize(path)
+        else:
+            objs += [d for d in yaml.load_all(path.read_text(), Loader=_Loader) if d]
+    for gen in k.get("configMapGenerator", []):
+        _generate_configmap(folder, gen, objs)
+    for patch in k.get("patches", []):
+        if set(patch) - {"target", "patch", "path"} or "target" not in patch:
+            raise KustomizeError(
+                f"{folder}: only patches with a target and JSON6902 ops are handled: {patch}"
+            )
+        ops = yaml.load(
+            patch["patch"] if "patch" in patch else (folder / patch["path"]).read_text(), Loader=_Loader
+        )
+        if not isinstance(ops, list):
+            raise KustomizeError(f"{folder}: strategic-merge patches are not handled: {patch}")
+        matched = [o for o in objs if _matches(o, patch["target"])]
+        if not matched:
+            raise KustomizeError(f"{folder}: patch target {patch['target']} matches nothing")
+        for obj in matched:
+            for op in ops:
+                _json6902(obj, op)
+    for rule in k.get("images", []):
+        for obj in objs:
+            _set_images(obj, rule)
+    return objs
+
+
+def _generate_configmap(folder: Path, gen: dict[str, Any], objs: list[dict[str, Any]]) -> None:
+    if set(gen) - {"name", "files", "behavior", "options"}:
+        raise KustomizeError(f"{folder}: configMapGenerator fields not handled: {gen}")
+    options = gen.get("options", {})
+    if not options.get("disableNameSuffixHash") or set(options) - {"disableNameSuffixHash", "labels"}:
+        raise KustomizeError(f"{folder}: only disableNameSuffixHash (+ labels) generators are handled")
+    data = {}
+    for item in gen.get("files", []):
+        key, _, src = item.partition("=") if "=" in item else (Path(item).name, "", item)
+        data[key] = (folder / src).read_text()
+    cm: dict[str, Any] = {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": {"name": gen["name"]},
+        "data": data,
+    }
+    if options.get("labels"):
+        cm["metadata"]["labels"] = dict(options["labels"])
+    existing = [
+        i for i, o in enumerate(objs) if o["kind"] == "ConfigMap" and o["metadata"]["name"] == gen["name"]
+    ]
+    behavior = gen.get("behavior", "create")
+    if behavior == "create":
+        if existing:
+            raise KustomizeError(f"{folder}: ConfigMap {gen['name']} already exists")
+        objs.append(cm)
+    elif behavior in ("replace", "merge"):
+        if not existing:
+            raise KustomizeError(f"{folder}: ConfigMap {gen['name']} to {behavior} does not exist")
+        if behavior == "merge":
+            old = objs[existing[0]]
+            cm["data"] = {**old.get("data", {}), **data}
+            cm["metadata"]["labels"] = {
+                **old["metadata"].get("labels", {}),
+                **cm["metadata"].get("labels", {}),
+            }
+        objs[existing[0]] = cm
+    else:
+        raise KustomizeError(f"{folder}: unknown behavior {behavior!r}")
+
+
+def _matches(obj: dict[str, Any], target: dict[str, Any]) -> bool:
+    if set(target) - {"kind", "name", "group", "version"}:
+        raise KustomizeError(f"patch target fields not handled: {target}")
+    group, _, version = obj["apiVersion"].rpartition("/")
+    want = {"kind": obj["kind"], "name": obj["metadata"]["name"], "group": group, "version": version}
+    return all(want[k] == v for k, v in target.items())
+
+
+def _pointer(path: str) -> list[str]:
+    if not path.startswith("/"):
+        raise KustomizeError(f"JSON pointer must start with '/': {path!r}")
+    return [p.replace("~1", "/").replace("~0", "~") for p in path[1:].split("/")]
+
+
+def _json6902(doc: dict[str, Any], op: dict[str, Any]) -> None:
+    *parents, last = _pointer(op["path"])
+    node: Any = doc
+    for part in parents:
+        node = node[int(part)] if isinstance(node, list) else node[part]
+    kind = op["op"]
+    if isinstance(node, list):
+        index = len(node) if last == "-" else int(last)
+        if kind == "add":
+            node.insert(index, copy.deepcopy(op["value"]))
+        elif kind == "replace":
+            node[index] = copy.deepcopy(op["value"])
+        elif kind == "remove":
+            del node[index]
+        elif kind == "test":
+            if node[index] != op["value"]:
+                raise KustomizeError(f"test failed at {op['path']}: {node[index]!r} != {op['value']!r}")
+        else:
+            raise KustomizeError(f"JSON6902 op not handled: {kind}")
+        return
+    if kind in ("replace", "remove", "test") and last not in node:
+        raise KustomizeError(f"{kind} {op['path']}: no such field")
+    if kind in ("add", "replace"):
+        node[last] = copy.deepcopy(op["value"])
+    elif kind == "remove":
+        del node[last]
+    elif kind == "test":
+        if node[last] != op["value"]:
+            raise KustomizeError(f"test failed at {op['path']}: {node[last]!r} != {op['value']!r}")
+    else:
+        raise KustomizeError(f"JSON6902 op not handled: {kind}")
+
+
+def split_image(image: str) -> tuple[str, str | None, str | None]:
+    """'reg:5000/name:tag@sha256:x' -> ('reg:5000/name', 'tag', 'sha256:x')."""
+    name, _, digest = image.partition("@")
+    tag = None
+    if ":" in name.rsplit("/", 1)[-1]:
+        name, tag = name.rsplit(":", 1)
+    return name, tag, digest or None
+
+
+def _set_images(node: Any, rule: dict[str, Any]) -> None:
+    if isinstance(node, list):
+        for item in node:
+            _set_images(item, rule)
+        return
+    if not isinstance(node, dict):
+        return
+    for key, value in node.items():
+        if key in ("containers", "initContainers") and isinstance(value, list):
+            for c in value:
+                if isinstance(c, dict) and isinstance(c.get("image"), str):
+                    name, tag, digest = split_image(c["image"])
+                    if name == rule["name"]:
+                        name = rule.get("newName", name)
+                        tag = str(rule["newTag"]) if "newTag" in rule else tag
+                        digest = rule.get("digest", digest)
+                        c["image"] = name + (f":{tag}" if tag else "") + (f"@{digest}" if digest else "")
+        _set_images(value, rule)
+
+
+def kubectl_kustomize(folder: Path) -> list[dict[str, Any]]:
+    out = subprocess.run(["kubectl", "kustomize", str(folder)], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, f"kubectl kustomize {folder} failed:\n{out.stderr}"
+    return [d for d in yaml.load_all(out.stdout, Loader=_Loader) if d]
+
+
+@cache
+def _build(overlay: str) -> tuple[str, list[dict[str, Any]]]:
+    folder = KUBERAY / overlay
+    if shutil.which("kubectl"):
+        return "kubectl kustomize", kubectl_kustomize(folder)
+    return "python kustomize", py_kustomize(folder)
+
+
+def build(overlay: str) -> list[dict[str, Any]]:
+    return copy.deepcopy(_build(overlay)[1])
+
+
+def by_key(objs: list[dict[str, Any]]) -> dict[tuple[str, str], dict[str, Any]]:
+    out = {}
+    for o in objs:
+        key = (o["kind"], o["metadata"]["name"])
+        assert key not in out, f"duplicate object {key}"
+        out[key] = o
+    return out
+
+
+def of_kind(objs: list[dict[str, Any]], kind: str) -> list[dict[str, Any]]:
+    return [o for o in objs if o["kind"] == kind]
+
+
+def cluster_overlay(job_overlay: str) -> str:
+    return job_overlay.rsplit("/jobs", 1)[0]
+
+
+# ============================================================================ building
+@pytest.mark.parametrize("overlay", CLUSTER_OVERLAYS + JOB_OVERLAYS)
+def test_overlay_builds(overlay):
+    objs = build(overlay)
+    keys = by_key(objs)  # no duplicates
+    kinds = {k for k, _ in keys}
+    if overlay in CLUSTER_OVERLAYS:
+        assert kinds == {"RayCluster", "PersistentVolumeClaim", "ConfigMap"}, kinds
+        assert len(of_kind(objs, "RayCluster")) == 1
+    else:
+        assert kinds == {"RayJob"}, kinds
+        steps = {o["metadata"]["labels"]["breen/step"] for o in objs}
+        assert steps == set(PREP_STEPS) | set(TRAIN_STEPS), steps
+        for o in objs:  # the label selector in docs/cluster.md picks exactly one job per step
+            assert o["metadata"]["name"] == "breen-" + o["metadata"]["labels"]["breen/step"]
+
+
+@pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl not installed: nothing to compare with")
+@pytest.mark.parametrize("overlay", CLUSTER_OVERLAYS + JOB_OVERLAYS)
+def test_python_kustomize_matches_kubectl(overlay):
+    assert by_key(py_kustomize(KUBERAY / overlay)) == by_key(kubectl_kustomize(KUBERAY / overlay))
+
+
+def test_python_kustomize_rejects_what_it_does_not_handle(tmp_path):
+    (tmp_path / "kustomization.yaml").write_text("resources: []\nnamePrefix: x-\n")
+    with pytest.raises(KustomizeError, match="namePrefix"):
+        py_kustomize(tmp_path)
+    doc = {"a": [1, 2], "b": {"c": 1}}
+    _json6902(doc, {"op": "add", "path": "/a/-", "value": 3})
+    _json6902(doc, {"op": "replace", "path": "/b/c", "value": 2})
+    _json6902(doc, {"op": "test", "path": "/a/2", "value": 3})
+    assert doc == {"a": [1, 2, 3], "b": {"c": 2}}
+    with pytest.raises(KustomizeError):
+        _json6902(doc, {"op": "test", "path": "/b/c", "value": 1})
+    assert split_image("reg:5000/breen:0.1.0@sha256:ab") == ("reg:5000/breen", "0.1.0", "sha256:ab")
+
+
+# ============================================================================ KubeRay CRD schemas
+def _closed(schema: Any) -> Any:
+    """Copy of an OpenAPI schema where objects with `properties` reject undeclared keys."""
+    if isinstance(schema, list):
+        return [_closed(s) for s in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {k: _closed(v) for k, v in schema.items()}
+    if (
+        "properties" in schema
+        and "additionalProperties" not in schema
+        and not schema.get("x-kubernetes-preserve-unknown-fields")
+    ):
+        out["additionalProperties"] = False
+    return out
+
+
+@cache
+def crd_validator(kind: str):
+    if not CRD_DIR.is_dir():
+        pytest.skip(f"KubeRay CRDs not found at {CRD_DIR} (clone the repo next to shared/ to run this check)")
+    from jsonschema import Draft7Validator
+
+    path = CRD_DIR / {"RayCluster": "ray.io_rayclusters.yaml", "RayJob": "ray.io_rayjobs.yaml"}[kind]
+    crd = yaml.load(path.read_text(), Loader=_Loader)
+    assert crd["spec"]["names"]["kind"] == kind
+    (version,) = [v for v in crd["spec"]["versions"] if v["name"] == "v1"]
+    return Draft7Validator(_closed(version["schema"]["openAPIV3Schema"]))
+
+
+def schema_errors(obj: dict[str, Any]) -> list[str]:
+    validator = crd_validator(obj["kind"])
+    errors = sorted(validator.iter_errors(obj), key=lambda e: list(map(str, e.absolute_path)))
+    return [f"{'/'.join(map(str, e.absolute_path))}: {e.message}" for e in errors]
+
+
+@pytest.mark.parametrize("overlay", CLUSTER_OVERLAYS + JOB_OVERLAYS)
+def test_ray_objects_validate_against_crds(overlay):
+    objs = [o for o in build(overlay) if o["apiVersion"] == "ray.io/v1"]
+    assert objs
+    for obj in objs:
+        assert obj["kind"] in ("RayCluster", "RayJob")
+        errors = schema_errors(obj)
+        assert not errors, f"{obj['kind']}/{obj['metadata']['name']} in {overlay}:\n" + "\n".join(errors)
+        assert set(obj["metadata"]) <= {"name", "labels", "annotations"}
+
+
+def test_schema_check_catches_typos_and_wrong_types():
+    cluster = of_kind(build("overlays/full"), "RayCluster")[0]
+    bad = copy.deepcopy(cluster)
+    bad["spec"]["workerGroupSpecs"][0]["maxReplica"] = 3  # misspelt: the API server would drop it
+    assert any("maxReplica" in e for e in schema_errors(bad))
+    bad = copy.deepcopy(cluster)
+    bad["spec"]["workerGroupSpecs"][1]["minReplicas"] = "0"
+    assert any("minReplicas" in e for e in schema_errors(bad))
+    bad = copy.deepcopy(cluster)
+    bad["spec"]["headGroupSpec"]["template"]["spec"]["containers"][0]["volumeMount"] = []
+    assert any("volumeMount" in e for e in schema_errors(bad))
+    job = of_kind(build("overlays/full/jobs"), "RayJob")[0]
+    bad = copy.deepcopy(job)
+    bad["spec"]["shutdownAfterJobFinish"] = True
+    assert any("shutdownAfterJobFinish" in e for e in schema_errors(bad))
+
+
+DNS1035 = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
+
+
+def _version_tuple(v: str) -> tuple[int, ...]:
+    return tuple(int(x) for x in re.findall(r"\d+", v)[:3])
+
+
+def _pod_specs(cluster: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    spec = cluster["spec"]
+    return [("head", spec["headGroupSpec"]["template"]["spec"])] + [
+        (g["groupName"], g["template"]["spec"]) for g in spec["workerGroupSpecs"]
+    ]
+
+
+def _gpus(pod: dict[str, Any]) -> int:
+    c = pod["containers"][0]["resources"]
+    return int(c.get("limits", {}).get("nvidia.com/gpu", 0))
+
+
+def _cpus(pod: dict[str, Any]) -> float:
+    value = str(pod["containers"][0]["resources"]["limits"]["cpu"])
+    return float(value[:-1]) / 1000 if value.endswith("m") else float(value)
+
+
+@pytest.mark.parametrize("overlay", CLUSTER_OVERLAYS)
+def test_raycluster_operator_rules(overlay):
+    """KubeRay's own validation (ValidateRayClusterSpec) and what the cluster needs to work."""
+    objs = build(overlay)
+    (cluster,) = of_kind(objs, "RayCluster")
+    spec, name = cluster["spec"], cluster["metadata"]["name"]
+    assert DNS1035.match(name) and len(name) <= 53
+    if spec.get("authOptions", {}).get("mode", "token" if "authOptions" in spec else "disabled") == "token":
+        assert _version_tuple(spec["rayVersion"]) >= (2, 52, 0), "token auth needs Ray >= 2.52"
+    autoscaler_v2 = (
+        spec.get("enableInTreeAutoscaling") and spec.get("autoscalerOptions", {}).get("version") == "v2"
+    )
+    groups = spec["workerGroupSpecs"]
+    assert len({g["groupName"] for g in groups}) == len(groups)
+    pvcs = {o["metadata"]["name"] for o in of_kind(objs, "PersistentVolumeClaim")}
+    configmaps = {o["metadata"]["name"] for o in of_kind(objs, "ConfigMap")}
+    for group, pod in _pod_specs(cluster):
+        params = (
+            spec["headGroupSpec"] if group == "head" else next(g for g in groups if g["groupName"] == group)
+        )
+        start = params.get("rayStartParams", {})
+        assert not (set(start) & {"num-cpus", "num-gpus", "memory", "resources"} and params.get("resources"))
+        assert "labels" not in start
+        if autoscaler_v2:
+            assert pod.get("restartPolicy", "Never") == "Never"
+        assert pod["securityContext"]["runAsNonRoot"] is True and pod["securityContext"]["runAsUser"] != 0
+        res = pod["containers"][0]["resources"]
+        assert res["requests"] == res["limits"], f"{group}: requests should equal limits (guaranteed QoS)"
+        volumes = {v["name"]: v for v in pod["volumes"]}
+        mounts = {m["mountPath"]: m["name"] for m in pod["containers"][0]["volumeMounts"]}
+        assert set(mounts.values()) <= set(volumes), f"{group}: a volumeMount names no volume"
+        assert volumes[mounts[SHARED]]["persistentVolumeClaim"]["claimName"] in pvcs
+        assert volumes[mounts[CONFIG_MOUNT]]["configMap"]["name"] in configmaps
+        assert volumes[mounts["/dev/shm"]]["emptyDir"]["medium"] == "Memory"
+        if group == "head":
+            assert _gpus(pod) == 0 and start.get("num-cpus") == "0", "the head runs no tasks and has no GPU"
+        else:
+            g = next(g for g in groups if g["groupName"] == group)
+            assert 0 <= g["minReplicas"] <= g.get("replicas", 0) <= g["maxReplicas"]
+            if _gpus(pod):
+                assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in pod[
+                    "tolerations"
+                ]
+                assert res["requests"]["nvidia.com/gpu"] == res["limits"]["nvidia.com/gpu"]
+    for pvc in of_kind(objs, "PersistentVolumeClaim"):
+        assert pvc["spec"]["accessModes"] == ["ReadWriteMany"], "every pod mounts the volume read-write"
+
+
+def test_cluster_sizes():
+    """dev: 1 GPU node; full: 64 GPUs (8 x 8) and 256 CPU cores for the data steps."""
+    for overlay, gpu_nodes, gpus, cpu_cores in (("overlays/dev", 1, 1, 16), ("overlays/full", 8, 64, 256)):
+        (cluster,) = of_kind(build(overlay), "RayCluster")
+        groups = {g["groupName"]: g for g in cluster["spec"]["workerGroupSpecs"]}
+        assert set(groups) == {"cpu", "gpu"}
+        gpu, cpu = groups["gpu"], groups["cpu"]
+        assert gpu["maxReplicas"] == gpu_nodes
+        assert gpu["maxReplicas"] * _gpus(gpu["template"]["spec"]) == gpus
+        assert _gpus(cpu["template"]["spec"]) == 0
+        assert cpu["maxReplicas"] * _cpus(cpu["template"]["spec"]) == cpu_cores
+        assert gpu["minReplicas"] == cpu["minReplicas"] == 0, "workers exist only while a job needs them"
+
+
+@pytest.mark.parametrize("overlay", JOB_OVERLAYS)
+def test_rayjob_operator_rules(overlay):
+    """ValidateRayJobSpec rules, the CEL rules the schema check skips, and our clusterSelector rules."""
+    clusters = {o["metadata"]["name"] for o in of_kind(build(cluster_overlay(overlay)), "RayCluster")}
+    for job in of_kind(build(overlay), "RayJob"):
+        spec, name = job["spec"], job["metadata"]["name"]
+        assert DNS1035.match(name) and len(name) <= 47, name
+        assert spec["entrypoint"].strip()
+        assert not (
+            spec.get("shutdownAfterJobFinishes") and spec.get("deletionStrategy", {}).get("deletionRules")
+        )
+        assert ("clusterSelector" in spec) != ("rayClusterSpec" in spec), f"{name}: one of the two"
+        selector = spec["clusterSelector"]
+        assert selector.get("ray.io/cluster") in clusters, f"{name}: selects no RayCluster of the overlay"
+        assert not spec.get("suspend"), "clusterSelector mode cannot suspend"
+        assert spec.get("submissionMode", "K8sJobMode") in ("K8sJobMode", "HTTPMode")
+        assert "shutdownAfterJobFinishes" not in spec, "the shared cluster must outlive the job"
+        # A KubeRay retry (spec.backoffLimit) deletes the RayJob's cluster, here the shared one.
+        assert "backoffLimit" not in spec, f"{name}: no RayJob-level retries in clusterSelector mode"
+        if "runtimeEnvYAML" in spec:
+            assert isinstance(yaml.safe_load(spec["runtimeEnvYAML"]), dict)
+
+
+# ============================================================================ entrypoints
+def entrypoints() -> list[tuple[str, str, list[str]]]:
+    """(job overlay, RayJob name, argv) of every RayJob."""
+    out = []
+    for overlay in JOB_OVERLAYS:
+        for job in of_kind(build(overlay), "RayJob"):
+            out.append((overlay, job["metadata"]["name"], shlex.split(job["spec"]["entrypoint"])))
+    return out
+
+
+def module_of(argv: list[str]) -> str:
+    assert argv[:2] == ["python", "-m"] and len(argv) > 2, (
+        f"entrypoint must be `python -m MODULE ...`: {argv}"
+    )
+    return argv[2]
+
+
+def _missing(module: str) -> bool:
+    return importlib.util.find_spec(module) is None
+
+
+def test_entrypoint_modules_resolve_and_help_works():
+    modules = sorted({module_of(argv) for _, _, argv in entrypoints()})
+    missing = [m for m in modules if _missing(m)]
+    assert set(missing) <= {"jobs.train"}, f"entrypoint modules that do not exist: {missing}"
+    procs = {
+        m: subprocess.Popen(
+            [sys.executable, "-m", m, "--help"],
+            cwd=REPO,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for m in modules
+        if m not in missing
+    }
+    for m, proc in procs.items():
+        out, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0, f"python -m {m} --help failed:\n{err[-3000:]}"
+        assert "usage" in out.lower(), f"python -m {m} --help printed no usage"
+    if missing:
+        pytest.skip("jobs/train.py does not exist yet: `python -m jobs.train --help` not checked")
+
+
+def configmap_file(job_overlay: str, path: str) -> str:
+    """The content a pod sees at `path` under the ConfigMap mount, from the matching cluster overlay."""
+    assert path.startswith(CONFIG_MOUNT + "/"), f"config {path} is not in the ConfigMap mount {CONFIG_MOUNT}"
+    (cm,) = of_kind(build(cluster_overlay(job_overlay)), "ConfigMap")
+    key = path[len(CONFIG_MOUNT) + 1 :]
+    assert key in cm["data"], f"{path}: no key {key!r} in ConfigMap {cm['metadata']['name']}"
+    return cm["data"][key]
+
+
+def prep_config(job_overlay: str, path: str):
+    """Parse a cluster pipeline config strictly (types, unknown keys, ranges; input files live on the
+    cluster's volume, so their existence is not checked here)."""
+    from pipelines.config import PrepareConfig, apply_preset, from_dict, validate
+
+    cfg = from_dict(PrepareConfig, yaml.safe_load(configmap_file(job_overlay, path)))
+    apply_preset(cfg.filter)
+    validate(cfg, path)
+    return cfg
+
+
+def _paths_in(value: Any) -> list[str]:
+    if isinstance(value, str):
+        return [value] if value.startswith("/") else []
+    if isinstance(value, dict):
+        return [p for v in value.values() for p in _paths_in(v)]
+    if isinstance(value, list):
+        return [p for v in value for p in _paths_in(v)]
+    return []
+
+
+@pytest.mark.parametrize("overlay", JOB_OVERLAYS)
+def test_pipeline_entrypoints_and_configs(overlay):
+    import dataclasses
+
+    configs = set()
+    for job_overlay, name, argv in entrypoints():
+        if job_overlay != overlay or not module_of(argv).startswith("pipelines."):
+            continue
+        module, args = module_of(argv), argv[3:]
+        if module == "pipelines.report":
+            assert len(args) == 1 and args[0].startswith(SHARED + "/"), f"{name}: report DIR expected"
+            configs.add(("report", args[0]))
+            continue
+        # `common.step_main`: --config FILE and --set KEY=VALUE pairs only.
+        assert args[0] == "--config" and len(args) % 2 == 0, f"{name}: {args}"
+        assert all(a == "--set" for a in args[2::2]), f"{name}: {args}"
+        cfg = prep_config(overlay, args[1])
+        configs.add(("config", cfg.output_dir))
+        assert cfg.input.synthetic is None, "the cluster config must read real inputs"
+        assert cfg.teacher.weights and cfg.teacher.device == "cuda"
+        for p in _paths_in(dataclasses.asdict(cfg)):
+            assert p.startswith(SHARED + "/"), f"{name}: {p} is not on the shared volume"
+        (cluster,) = of_kind(build(cluster_overlay(overlay)), "RayCluster")
+        gpu = next(g for g in cluster["spec"]["workerGroupSpecs"] if g["groupName"] == "gpu")
+        gpu_pod = gpu["template"]["spec"]
+        total_gpus = gpu["maxReplicas"] * _gpus(gpu_pod)
+        t = cfg.teacher
+        assert t.num_actors * t.num_gpus_per_actor <= total_gpus, (
+            "teacher actors need more GPUs than the cluster has"
+        )
+        assert t.cpus_per_actor * _gpus(gpu_pod) / t.num_gpus_per_actor <= _cpus(gpu_pod)
+    # every step reads the same output_dir, and report reads it too
+    dirs = {d for _, d in configs}
+    assert len(dirs) == 1, f"steps disagree on the output folder: {configs}"
+
+
+def _train_configs(argv: list[str]):
+    """Parse a `python -m jobs.train ...` entrypoint with jobs.train itself and return the stage configs
+    it would run (`run_stage` is replaced, nothing runs)."""
+    import jobs.train as train
+
+    captured = []
+    original = train.run_stage
+    train.run_stage = lambda cfg, *a, **k: captured.append(cfg)
+    try:
+        rc = train.main(argv[3:])
+    finally:
+        train.run_stage = original
+    assert rc == 0, f"jobs.train rejected {argv}"
+    return captured
+
+
+@pytest.mark.parametrize("overlay", JOB_OVERLAYS)
+def test_training_entrypoints_resolve_and_fit(overlay):
+    if _missing("jobs.train"):
+        pytest.skip("jobs/train.py does not exist yet: training entrypoints not checked")
+    jobs = {name: argv for ov, name, argv in entrypoints() if ov == overlay}
+    prep = prep_config(overlay, jobs["breen-download"][jobs["breen-download"].index("--config") + 1])
+    (cluster,) = of_kind(build(cluster_overlay(overlay)), "RayCluster")
+    gpu = next(g for g in cluster["spec"]["workerGroupSpecs"] if g["groupName"] == "gpu")
+    gpu_pod = gpu["template"]["spec"]
+    per_node, nodes = _gpus(gpu_pod), gpu["maxReplicas"]
+    convert = jobs["breen-convert"]
+    assert module_of(convert) == "breen.convert"
+    init_dir = convert[convert.index("--out") + 1]
+    assert init_dir.startswith(SHARED + "/") and convert[convert.index("--qwen") + 1].startswith(SHARED + "/")
+    expected_workers = {"overlays/full/jobs": {"stage1": 64, "stage2": 64, "stage3": 32}}.get(overlay)
+    export = {}
+    for stage in ("stage1", "stage2", "stage3"):
+        argv = jobs[f"breen-{stage}"]
+        assert module_of(argv) == "jobs.train"
+        (cfg,) = _train_configs(argv)
+        assert cfg.stage == stage
+        s = cfg.scale
+        assert s.use_gpu and s.precision == "bf16"
+        if expected_workers:
+            assert s.num_workers == expected_workers[stage], f"{stage}: {s.num_workers} GPU workers"
+        assert s.num_workers <= per_node * nodes, (
+            f"{stage}: {s.num_workers} GPUs > cluster's {per_node * nodes}"
+        )
+        workers_per_node = min(s.num_workers, per_node)
+        assert workers_per_node * s.cpus_per_worker + cfg.data.encode_cpus <= _cpus(gpu_pod), (
+            f"{stage}: Ray Train workers leave no CPU for the ingest on a GPU node"
+        )
+        want = [f"{prep.output_dir}/sft_shards"] if stage == "stage3" else [f"{prep.output_dir}/shards"]
+        assert cfg.data.paths == want, f"{stage} reads {cfg.data.paths}, the prep config writes {want}"
+        assert cfg.output_dir.startswith(SHARED + "/"), "checkpoints must live on the shared volume"
+        expected_init = init_dir if stage == "stage1" else export[f"stage{int(stage[-1]) - 1}"]
+        assert cfg.model.init_from == expected_init, f"{stage} starts from {cfg.model.init_from}"
+        export[stage] = str(cfg.export_dir)
+
+
+# ============================================================================ versions
+@cache
+def pyproject() -> dict[str, Any]:
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python 3.10
+        tomllib = pytest.importorskip("tomli", reason="Python 3.10 needs tomli to read pyproject.toml")
+    return tomllib.loads((REPO / "pyproject.toml").read_text())
+
+
+def ray_pin() -> str:
+    pins = set()
+    for extra in pyproject()["project"]["optional-dependencies"].values():
+        for req in extra:
+            m = re.fullmatch(r"ray(\[[^\]]*\])?==([\w.]+)", req.replace(" ", ""))
+            if m:
+                pins.add(m.group(2))
+    assert len(pins) == 1, f"pyproject.toml pins ray inconsistently: {pins}"
+    return pins.pop()
+
+
+def dockerfile_from() -> re.Match:
+    froms = re.findall(r"^FROM\s+(\S+)", DOCKERFILE.read_text(), flags=re.M)
+    assert len(froms) == 1, froms
+    m = re.fullmatch(
+        r"rayproject/ray:(?P<ray>\d+\.\d+\.\d+)-py(?P<py>\d)(?P<pyminor>\d+)-cu(?P<cuda>\d+)", froms[0]
+    )
+    assert m, f"base image {froms[0]} is not a pinned Ray GPU image (rayproject/ray:X.Y.Z-pyNN-cuNNN)"
+    return m
+
+
+def test_dockerfile_base_image_matches_pyproject():
+    m = dockerfile_from()
+    assert m["ray"] == ray_pin()
+    requires = pyproject()["project"]["requires-python"]
+    minimum = tuple(int(x) for x in re.fullmatch(r">=\s*(\d+)\.(\d+)", requires).groups())
+    assert (int(m["py"]), int(m["pyminor"])) >= minimum, (
+        f"image Python {m['py']}.{m['pyminor']} vs {requires}"
+    )
+
+
+def test_dockerfile_cuda_matches_torch_wheel():
+    """flash-attn compiles with the image's nvcc against torch's CUDA: the major versions must agree."""
+    torch = pytest.importorskip("torch")
+    if not torch.version.cuda:
+        pytest.skip("the installed torch is a CPU build: no CUDA version to compare")
+    image_major = int(dockerfile_from()["cuda"][:2])
+    assert image_major == int(torch.version.cuda.split(".")[0]), (image_major, torch.version.cuda)
+
+
+def test_dockerfile_installs_extras_as_non_root():
+    text = DOCKERFILE.read_text()
+    installed = set()
+    for extras in re.findall(r"pip install[^\n]*?\"\.\[([a-z,]+)\]\"", text):
+        installed |= set(extras.split(","))
+    assert {"data", "train", "gpu"} <= installed, installed
+    assert set(pyproject()["project"]["optional-dependencies"]) - installed == {"dev"}
+    users = re.findall(r"^USER\s+(\S+)", text, flags=re.M)
+    assert users and users[-1].split(":")[0] not in ("root", "0"), "the image must run as a non-root user"
+    assert "--no-build-isolation" in text, "flash-attn builds against the installed torch"
+
+
+def _dockerignored(path: str, patterns: list[str]) -> bool:
+    ignored = False
+    for pat in patterns:
+        neg = pat.startswith("!")
+        pat = pat[1:] if neg else pat
+        pat = pat.rstrip("/")
+        if fnmatch.fnmatch(path, pat) or fnmatch.fnmatch(path.split("/")[0], pat):
+            ignored = not neg
+    return ignored
+
+
+def test_dockerignore_keeps_the_context_small_and_complete():
+    lines = (REPO / ".dockerignore").read_text().splitlines()
+    patterns = [x.strip() for x in lines if x.strip() and not x.strip().startswith("#")]
+    for heavy in (".venv", "runs", ".git", "tests", "bench", ".pytest_cache"):
+        assert _dockerignored(heavy, patterns), f"{heavy} would be sent to the docker daemon"
+    sources = re.findall(r"^COPY\s+(?:--\S+\s+)*(.+)\s+\S+$", DOCKERFILE.read_text(), flags=re.M)
+    for src in (s for line in sources for s in line.split()):
+        assert not _dockerignored(src, patterns), f"COPY {src}: excluded by .dockerignore"
+        assert (REPO / src).exists(), f"COPY {src}: not in the repository"
+
+
+@pytest.mark.parametrize("overlay", CLUSTER_OVERLAYS)
+def test_manifest_versions_match_pyproject(overlay):
+    (cluster,) = of_kind(build(overlay), "RayCluster")
+    assert cluster["spec"]["rayVersion"] == ray_pin()
+    version = pyproject()["project"]["version"]
+    for group, pod in _pod_specs(cluster):
+        for c in pod["containers"]:
+            name, tag, _ = split_image(c["image"])
+            assert name.rsplit("/", 1)[-1] == "breen", f"{group}: {c['image']} is not the BREEN image"
+            assert tag == version, f"{group}: image tag {tag} != project version {version}"
+
+
+def test_planner_defaults_are_the_full_overlay():
+    from jobs.plan import Assumptions
+
+    (cluster,) = of_kind(build("overlays/full"), "RayCluster")
+    groups = {g["groupName"]: g for g in cluster["spec"]["workerGroupSpecs"]}
+    cpu, gpu = groups["cpu"], groups["gpu"]
+    a = Assumptions()
+    assert a.cpu_cores == cpu["maxReplicas"] * _cpus(cpu["template"]["spec"])
+    assert a.gpus == gpu["maxReplicas"] * _gpus(gpu["template"]["spec"])
+    assert a.cpus_per_gpu == _cpus(gpu["template"]["spec"]) / _gpus(gpu["template"]["spec"])
+    assert a.gpus_stage3 == 32
+
+
+def test_docs_commands_name_real_overlays_and_steps():
+    doc = (REPO / "docs" / "cluster.md").read_text()
+    for overlay in re.findall(r"infra/kuberay/(overlays/\w+(?:/jobs)?)\b(?!\.)", doc):
+        assert (KUBERAY / overlay / "kustomization.yaml").exists(), overlay
+    steps = set(re.findall(r"^run_step ([\w-]+)", doc, flags=re.M))
+    assert steps and steps <= set(PREP_STEPS) | set(TRAIN_STEPS), steps
+    assert steps == set(PREP_STEPS) | set(TRAIN_STEPS), (
+        f"docs skip a step: {set(PREP_STEPS) | set(TRAIN_STEPS) - steps}"
+    )
+    # the steps are listed in run order
+    order = re.findall(r"^run_step ([\w-]+)", doc, flags=re.M)
+    assert order == [*PREP_STEPS, *TRAIN_STEPS], order

@@ -1,0 +1,432 @@
+"""Reliability: every kind of bad input is rejected with a reason (or kept correctly), nothing crashes,
+and nothing but 127.0.0.1 is ever contacted.
+
+The bad-input corpus (`tests/badinput.py`: 100+ kinds) runs through the real download (img2dataset
+Ray tasks, one per input shard), filter, captions, teacher and shards steps on the session's local Ray, served by a
+hostile HTTP server on 127.0.0.1 with `download.allow_private: ["127.0.0.1"]`. The download tasks run
+under a tripwire: a connection to any non-public address or a lookup of the corpus' host names
+raises and is logged, so a guard regression cannot reach the network and is reported.
+
+Prints the summary table (kinds tried, rejected with a reason, kept correctly, crashes) whether or not
+pytest captures output.
+"""
+
+from __future__ import annotations
+
+import io
+import time
+import urllib.error
+import urllib.request
+from collections import Counter, defaultdict
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from pipelines import captions, common, download, shards, teacher
+from pipelines import filter as filter_step
+from pipelines.config import ConfigError, load_config, to_dict
+from pipelines.guard import URL_REFUSED_MARK, AddressPolicy, Limits, RefusedURL, install_guarded_opener
+from tests.badinput import (
+    TINY,
+    BadCase,
+    Fate,
+    HostileServer,
+    bad_cases,
+    download_shard_under_tripwire,
+    encode,
+    file_cases,
+    on_white,
+    picture,
+    tripwire,
+    write_url_list,
+)
+
+pytestmark = pytest.mark.reliability
+STEPS = ("download", "filter", "captions", "teacher")  # steps that reject rows
+CONFIGS = Path(__file__).resolve().parent.parent / "pipelines" / "configs"
+
+
+def corpus_config(root: Path, urls: Path) -> Path:
+    cfg = root / "bad.yaml"
+    cfg.write_text(f"""
+output_dir: {root / "out"}
+input: {{urls: [{urls}]}}
+download:
+  rows_per_shard: 16
+  threads_per_shard: 16
+  timeout_s: 2            # per socket operation: cuts the server that never answers
+  total_timeout_s: 3      # per download: cuts the servers that trickle bytes
+  max_response_bytes: {TINY}
+  allow_private: ["127.0.0.1"]
+  cpus_per_shard: 0.5
+filter: {{min_short_side: 64, max_aspect_ratio: 3, min_words: 3, min_chars: 6, num_actors: 2, cpus_per_actor: 0.5}}
+captions: {{num_actors: 1, cpus_per_actor: 0.5}}
+teacher: {{model_config: {CONFIGS / "tiny-vit.json"}, random_init_seed: 0, batch_size: 16, cpus_per_actor: 0.5}}
+shards: {{rows_per_file: 8}}
+""")
+    return cfg
+
+
+def rows_of(dataset: Path, columns: list[str], rejected: bool) -> list[dict]:
+    d = dataset / common.REJECTED if rejected else dataset
+    out = []
+    for name in common.finished_shards(dataset):
+        f = d / f"{name}.parquet"
+        have = pq.read_schema(f).names
+        out += pq.read_table(f, columns=[c for c in columns if c in have]).to_pylist()
+    return out
+
+
+@pytest.fixture(scope="module")
+def corpus_run(tmp_path_factory, ray_local):
+    """The bad corpus through download (under the tripwire), filter and captions."""
+    ray = ray_local
+    root = tmp_path_factory.mktemp("badinput")
+    trip_log = root / "tripwire.log"
+    trip_log.touch()
+    t0 = time.monotonic()
+    crashes: list[str] = []
+    with HostileServer() as server:
+        cases = bad_cases(server)
+        urls = root / "urls.parquet"
+        n_rows = write_url_list(cases, urls)
+        cfg = load_config(corpus_config(root, urls))
+        out = cfg.out / "download"
+        names = download.make_input_shards(cfg.input.urls, cfg.download.rows_per_shard, out / "_input")
+        task = ray.remote(download_shard_under_tripwire).options(num_cpus=0.5, max_retries=0)
+        refs = {task.remote(str(trip_log), n, str(out / "_input"), str(out), to_dict(cfg.download),
+                            cfg.filter.max_pixels): n for n in names}  # fmt: skip
+        for ref, name in refs.items():
+            try:
+                ray.get(ref)
+            except Exception as e:  # a crashed shard: reported, never expected
+                crashes.append(f"download {name}: {common.error_detail(e)}")
+        common.finish_step(out, "download", [{"path": str(urls), "sha256": common.sha256_file(urls)}],
+                           {"download": to_dict(cfg.download)})  # fmt: skip
+        download_s = time.monotonic() - t0
+        for step in (filter_step.run, captions.run, teacher.run, shards.run):
+            try:
+                step(cfg)
+            except Exception as e:
+                crashes.append(f"{step.__module__}: {common.error_detail(e)}")
+        requests = server.requests
+    return {"cases": cases, "cfg": cfg, "rows": n_rows, "crashes": crashes, "requests": requests,
+            "trip_log": trip_log.read_text(), "download_s": download_s, "seconds": time.monotonic() - t0}  # fmt: skip
+
+
+def fates_by_case(cfg) -> tuple[dict[str, list[Fate]], Counter]:
+    """Fate of every input row, grouped by case; and how many times each input key was accounted for."""
+    source = [r for f in sorted((cfg.out / "download" / "_input").glob("part-*.arrow"))
+              for r in pa.ipc.open_file(f).read_all().select(["key", "case"]).to_pylist()]  # fmt: skip
+    seen: Counter = Counter()
+    fate: dict[str, Fate] = {}
+    for step in STEPS:
+        for r in rows_of(cfg.out / step, ["key", "reason", "detail"], rejected=True):
+            seen[r["key"]] += 1
+            fate[r["key"]] = Fate(step, r["reason"], r["detail"])
+    for r in rows_of(cfg.out / "teacher", ["key", "caption", "image", "width", "height"], rejected=False):
+        seen[r["key"]] += 1
+        fate[r["key"]] = Fate("kept", None, None, r)
+    by_case: dict[str, list[Fate]] = defaultdict(list)
+    for r in source:
+        by_case[r["case"]].append(fate.get(r["key"], Fate("lost", None)))
+    seen.update({r["key"]: 0 for r in source})
+    return by_case, seen
+
+
+def test_bad_corpus_every_row_accounted_for_and_rejected_with_a_reason(corpus_run, capsys):
+    cases: list[BadCase] = corpus_run["cases"]
+    cfg = corpus_run["cfg"]
+    by_case, seen = fates_by_case(cfg)
+    lost = [k for k, n in seen.items() if n == 0]
+    duplicated = [k for k, n in seen.items() if n > 1]
+    problems = {c.kind: c.verdict(by_case[c.kind]) for c in cases}
+    problems = {k: v for k, v in problems.items() if v}
+
+    # The table: kinds of bad input, what happened to them.
+    groups: dict[str, Counter] = defaultdict(Counter)
+    for c in cases:
+        fates = by_case[c.kind]
+        ok = c.kind not in problems
+        rejected = all(f.step not in ("kept", "lost") for f in fates)
+        groups[c.group]["kinds"] += 1
+        groups[c.group]["rows"] += len(fates)
+        groups[c.group]["rejected_with_reason"] += ok and rejected
+        groups[c.group]["kept_correctly"] += ok and not rejected
+        groups[c.group]["wrong"] += not ok
+    total = sum((g for g in groups.values()), Counter())
+    lines = ["", "== reliability: bad inputs (download -> filter -> captions -> teacher -> shards) ==",
+             f"{'group':<10} {'kinds':>6} {'rows':>5} {'rejected+reason':>16} {'kept correctly':>15} {'wrong':>6}"]  # fmt: skip
+    for name, g in [*sorted(groups.items()), ("TOTAL", total)]:
+        lines.append(f"{name:<10} {g['kinds']:>6} {g['rows']:>5} {g['rejected_with_reason']:>16} "
+                     f"{g['kept_correctly']:>15} {g['wrong']:>6}")  # fmt: skip
+    reasons = Counter(f"{f.step}:{f.reason}" for fs in by_case.values() for f in fs)
+    lines.append("outcomes: " + ", ".join(f"{k}={v}" for k, v in sorted(reasons.items())))
+    lines.append(f"crashes: {len(corpus_run['crashes'])}; rows lost: {len(lost)}, duplicated: {len(duplicated)}; "
+                 f"tripwire hits: {len(corpus_run['trip_log'].splitlines())}; "
+                 f"download {corpus_run['download_s']:.0f}s, all steps {corpus_run['seconds']:.0f}s")  # fmt: skip
+    for kind, why in sorted(problems.items()):
+        lines.append(f"WRONG {kind}: {why}")
+    with capsys.disabled():
+        print("\n".join(lines))
+
+    assert not corpus_run["crashes"], corpus_run["crashes"]
+    assert not corpus_run["trip_log"], corpus_run["trip_log"]
+    assert corpus_run["rows"] == sum(seen.values()) == len(seen)
+    assert not lost and not duplicated, (lost[:5], duplicated[:5])
+    assert not problems, problems
+    assert total["kinds"] >= 30
+    # Per-shard accounting, as every step checks it before writing; training shards hold every kept row.
+    for step in STEPS:
+        for s in common.read_stats(cfg.out / step):
+            assert s["rows_in"] == s["kept"] + sum(s["rejected"].values()), (step, s)
+    kept = sum(f.step == "kept" for fs in by_case.values() for f in fs)
+    assert sum(pq.read_metadata(f).num_rows for f in (cfg.out / "shards").glob("part-*.parquet")) == kept
+
+
+def test_time_and_size_caps_bound_every_download(corpus_run):
+    """Trickling and silent servers are cut: no download shard takes much longer than the time cap."""
+    cfg = corpus_run["cfg"]
+    stats = common.read_stats(cfg.out / "download")
+    slowest = max(s["seconds"] for s in stats)
+    # total_timeout_s = 3 (timeout_s = 2) per download; without the cap the trickles take minutes.
+    assert slowest < 3 + 12, stats
+    by_case, _ = fates_by_case(cfg)
+    for kind in ("server_trickles_body", "server_trickles_headers"):
+        assert "took longer than the 3s limit" in by_case[kind][0].detail
+
+
+def test_refused_urls_never_reach_the_server(corpus_run):
+    """Addresses refused at vetting are never connected to; redirects to refused targets stop at the
+    redirect (the server sees the first hop only)."""
+    requests = corpus_run["requests"]
+    assert not any("127.0.0.2" in r for r in requests)
+    for name in ("private", "metadata", "metaname", "lo2", "file", "ftp"):
+        assert requests.count(f"/redirect/{name}") == 1, name
+    by_case, _ = fates_by_case(corpus_run["cfg"])
+    for kind in ("redirect_to_private", "redirect_to_metadata", "redirect_to_metadata_name"):
+        assert by_case[kind][0].detail.startswith(URL_REFUSED_MARK), by_case[kind]
+
+
+# ----------------------------------------------------------------------------- guard units (no Ray)
+
+
+@pytest.fixture
+def server():
+    with HostileServer() as s:
+        yield s
+
+
+@pytest.fixture
+def opener():
+    def install(max_seconds: float = 30.0, max_bytes: int = TINY, allow=("127.0.0.1",)):
+        install_guarded_opener(AddressPolicy(list(allow)), Limits(max_bytes, max_seconds))
+
+    yield install
+    urllib.request.install_opener(None)
+
+
+@pytest.mark.parametrize("path", ["trickle/ok.jpg", "trickle-headers/"])
+def test_total_time_cap_cuts_a_trickling_server(server, opener, path):
+    server.add("ok.jpg", encode(picture(1), "JPEG"))
+    opener(max_seconds=1.0)
+    t0 = time.monotonic()
+    with pytest.raises(RefusedURL, match="took longer than the 1s limit"):
+        urllib.request.urlopen(server.url(path), timeout=5).read()
+    assert time.monotonic() - t0 < 2.5  # the per-socket timeout (5 s) never fires: bytes keep coming
+
+
+def test_time_cap_spans_redirect_hops(server, opener):
+    """One deadline per download, not per hop: a redirect does not restart the clock."""
+    server.add("ok.jpg", encode(picture(1), "JPEG"))
+    target = server.redirect("slow", server.url("trickle/ok.jpg"))
+    hop = server.redirect("hop", target)
+    opener(max_seconds=1.0)
+    t0 = time.monotonic()
+    with pytest.raises(RefusedURL, match="took longer"):
+        urllib.request.urlopen(hop, timeout=5).read()
+    assert time.monotonic() - t0 < 2.5
+
+
+def test_a_server_that_never_answers_is_cut_by_the_timeout(server, opener):
+    opener(max_seconds=30.0)
+    t0 = time.monotonic()
+    with pytest.raises((TimeoutError, urllib.error.URLError, RefusedURL)):
+        urllib.request.urlopen(server.url("hang/"), timeout=1).read()
+    assert time.monotonic() - t0 < 2.5
+
+
+@pytest.mark.parametrize("target", ["http://10.0.0.1/x.jpg", "http://169.254.169.254/latest/meta-data/",
+                                    "http://metadata.google.internal/v1/", "http://[fd00:ec2::254]/",
+                                    "http://0xa9.0xfe.0xa9.0xfe/"])  # fmt: skip
+def test_redirect_to_a_refused_address_is_stopped_before_connecting(server, opener, tmp_path, target):
+    log = tmp_path / "trip.log"
+    opener()
+    with tripwire(log), pytest.raises(RefusedURL) as e:
+        urllib.request.urlopen(server.redirect("x", target), timeout=5).read()
+    assert str(e.value).startswith(URL_REFUSED_MARK + "redirect to")
+    assert not log.exists() or not log.read_text()  # no connection (or lookup) was even attempted
+
+
+def test_tripwire_blocks_before_any_packet(tmp_path):
+    """The safety net itself: connecting to a private address raises before the connect call."""
+    import socket
+
+    log = tmp_path / "trip.log"
+    with tripwire(log), pytest.raises(PermissionError, match="tripwire"):
+        socket.create_connection(("10.0.0.1", 80), timeout=0.01)
+    assert "10.0.0.1" in log.read_text()
+
+
+def test_guard_checks_the_connected_peer_not_only_the_url(server, opener):
+    """Connection-time check (what stops DNS rebinding): with nothing allowed, a URL that was never
+    vetted still cannot reach 127.0.0.1, and the refusal is marked as such."""
+    server.add("ok.jpg", encode(picture(1), "JPEG"))
+    opener(allow=())
+    with pytest.raises(RefusedURL, match=r"connection to '127\.0\.0\.1'.*not public") as e:
+        urllib.request.urlopen(server.url("f/ok.jpg"), timeout=5).read()
+    assert str(e.value).startswith(URL_REFUSED_MARK)
+    assert server.requests == []  # refused right after connect, before the request was sent
+
+
+# ----------------------------------------------------------------------------- file-level input errors
+
+
+def _cfg(tmp_path: Path, body: str) -> Path:
+    p = tmp_path / "cfg.yaml"
+    p.write_text(f"output_dir: {tmp_path / 'out'}\nteacher: {{random_init_seed: 0}}\n" + body)
+    return p
+
+
+def test_url_list_problems_fail_fast_naming_the_file_and_field(tmp_path, capsys):
+    """Each bad URL-list file stops the download step (exit 2) before any work, naming file and field."""
+    cases = file_cases(tmp_path / "lists")
+    for kind, path, needle in cases:
+        cfg = _cfg(tmp_path, f"input: {{urls: [{path}]}}\n")
+        assert download.main(["--config", str(cfg)]) == 2, kind
+        err = capsys.readouterr().err
+        assert path.name in err and needle in err, (kind, err)
+        assert "Traceback" not in err
+        assert not (tmp_path / "out" / "download" / "_input" / "_SUCCESS.json").exists(), kind
+    assert len(cases) >= 8
+
+
+@pytest.mark.parametrize(
+    ("body", "needle"),
+    [
+        ("download: {timeout_s: 0}\n", "download.timeout_s: must be > 0"),
+        ("download: {total_timeout_s: -1}\n", "download.total_timeout_s: must be > 0"),
+        ("download: {max_response_bytes: 0}\n", "download.max_response_bytes: must be > 0"),
+        ("download: {threads_per_shard: 0}\n", "download.threads_per_shard: must be > 0"),
+        ("download: {allow_private: 127.0.0.1}\n", "download.allow_private: expected a list"),
+        ("download: {timeout: 3}\n", "download.timeout: unknown key"),
+        ("input: {urls: [missing.csv]}\n", "input.urls[0]: file not found"),
+    ],
+)
+def test_config_errors_name_the_field(tmp_path, body, needle):
+    with pytest.raises(ConfigError) as e:
+        load_config(_cfg(tmp_path, body))
+    assert needle in str(e.value) and "cfg.yaml" in str(e.value)
+
+
+def test_invalid_utf8_in_csv_captions_is_repaired_not_a_crash(tmp_path):
+    path = tmp_path / "urls.csv"
+    path.write_bytes(b"url,caption,src\nhttp://127.0.0.1/a.jpg,caf\xe9 \xff on a table,x\xfe\n")
+    t = download.read_url_list(path)
+    assert t.schema.field("caption").type == pa.string()
+    assert t.column("caption")[0].as_py() == "caf\ufffd \ufffd on a table"
+    assert t.column("src")[0].as_py() == "x\ufffd"
+
+
+def test_a_step_without_its_input_fails_fast(tmp_path, capsys):
+    cfg = _cfg(tmp_path, "")
+    assert filter_step.main(["--config", str(cfg)]) == 2
+    assert "no finished shards" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- weights
+
+
+def test_weights_load_only_through_safetensors_or_weights_only():
+    """No code path unpickles: every torch.load passes weights_only=True; no pickle/np allow_pickle."""
+    import re
+
+    root = Path(__file__).resolve().parent.parent
+    offenders = []
+    for folder in ("pipelines", "breen", "jobs", "bench"):
+        for f in sorted((root / folder).rglob("*.py")):
+            text = f.read_text()
+            for m in re.finditer(r"torch\.load\(", text):
+                call = text[m.start() : text.find(")", m.start()) + 200]
+                if "weights_only=True" not in call.split("\n\n")[0]:
+                    offenders.append(f"{f.relative_to(root)}: torch.load without weights_only=True")
+            for bad in (r"\bpickle\.loads?\(", r"allow_pickle\s*=\s*True", r"\bdill\.", r"\bjoblib\.load",
+                        r"weights_only\s*=\s*False", r"torch\.jit\.load\("):  # fmt: skip
+                if re.search(bad, text):
+                    offenders.append(f"{f.relative_to(root)}: {bad}")
+    assert not offenders, offenders
+
+
+def test_a_pickled_teacher_checkpoint_is_refused_without_running_code(tmp_path, capsys):
+    """A malicious .bin (pickle with a payload) fails fast, naming the file; the payload never runs."""
+    import pickle
+
+    marker = tmp_path / "pwned"
+
+    class Payload:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    evil = tmp_path / "evil.bin"
+    evil.write_bytes(pickle.dumps({"state_dict": Payload()}))
+    cfg = _cfg(tmp_path, "")
+    cfg.write_text(cfg.read_text().replace("random_init_seed: 0",
+                                           f"weights: {evil}, model_config: {CONFIGS / 'tiny-vit.json'}"))  # fmt: skip
+    (tmp_path / "out" / "captions").mkdir(parents=True)
+    (tmp_path / "out" / "captions" / "part-00000.done").touch()  # upstream present: reach the model load
+
+    assert teacher.main(["--config", str(cfg)]) == 2
+    err = capsys.readouterr().err
+    assert "teacher.weights" in err and "evil.bin" in err, err
+    assert not marker.exists()
+
+
+# ----------------------------------------------------------------------------- SFT images
+
+
+def test_sft_images_are_normalised_like_downloads(tmp_path):
+    """SFT import stores what a viewer sees: EXIF orientation applied, 16-bit scaled, alpha on white."""
+    from pipelines.sft_import import load_image
+    from tests.badinput import _png16
+
+    pic = picture(1, 400, 300)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    (tmp_path / "rot.jpg").write_bytes(encode(pic, "JPEG", quality=95, exif=exif.tobytes()))
+    grad = np.linspace(0, 65535, 300 * 400).reshape(300, 400).astype(np.uint16)
+    (tmp_path / "g16.png").write_bytes(_png16(grad))
+    rgba = picture(2).convert("RGBA")
+    rgba.putalpha(100)
+    (tmp_path / "a.png").write_bytes(encode(rgba, "PNG"))
+    expected = {
+        "rot.jpg": pic.transpose(Image.Transpose.ROTATE_270),
+        "g16.png": Image.fromarray(np.rint(grad / 257).astype(np.uint8)),
+        "a.png": on_white(rgba),
+    }
+    for name, ref in expected.items():
+        data, w, h = load_image(tmp_path, name, 672, 10**8)
+        got = Image.open(io.BytesIO(data))
+        assert got.size == (w, h) == ref.size, name
+        diff = np.abs(np.asarray(got.convert("RGB"), np.float32) - np.asarray(ref.convert("RGB"), np.float32))
+        assert diff.mean() < 3, (name, diff.mean())
+
+
+def test_download_failure_reasons():
+    """A refusal inside the download (redirect, connection) is `url_refused`; anything else an error."""
+    assert download._failure_reason("failed_to_download", URL_REFUSED_MARK + "redirect to x") == "url_refused"
+    assert download._failure_reason("failed_to_download", "HTTP Error 500") == "download_error"
+    assert download._failure_reason("failed_to_resize", "Image decoding error") == "decode_error"
