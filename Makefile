@@ -1,5 +1,6 @@
 # Two commands a new user needs (see README.md):
-#   make demo   # data preparation end to end on an embedded local Ray (tiny models, synthetic corpus on 127.0.0.1)
+#   make demo   # data preparation + the three training stages on an embedded local Ray (tiny models,
+#               # synthetic corpus on 127.0.0.1), then one answer from the final model
 #   make test   # lint + the whole test suite (what .ci/run calls)
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -19,6 +20,10 @@ $(VENV)/.installed: pyproject.toml
 
 demo: install
 	$(PY) -m pipelines.prepare --config pipelines/configs/demo.yaml
+	$(PY) -m jobs.train --stage all --data runs/demo/shards --sft-data runs/demo/sft_shards \
+		--init-from tiny --profile cpu --output-dir runs/demo/train
+	$(PY) -m breen.generate --model runs/demo/train/stage3/export --image runs/demo/synthetic/images/00001.jpg \
+		--prompt "What is in the picture?" --max-new-tokens 16
 
 test: install
 	$(VENV)/bin/ruff check .

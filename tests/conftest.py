@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import socket
+from pathlib import Path
 
 import pytest
 
@@ -11,6 +12,9 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+CONFIGS = Path(__file__).resolve().parent.parent / "pipelines" / "configs"
 
 
 def free_port() -> int:
@@ -29,6 +33,44 @@ def ray_local():
     init_ray(None, num_cpus=4)
     yield ray
     ray.shutdown()
+
+
+def write_tiny_teacher_weights(path: Path) -> Path:
+    """A tiny random open_clip ViT (the demo's `tiny-vit.json`) saved as safetensors."""
+    import open_clip
+    import torch
+    from safetensors.torch import save_file
+
+    open_clip.add_model_config(str(CONFIGS / "tiny-vit.json"))
+    torch.manual_seed(123)
+    model = open_clip.create_model("tiny-vit", pretrained=None)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+    return path
+
+
+@pytest.fixture(scope="session")
+def prepared_demo(tmp_path_factory, ray_local):
+    """The demo data preparation (80 synthetic images, teacher from a weights file), run once per session:
+    returns (config, accounting, overrides, teacher weights). Its `shards/` and `sft_shards/` also feed
+    the training tests."""
+    from pipelines import prepare
+    from pipelines.config import load_config
+
+    root = tmp_path_factory.mktemp("prep")
+    weights = write_tiny_teacher_weights(root / "tiny-vit.safetensors")
+    overrides = [
+        f"output_dir={root / 'out'}",
+        "input.synthetic.n_images=80",
+        f"input.synthetic.port={free_port()}",
+        "teacher.random_init_seed=null",
+        f"teacher.weights={weights}",
+        f"teacher.model_config={CONFIGS / 'tiny-vit.json'}",
+        "download.rows_per_shard=24",
+        "shards.rows_per_file=16",
+    ]
+    cfg = load_config(CONFIGS / "demo.yaml", overrides)
+    acc = prepare.run(cfg)
+    return cfg, acc, overrides, weights
 
 
 def pytest_collection_modifyitems(config, items):

@@ -24,41 +24,14 @@ from PIL import Image
 from pipelines import common, prepare
 from pipelines.config import load_config
 from pipelines.teacher import tensor_numpy
-from tests.conftest import free_port
+from tests.conftest import CONFIGS
 
 pytestmark = pytest.mark.slow
-CONFIGS = Path(__file__).resolve().parent.parent / "pipelines" / "configs"
-
-
-def write_tiny_teacher_weights(path: Path) -> Path:
-    import open_clip
-    import torch
-    from safetensors.torch import save_file
-
-    open_clip.add_model_config(str(CONFIGS / "tiny-vit.json"))
-    torch.manual_seed(123)
-    model = open_clip.create_model("tiny-vit", pretrained=None)
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
-    return path
 
 
 @pytest.fixture(scope="module")
-def prepared(tmp_path_factory, ray_local):
-    root = tmp_path_factory.mktemp("prep")
-    weights = write_tiny_teacher_weights(root / "tiny-vit.safetensors")
-    overrides = [
-        f"output_dir={root / 'out'}",
-        "input.synthetic.n_images=80",
-        f"input.synthetic.port={free_port()}",
-        "teacher.random_init_seed=null",
-        f"teacher.weights={weights}",
-        f"teacher.model_config={CONFIGS / 'tiny-vit.json'}",
-        "download.rows_per_shard=24",
-        "shards.rows_per_file=16",
-    ]
-    cfg = load_config(CONFIGS / "demo.yaml", overrides)
-    acc = prepare.run(cfg)
-    return cfg, acc, overrides, weights
+def prepared(prepared_demo):
+    return prepared_demo
 
 
 def all_rows(dataset: Path, columns: list[str], rejected: bool = False) -> list[dict]:

@@ -1,0 +1,202 @@
+"""Training end to end: Ray Train + real DeepSpeed ZeRO-3 (CPU, gloo), 2 workers, the tiny BREEN.
+
+- The three stages chain on the demo data preparation's training shards (`prepared_demo`), each starting
+  from the previous stage's export, and the final export answers `breen.generate`.
+- After stage 1, every parameter outside the stage-1 trainable set is bitwise unchanged and every
+  trainable one has changed.
+- Kill-and-resume: a run stopped after 3 steps and relaunched gives the same per-step losses and the
+  same final weights as an uninterrupted run (fixed seed, CPU).
+- A Ray Train worker killed (SIGKILL) in the middle of a stage: Ray Train restarts the worker group from
+  the latest checkpoint and the run ends with the same final weights as the uninterrupted run.
+
+Run:  .venv/bin/python -m pytest tests/test_train.py -m slow
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from jobs import train
+from jobs.checkpoint import latest_checkpoint
+from jobs.tiny import write_tiny_shards
+
+pytestmark = pytest.mark.slow
+CPU = ["--profile", "cpu", "--num-cpus", "4"]
+
+
+def losses(run_dir: Path) -> dict[int, float]:
+    """step -> loss from metrics.jsonl (a step logged twice, after a restart, must agree with itself)."""
+    out: dict[int, float] = {}
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        rec = json.loads(line)
+        assert out.setdefault(rec["step"], rec["loss"]) == rec["loss"], f"step {rec['step']} redone differently"
+    return out
+
+
+def weights(export: Path) -> dict[str, torch.Tensor]:
+    files = sorted(export.glob("*.safetensors"))
+    assert files, f"no safetensors in {export}"
+    out: dict[str, torch.Tensor] = {}
+    for f in files:
+        out.update(load_file(f))
+    return out
+
+
+def assert_same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys()
+    differ = [k for k in a if not torch.equal(a[k], b[k])]
+    assert not differ, f"{len(differ)} tensors differ, e.g. {differ[:3]}"
+
+
+# ----------------------------------------------------------------------------- the three stages
+@pytest.fixture(scope="module")
+def chained(prepared_demo, tmp_path_factory):
+    cfg, _, _, _ = prepared_demo
+    out = tmp_path_factory.mktemp("train") / "runs"
+    argv = ["--stage", "all", "--data", str(cfg.out / "shards"), "--sft-data", str(cfg.out / "sft_shards"),
+            "--init-from", "tiny", "--output-dir", str(out), *CPU,
+            "stage1.schedule.max_steps=6", "stage2.schedule.max_steps=3", "stage3.schedule.max_steps=3"]  # fmt: skip
+    assert train.main(argv) == 0
+    return out
+
+
+def test_three_stages_chain_and_the_export_answers_generate(chained):
+    from breen.generate import answer
+    from breen.model import BreenForCausalLM
+    from jobs.ingest import load_tokenizer
+
+    previous = None
+    for stage in train.CHAIN:
+        run = chained / stage
+        config = json.loads((run / "train_config.json").read_text())
+        assert config["stage"] == stage
+        if previous is not None:  # each stage starts from the previous stage's export
+            assert config["model"]["init_from"] == str(previous / "export")
+        records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        assert [r["step"] for r in records] == list(range(1, len(records) + 1)) and records
+        for r in records:
+            for key in ("loss", "lm_loss", "align_fine", "align_coarse", "grad_norm", "samples_per_s",
+                        "tokens_per_s", "mfu"):  # fmt: skip
+                assert isinstance(r[key], float) and r[key] == r[key], (stage, key, r)  # finite, not NaN
+            assert r["lr"] and all(v >= 0 for v in r["lr"].values())
+        if stage != "stage3":  # captions: every sample carries CLIP targets
+            assert all(r["align_fine"] > 0 and r["align_coarse"] > 0 for r in records)
+        assert list((run / "tensorboard").rglob("events.out.tfevents.*")), f"no TensorBoard log in {run}"
+        assert len(sorted(run.glob("step-*"))) <= 2, "checkpoint.keep_last=2 not honoured"
+        assert (run / "export" / "config.json").exists()
+        previous = run
+
+    export = chained / "stage3" / "export"
+    model = BreenForCausalLM.from_pretrained(export, attn_implementation="sdpa").eval()
+    tokenizer = load_tokenizer(export)
+    from PIL import Image
+
+    image = Image.new("RGB", (64, 48), (200, 30, 30))
+    first = answer(model, tokenizer, "What is in the picture?", image=image, max_new_tokens=8)
+    again = answer(model, tokenizer, "What is in the picture?", image=image, max_new_tokens=8)
+    assert isinstance(first, str) and first == again
+
+
+def test_stage1_changes_exactly_the_trainable_set(chained):
+    from breen.model import BreenForCausalLM
+    from breen.stages import trainable_components
+
+    config = json.loads((chained / "stage1" / "train_config.json").read_text())
+    init = Path(config["model"]["init_from"])
+    model = BreenForCausalLM.from_pretrained(init, attn_implementation="sdpa")
+    chosen = set(trainable_components(model.config, "stage1"))
+    trainable = {name for comp, params in model.component_params().items() if comp in chosen for name, _ in params}
+    before, after = weights(init), weights(chained / "stage1" / "export")
+    assert before.keys() == after.keys() and trainable and trainable < set(before)
+    unchanged = sorted(k for k in trainable if torch.equal(before[k], after[k]))
+    moved = sorted(k for k in set(before) - trainable if not torch.equal(before[k], after[k]))
+    assert not unchanged, f"trainable parameters that did not change: {unchanged[:5]}"
+    assert not moved, f"frozen parameters that changed: {moved[:5]}"
+    print(f"\nstage 1: {len(trainable)} trainable tensors changed, {len(before) - len(trainable)} frozen unchanged")
+
+
+# ----------------------------------------------------------------------------- resume and failures
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    return write_tiny_shards(tmp_path_factory.mktemp("tiny-shards") / "shards", 96, clip_dim=64, seed=3)
+
+
+def stage1_argv(shards: Path, out: Path, *extra: str) -> list[str]:
+    return ["--stage", "stage1", "--data", str(shards), "--init-from", "tiny", "--output-dir", str(out), *CPU,
+            "schedule.max_steps=12", "checkpoint.every_steps=3", "checkpoint.async_upload=false", *extra]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(shards, tmp_path_factory, ray_local):
+    out = tmp_path_factory.mktemp("uninterrupted")
+    assert train.main(stage1_argv(shards, out)) == 0
+    return out / "stage1"
+
+
+def test_stopped_and_resumed_run_matches_an_uninterrupted_one(shards, uninterrupted, tmp_path):
+    assert train.main(stage1_argv(shards, tmp_path, "debug.stop_after_step=3")) == 0
+    run = tmp_path / "stage1"
+    assert sorted(losses(run)) == [1, 2, 3] and not (run / "export").exists()
+    assert train.main(stage1_argv(shards, tmp_path)) == 0  # the same command resumes at step 3
+    want, got = losses(uninterrupted), losses(run)
+    assert sorted(want) == list(range(1, 13))
+    assert got == want, f"per-step losses differ:\n uninterrupted {want}\n resumed       {got}"
+    assert_same_weights(weights(uninterrupted / "export"), weights(run / "export"))
+
+
+def train_workers() -> list[psutil.Process]:
+    found = []
+    for p in psutil.process_iter(["cmdline"]):
+        try:
+            if "RayTrainWorker" in " ".join(p.info["cmdline"] or []):
+                found.append(p)
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            pass
+    return found
+
+
+def test_killed_worker_restarts_from_the_latest_checkpoint(shards, uninterrupted, tmp_path):
+    run = tmp_path / "stage1"
+    killed: list[int] = []
+    registered: list[int] = []
+
+    def kill_after_a_checkpoint() -> None:
+        deadline = time.monotonic() + 600
+        while time.monotonic() < deadline and not killed:
+            # Once Ray Train has registered a checkpoint (its controller collects reports every 2 s) and a
+            # later step is logged, kill a worker: the restart must resume from that checkpoint.
+            latest = latest_checkpoint(run)
+            if latest is not None and max(losses(run)) > latest[1]["step"]:
+                workers = train_workers()
+                if workers:
+                    victim = workers[-1]
+                    os.kill(victim.pid, signal.SIGKILL)
+                    killed.append(victim.pid)
+                    registered.append(latest[1]["step"])
+                    return
+            time.sleep(0.05)
+
+    watcher = threading.Thread(target=kill_after_a_checkpoint, daemon=True)
+    watcher.start()
+    assert train.main(stage1_argv(shards, tmp_path, "checkpoint.max_failures=1")) == 0
+    watcher.join(timeout=5)
+    assert killed, "no Ray Train worker was killed (the run ended first?)"
+    text = (run / "metrics.jsonl").read_text().splitlines()
+    steps = [json.loads(line)["step"] for line in text]
+    back = [i for i in range(1, len(steps)) if steps[i] <= steps[i - 1]]
+    assert back, f"no step ran twice: the run did not restart ({steps})"
+    resumed_at = steps[back[0]] - 1
+    assert resumed_at >= registered[0] > 0, f"restarted from step {resumed_at}, not from a checkpoint ({steps})"
+    assert losses(run) == losses(uninterrupted)
+    assert_same_weights(weights(uninterrupted / "export"), weights(run / "export"))
+    print(f"\nworker {killed[0]} killed (checkpoint step {registered[0]} registered); restarted at step {resumed_at}; steps logged: {steps}")
