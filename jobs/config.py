@@ -53,6 +53,10 @@ class DataSection:
     # Which text column to train on: "caption" (plain layout, stages 1-2), "conversations" (chat layout,
     # stage 3), or "auto" (conversations when present and not null, else caption).
     text_field: str = "caption"
+    # Expected teacher: the `breen.teacher` Parquet metadata value of every shard with teacher targets
+    # (e.g. "ViT-L-14-336"); a shard made with another teacher fails the run before it starts. None
+    # accepts any teacher as long as all shards share one (name, weights id, preprocessing).
+    teacher: str | None = None
     # Whole spliced sequence (image + queries + text) per sample; longer samples are cut (text only) or
     # rejected (see `breen.data.encode_sample`).
     max_length: int = 4096
@@ -406,6 +410,7 @@ def validate(cfg: TrainConfig, check_paths: bool = False) -> None:
     need(s.precision in PRECISIONS, "scale.precision", f"must be one of {PRECISIONS}")
     need(s.zero_stage == 3, "scale.zero_stage", "only ZeRO stage 3 is supported")
     need(cfg.data.text_field in TEXT_FIELDS, "data.text_field", f"must be one of {TEXT_FIELDS}")
+    need(cfg.data.teacher is None or bool(cfg.data.teacher.strip()), "data.teacher", "must be a name or null")
     need(cfg.data.max_length > 0, "data.max_length", "must be > 0")
     need(cfg.data.encode_batch_size > 0, "data.encode_batch_size", "must be > 0")
     need(cfg.data.encode_actors > 0, "data.encode_actors", "must be > 0")

@@ -88,17 +88,35 @@ def list_shards(paths: Sequence[str | Path]) -> list[ShardFile]:
     return files
 
 
-def check_shards(files: Sequence[ShardFile], config: BreenConfig, text_field: str) -> None:
-    """Fail fast when the shards do not fit the model or the stage (clip_dim, teacher, text column)."""
-    dims = {f.clip_dim for f in files if f.clip_dim is not None}
-    if dims and dims != {config.clip_dim}:
+def check_shards(
+    files: Sequence[ShardFile], config: BreenConfig, text_field: str, teacher: str | None = None
+) -> None:
+    """Fail fast when the shards do not fit the model or the stage (teacher, clip_dim, text and target
+    columns); the message names the config field and the first offending file.
+
+    `teacher`: the expected ``breen.teacher`` metadata value of every shard with teacher columns
+    (``data.teacher``); None accepts any single teacher.
+    """
+    with_targets = [f for f in files if f.clip_dim is not None]
+    if teacher is not None:
+        bad = [f for f in with_targets if f.teacher[0] != teacher]
+        if bad:
+            raise ValueError(
+                f"data.teacher={teacher!r} but {bad[0].path} was made with teacher {bad[0].teacher[0]!r} "
+                f"({len(bad)} of {len(with_targets)} shard files differ)"
+            )
+    bad = [f for f in with_targets if f.clip_dim != config.clip_dim]
+    if bad:
         raise ValueError(
-            f"data.paths: teacher features have width {sorted(dims)} but the model's clip_dim is "
-            f"{config.clip_dim} (model.init_from was built for another teacher)"
+            f"data.paths: {bad[0].path} has teacher features of width {bad[0].clip_dim} but the model's "
+            f"clip_dim is {config.clip_dim} (model.init_from was built for another teacher)"
         )
-    teachers = {f.teacher for f in files if f.clip_dim is not None}
-    if len(teachers) > 1:
-        raise ValueError(f"data.paths: shards come from different teachers: {sorted(teachers)}")
+    bad = [f for f in with_targets if f.teacher != with_targets[0].teacher]
+    if bad:
+        raise ValueError(
+            f"data.paths: shards come from different teachers: {bad[0].path} has {bad[0].teacher} but "
+            f"{with_targets[0].path} has {with_targets[0].teacher}"
+        )
     if text_field == "conversations":
         missing = [f.path for f in files if "conversations" not in f.columns]
         if missing:
@@ -107,6 +125,12 @@ def check_shards(files: Sequence[ShardFile], config: BreenConfig, text_field: st
         missing = [f.path for f in files if "caption" not in f.columns]
         if missing:
             raise ValueError(f"data.text_field=caption but {missing[0]} has no caption column")
+        missing = [f.path for f in files if not {"fine", "coarse"} <= set(f.columns)]
+        if missing:
+            raise ValueError(
+                f"data.text_field=caption (stages 1-2 train on teacher targets) but {missing[0]} has no "
+                "fine/coarse columns"
+            )
 
 
 # ----------------------------------------------------------------------------- epoch order

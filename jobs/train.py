@@ -449,7 +449,7 @@ def stage_plan(cfg: TrainConfig) -> dict[str, Any]:
         init_dir, tokenizer_dir = resolve_init(cfg, files)
     model_config = BreenConfig.from_pretrained(init_dir)
     try:
-        ingest.check_shards(files, model_config, cfg.data.text_field)
+        ingest.check_shards(files, model_config, cfg.data.text_field, teacher=cfg.data.teacher)
     except ValueError as err:
         raise ConfigError(str(err)) from None
     rows = ingest.total_rows(files)

@@ -1,0 +1,587 @@
+"""Fast unit tests for the training side (jobs/): config, schedule, stage chaining, ingest, CLI errors.
+
+Everything runs on real training shards written by `jobs.tiny.write_tiny_shards` (well under a second)
+and, for the model side, a BREEN directory holding only ``config.json`` and the tiny tokenizer (the driver
+never reads weights). One test builds the Ray Data ingest on the session's local Ray (`ray_local`); no
+DeepSpeed (end-to-end training is `tests/test_train.py`).
+
+Run:  .venv/bin/python -m pytest tests/test_train_units.py
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from breen.config import BreenConfig
+from breen.stages import DEFAULT_LRS
+from jobs import config as jc
+from jobs import ingest, train
+from jobs.checkpoint import TrainState
+from jobs.config import ConfigError
+from jobs.tiny import tiny_tokenizer, write_tiny_shards
+
+CLIP_DIM = 32
+CPU = ["--profile", "cpu"]
+
+
+# ----------------------------------------------------------------------------- helpers
+def flat(d: dict, prefix: str = "") -> dict[str, object]:
+    """Nested dict -> {dotted key: leaf} (lists are leaves)."""
+    out: dict[str, object] = {}
+    for k, v in d.items():
+        key = f"{prefix}.{k}" if prefix else str(k)
+        if isinstance(v, dict):
+            out.update(flat(v, key))
+        else:
+            out[key] = v
+    return out
+
+
+def differing_keys(a: jc.TrainConfig, b: jc.TrainConfig) -> set[str]:
+    fa, fb = flat(jc.to_dict(a)), flat(jc.to_dict(b))
+    return {k for k in fa.keys() | fb.keys() if fa.get(k, "<absent>") != fb.get(k, "<absent>")}
+
+
+def rewrite(path: Path, *, drop: tuple[str, ...] = (), teacher: str | None = None) -> None:
+    """Rewrite one shard file in place, without some columns and/or with another `breen.teacher`."""
+    table = pq.read_table(path)
+    meta = dict(table.schema.metadata or {})
+    table = table.drop_columns(list(drop)) if drop else table
+    if teacher is not None:
+        meta[b"breen.teacher"] = teacher.encode()
+    pq.write_table(table.replace_schema_metadata(meta), path)
+
+
+@pytest.fixture(scope="module")
+def init_dir(tmp_path_factory) -> Path:
+    """A BREEN directory as the driver sees it: config.json + tokenizer (no weights needed)."""
+    out = tmp_path_factory.mktemp("init")
+    BreenConfig.preset("tiny", clip_dim=CLIP_DIM).save_pretrained(out)
+    tiny_tokenizer().save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def model_config(init_dir) -> BreenConfig:
+    return BreenConfig.from_pretrained(init_dir)
+
+
+@pytest.fixture
+def shards(tmp_path) -> Path:
+    """20 caption rows in files of 8, 8, 4 rows."""
+    return write_tiny_shards(tmp_path / "shards", 20, clip_dim=CLIP_DIM, rows_per_file=8)
+
+
+# ============================================================================= jobs.config
+def test_stage2_is_stage1_plus_the_documented_changes():
+    s1, s2 = jc.stage1(), jc.stage2()
+    assert differing_keys(s1, s2) == {
+        "stage",
+        "optim.lrs.patch_embed",  # stage 2: one learning rate for everything
+        "optim.warmup_ratio",
+        "checkpoint.every_steps",
+    }
+    assert s2.optim.lrs == DEFAULT_LRS["stage2"] and s2.optim.warmup_ratio == 0.01
+    assert s2.checkpoint.every_steps == 200
+
+
+def test_stage3_is_stage2_plus_the_documented_changes():
+    s2, s3 = jc.stage2(), jc.stage3()
+    assert differing_keys(s2, s3) == {
+        "stage",
+        "data.text_field",
+        "data.group_by_modality",
+        "optim.lrs.default",
+        "scale.num_workers",
+        "scale.micro_batch_size",
+        "scale.global_batch_size",
+    }
+    assert s3.data.text_field == "conversations" and s3.data.group_by_modality
+    assert s3.optim.lrs == DEFAULT_LRS["stage3"]
+    assert (s3.scale.num_workers, s3.scale.micro_batch_size) == (32, 8)
+
+
+@pytest.mark.parametrize(("stage", "global_batch"), [("stage1", 1024), ("stage2", 1024), ("stage3", 256)])
+def test_full_scale_global_batch_and_accumulation(stage, global_batch):
+    full = jc.build_config(stage)
+    s = full.scale
+    assert s.global_batch_size == global_batch
+    assert s.micro_batch_size * s.num_workers * s.grad_accum == global_batch and s.grad_accum == 1
+    # 8 workers: same global batch, more accumulation
+    eight = jc.build_config(stage, overrides=["scale.num_workers=8"]).scale
+    assert eight.global_batch_size == global_batch
+    assert eight.grad_accum == global_batch // (eight.micro_batch_size * 8)
+    assert eight.grad_accum == {"stage3": 4}.get(stage, 8)
+
+
+def test_dotted_overrides_parse_typed_values():
+    cfg = jc.build_config(
+        "stage1",
+        overrides=[
+            "scale.num_workers=8",
+            "scale.cpus_per_worker=2",
+            "scale.use_gpu=false",
+            "optim.lrs.patch_embed=1e-4",
+            "optim.warmup_ratio=0.05",
+            "optim.betas=[0.8, 0.95]",
+            "data.paths=a,b",
+            "data.teacher=ViT-L-14-336",
+            "schedule.max_steps=null",
+            "debug.fail_at_step=3",
+            "model.attn_implementation=sdpa",
+        ],
+    )
+    assert cfg.scale.num_workers == 8 and type(cfg.scale.num_workers) is int
+    assert cfg.scale.cpus_per_worker == 2.0 and type(cfg.scale.cpus_per_worker) is float
+    assert cfg.scale.use_gpu is False
+    assert cfg.optim.lrs == {"default": 4e-5, "patch_embed": 1e-4}
+    assert type(cfg.optim.lrs["patch_embed"]) is float
+    assert cfg.optim.warmup_ratio == 0.05 and cfg.optim.betas == [0.8, 0.95]
+    assert cfg.data.paths == ["a", "b"]
+    assert cfg.data.teacher == "ViT-L-14-336"
+    assert cfg.schedule.max_steps is None and cfg.debug.fail_at_step == 3
+    assert cfg.model.attn_implementation == "sdpa"
+    assert jc.stage1().data.teacher is None  # default: any single teacher
+
+
+@pytest.mark.parametrize(
+    ("override", "field", "why"),
+    [
+        ("scale.num_worker=8", "scale.num_worker", "unknown key"),
+        ("scale.num_workers=eight", "scale.num_workers", "integer"),
+        ("scale.use_gpu=1", "scale.use_gpu", "true/false"),
+        ("optim.warmup_ratio=fast", "optim.warmup_ratio", "number"),
+        ("data.paths=7", "data.paths", "list"),
+        ("model.gradient_checkpointing.x=1", "model.gradient_checkpointing.x", "not a section"),
+        ("scale.global_batch_size=1000", "scale.global_batch_size", "not a positive multiple"),
+        ("data.teacher=' '", "data.teacher", "name"),
+        ("scale.num_workers", "scale.num_workers", "KEY=VALUE"),
+    ],
+)
+def test_bad_overrides_raise_config_error_naming_the_field(override, field, why):
+    with pytest.raises(ConfigError) as err:
+        jc.build_config("stage1", overrides=[override])
+    assert field in str(err.value) and why in str(err.value), str(err.value)
+
+
+def test_inconsistent_batch_in_a_profile_stage_is_rejected():
+    # cpu profile: 2 workers x micro 2; a global batch of 6 is no multiple of 4
+    with pytest.raises(ConfigError, match=r"scale\.global_batch_size: 6 is not"):
+        jc.build_config("stage3", "cpu", ["scale.global_batch_size=6"])
+
+
+def test_resolved_config_round_trips_through_save_config(tmp_path):
+    cfg = jc.build_config(
+        "stage3", "cpu", ["data.paths=x,y", "optim.lrs.patch_embed=3e-4", "data.teacher=ViT-L-14-336"]
+    )
+    path = tmp_path / "deep" / "train_config.json"
+    jc.save_config(cfg, path)
+    assert json.loads(path.read_text()) == jc.to_dict(cfg)
+    assert jc.load_config(path) == cfg
+    assert jc.from_dict(jc.to_dict(cfg)) == cfg
+    assert not list(path.parent.glob(".*.tmp"))  # atomic write leaves no temporary file
+    bad = jc.to_dict(cfg)
+    bad["data"]["bogus"] = 1
+    with pytest.raises(ConfigError, match=r"data\.bogus: unknown key"):
+        jc.from_dict(bad)
+    old = jc.to_dict(cfg)
+    del old["data"]["teacher"]  # a train_config.json written before data.teacher existed
+    assert jc.from_dict(old).data.teacher is None
+
+
+# ============================================================================= jobs.train: schedule
+@pytest.mark.parametrize(
+    ("warmup_ratio", "min_lr_ratio"), [(0.03, 0.0), (0.1, 0.0), (0.1, 0.1), (0.0, 0.0), (0.2, 0.25)]
+)
+def test_lr_factor_matches_transformers_cosine_with_warmup(warmup_ratio, min_lr_ratio):
+    import torch
+    from transformers import get_cosine_schedule_with_warmup, get_cosine_with_min_lr_schedule_with_warmup
+
+    total = 50
+    warmup = math.ceil(warmup_ratio * total)  # as transformers' TrainingArguments.get_warmup_steps
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    if min_lr_ratio:
+        sched = get_cosine_with_min_lr_schedule_with_warmup(opt, warmup, total, min_lr_rate=min_lr_ratio)
+    else:
+        sched = get_cosine_schedule_with_warmup(opt, warmup, total)
+    ours, theirs = [], []
+    for step in range(total):
+        theirs.append(opt.param_groups[0]["lr"])
+        ours.append(train.lr_factor(step, total, warmup_ratio, min_lr_ratio))
+        opt.step()
+        sched.step()
+    np.testing.assert_allclose(ours, theirs, rtol=1e-12, atol=1e-12)
+    rising, falling = ours[: warmup + 1], ours[warmup:]
+    assert ours[0] == (0.0 if warmup else 1.0)
+    assert all(a < b for a, b in itertools.pairwise(rising)) and rising[-1] == pytest.approx(1.0)
+    assert all(a >= b for a, b in itertools.pairwise(falling))  # cosine decay
+    assert min_lr_ratio <= ours[-1] < min_lr_ratio + 0.01
+    assert train.lr_factor(total, total, warmup_ratio, min_lr_ratio) == pytest.approx(min_lr_ratio)
+
+
+# ============================================================================= jobs.train: chaining
+def test_chain_configs_scoped_overrides_and_init_chain(tmp_path):
+    out = str(tmp_path / "runs")
+    cfgs = train.chain_configs(
+        list(train.CHAIN), data=["d1", "d2"], sft_data=["s"], init_from="tiny", output_dir=out,
+        profile="cpu", overrides=["stage2.schedule.max_steps=3", "seed=7", "stage3.optim.lrs.default=1e-5"],
+        name="ignored-for-a-chain",
+    )  # fmt: skip
+    assert [c.stage for c in cfgs] == list(train.CHAIN)
+    assert [c.schedule.max_steps for c in cfgs] == [None, 3, None]
+    assert [c.optim.lrs["default"] for c in cfgs] == [4e-5, 4e-5, 1e-5]
+    assert all(c.seed == 7 and c.output_dir == out for c in cfgs)
+    assert [c.run_name for c in cfgs] == list(train.CHAIN)
+    assert cfgs[0].model.init_from == "tiny"
+    assert cfgs[1].model.init_from == str(cfgs[0].export_dir) == str(Path(out, "stage1", "export"))
+    assert cfgs[2].model.init_from == str(cfgs[1].export_dir) == str(Path(out, "stage2", "export"))
+    assert cfgs[0].data.paths == cfgs[1].data.paths == ["d1", "d2"] and cfgs[2].data.paths == ["s"]
+    assert cfgs[2].scale.global_batch_size == 4  # the cpu profile's stage-3 entry
+
+
+def test_chain_configs_lone_stage_defaults_to_the_previous_export(tmp_path):
+    out = str(tmp_path / "runs")
+    kw = dict(data=["d"], sft_data=["s"], output_dir=out, profile="cpu", overrides=[])
+    (s2,) = train.chain_configs(["stage2"], init_from=None, **kw)
+    assert s2.model.init_from == str(Path(out) / "stage1" / "export")
+    (s3,) = train.chain_configs(["stage3"], init_from=None, name="sft-a", **kw)
+    assert s3.model.init_from == str(Path(out) / "stage2" / "export") and s3.run_name == "sft-a"
+    (given,) = train.chain_configs(["stage2"], init_from="/models/x", **kw)
+    assert given.model.init_from == "/models/x"
+    (s1,) = train.chain_configs(["stage1"], init_from=None, **kw)
+    assert s1.model.init_from is None  # stage 1 has no previous stage: main reports it (model.init_from)
+    with pytest.raises(ConfigError, match=r"scale\.num_worker"):
+        train.chain_configs(["stage2"], init_from=None, **{**kw, "overrides": ["stage2.scale.num_worker=1"]})
+
+
+def test_check_same_scale():
+    cfg = jc.build_config("stage1", "cpu")
+    state = TrainState(num_workers=2, micro_batch_size=2, global_batch_size=8)
+    train.check_same_scale(state, cfg, world=2)
+    with pytest.raises(ConfigError, match=r"scale\.num_workers.*\(4, 2, 8\).*\(2, 2, 8\)"):
+        train.check_same_scale(state, cfg, world=4)
+
+
+# ============================================================================= jobs.ingest: shard files
+def test_list_shards_reads_footers_and_honours_done_markers(tmp_path, shards):
+    files = ingest.list_shards([shards])
+    assert [Path(f.path).name for f in files] == [
+        "part-00000.parquet",
+        "part-00001.parquet",
+        "part-00002.parquet",
+    ]
+    assert [f.rows for f in files] == [8, 8, 4] and ingest.total_rows(files) == 20
+    assert all(f.clip_dim == CLIP_DIM for f in files)
+    assert files[0].teacher == ("synthetic", "random:0", "none")
+    assert {"key", "image", "caption", "fine", "coarse"} <= set(files[0].columns)
+
+    (shards / "part-00001.done").unlink()  # an unfinished file (markers exist) is left out
+    assert [Path(f.path).name for f in ingest.list_shards([shards])] == [
+        "part-00000.parquet",
+        "part-00002.parquet",
+    ]
+    for marker in shards.glob("part-*.done"):  # no markers at all: every file counts
+        marker.unlink()
+    assert len(ingest.list_shards([shards])) == 3
+
+    other = write_tiny_shards(tmp_path / "a-other", 4, clip_dim=CLIP_DIM)
+    both = ingest.list_shards([shards, other])  # directory order, then name
+    assert [Path(f.path).parent for f in both] == [shards] * 3 + [other]
+
+
+@pytest.mark.parametrize("kind", ["missing", "empty"])
+def test_list_shards_without_shards_names_the_directory(tmp_path, kind):
+    d = tmp_path / "nothing-here"
+    if kind == "empty":
+        d.mkdir()
+        (d / "part-00000.txt").write_text("")
+    with pytest.raises(FileNotFoundError, match=r"part-\*\.parquet") as err:
+        ingest.list_shards([d])
+    assert str(d) in str(err.value)
+
+
+def test_check_shards_accepts_matching_shards(tmp_path, shards, model_config):
+    files = ingest.list_shards([shards])
+    ingest.check_shards(files, model_config, "caption")
+    ingest.check_shards(files, model_config, "caption", teacher="synthetic")
+    ingest.check_shards(files, model_config, "auto")
+    sft = ingest.list_shards([write_tiny_shards(tmp_path / "sft", 6, clip_dim=CLIP_DIM, sft=True)])
+    ingest.check_shards(sft, model_config, "conversations", teacher="synthetic")
+
+
+def test_check_shards_teacher_width_differs_from_clip_dim(tmp_path, model_config):
+    files = ingest.list_shards([write_tiny_shards(tmp_path / "wide", 10, clip_dim=16, rows_per_file=8)])
+    with pytest.raises(ValueError, match=r"data\.paths") as err:
+        ingest.check_shards(files, model_config, "caption")
+    msg = str(err.value)
+    assert files[0].path in msg and "width 16" in msg and f"clip_dim is {CLIP_DIM}" in msg
+
+
+def test_check_shards_different_teachers(tmp_path, shards, model_config):
+    other = write_tiny_shards(tmp_path / "other", 8, clip_dim=CLIP_DIM, seed=1)  # weights id random:1
+    files = ingest.list_shards([shards, other])
+    with pytest.raises(ValueError, match=r"data\.paths: shards come from different teachers") as err:
+        ingest.check_shards(files, model_config, "caption")
+    assert str(other / "part-00000.parquet") in str(err.value) and "random:1" in str(err.value)
+
+
+def test_check_shards_data_teacher_names_field_and_first_offending_file(tmp_path, shards, model_config):
+    files = ingest.list_shards([shards])
+    with pytest.raises(ValueError) as err:
+        ingest.check_shards(files, model_config, "caption", teacher="ViT-L-14-336")
+    msg = str(err.value)
+    assert msg.startswith("data.teacher='ViT-L-14-336'") and files[0].path in msg and "'synthetic'" in msg
+
+    rewrite(shards / "part-00001.parquet", teacher="EVA-CLIP")  # only the second file differs
+    files = ingest.list_shards([shards])
+    with pytest.raises(ValueError, match=r"data\.teacher='synthetic'") as err:
+        ingest.check_shards(files, model_config, "caption", teacher="synthetic")
+    assert files[1].path in str(err.value) and files[0].path not in str(err.value)
+    assert "'EVA-CLIP'" in str(err.value)
+
+
+def test_check_shards_missing_text_or_target_columns(tmp_path, shards, model_config):
+    files = ingest.list_shards([shards])
+    with pytest.raises(ValueError, match=r"data\.text_field=conversations") as err:
+        ingest.check_shards(files, model_config, "conversations")
+    assert files[0].path in str(err.value)
+
+    rewrite(shards / "part-00002.parquet", drop=("fine", "coarse"))
+    files = ingest.list_shards([shards])
+    assert files[2].clip_dim is None
+    with pytest.raises(ValueError, match=r"data\.text_field=caption") as err:
+        ingest.check_shards(files, model_config, "caption")
+    assert files[2].path in str(err.value) and "fine/coarse" in str(err.value)
+    ingest.check_shards(files, model_config, "auto")  # SFT-style data may lack targets
+
+    rewrite(shards / "part-00001.parquet", drop=("caption",))
+    with pytest.raises(ValueError, match=r"data\.text_field=caption") as err:
+        ingest.check_shards(ingest.list_shards([shards]), model_config, "caption")
+    assert str(shards / "part-00001.parquet") in str(err.value) and "caption column" in str(err.value)
+
+
+# ============================================================================= jobs.ingest: epoch order
+def positions(items: list[dict]) -> list[int]:
+    return [p for it in items for p in range(it["first_pos"] + it["skip"], it["first_pos"] + it["rows"])]
+
+
+def test_epoch_plan_covers_each_epoch_and_skip_drops_exactly_the_consumed_positions(tmp_path, shards):
+    files = ingest.list_shards([shards, write_tiny_shards(tmp_path / "b", 7, clip_dim=CLIP_DIM)])
+    total = ingest.total_rows(files)
+    assert total == 27
+    full = ingest.epoch_plan(files, seed=3, epochs=2)
+    assert positions(full) == list(range(2 * total)) and len(full) == 2 * len(files)
+    for epoch in range(2):
+        mine = [it for it in full if it["epoch"] == epoch]
+        assert sorted(it["file_index"] for it in mine) == list(range(len(files)))
+        order = ingest.file_order(len(files), 3, epoch)
+        assert [it["file_index"] for it in mine] == order.tolist()
+    for skip in (1, 5, 8, 16, 26, 27, 30, 53):
+        items = ingest.epoch_plan(files, seed=3, epochs=2, skip=skip)
+        assert positions(items) == list(range(skip, 2 * total)), skip
+        assert all(0 <= it["skip"] < it["rows"] for it in items)
+        assert [it["skip"] for it in items[1:]] == [0] * (len(items) - 1)  # only the first file is sliced
+        tail = full[len(full) - len(items) :]
+        assert [{**a, "skip": 0} for a in items] == [{**b, "skip": 0} for b in tail]
+    assert ingest.epoch_plan(files, seed=3, epochs=2, skip=2 * total) == []
+
+
+@pytest.mark.parametrize(("num_rows", "n_image", "group"), [(40, 13, 4), (37, 20, 4), (24, 24, 8), (9, 0, 4)])
+def test_row_order_groups_by_modality(num_rows, n_image, group):
+    rng = np.random.default_rng(num_rows)
+    has_image = np.zeros(num_rows, bool)
+    has_image[rng.choice(num_rows, n_image, replace=False)] = True
+    order = ingest.row_order(num_rows, 5, 1, 2, has_image, group)
+    assert sorted(order.tolist()) == list(range(num_rows))
+    chunks = [has_image[order[i : i + group]] for i in range(0, num_rows, group)]
+    mixed = [i for i, c in enumerate(chunks) if c.any() and not c.all()]
+    assert len(mixed) <= 1
+    if mixed:  # the mixed group comes after every full single-modality group
+        assert mixed[0] == (n_image // group) + ((num_rows - n_image) // group)
+    full = [c for c in chunks if len(c) == group]
+    assert len([c for c in full if c.all() or not c.any()]) >= len(full) - 1
+    assert np.array_equal(order, ingest.row_order(num_rows, 5, 1, 2, has_image, group))  # deterministic
+    plain = ingest.row_order(num_rows, 5, 1, 2)
+    assert sorted(plain.tolist()) == list(range(num_rows))
+    assert not np.array_equal(plain, ingest.row_order(num_rows, 5, 2, 2))  # another epoch, another order
+
+
+@pytest.mark.parametrize(("world", "accum", "micro_batch"), [(1, 1, 4), (3, 2, 4), (4, 3, 2)])
+def test_expected_pos_matches_the_round_robin_layout(world, accum, micro_batch):
+    steps = 4
+    stream = np.arange(steps * accum * world * micro_batch)
+    blocks = [stream[i : i + micro_batch] for i in range(0, len(stream), micro_batch)]
+    dealt = {r: blocks[r::world] for r in range(world)}  # streaming_split(equal) deals blocks round robin
+    for step in range(steps):
+        seen = []
+        for rank in range(world):
+            for micro in range(accum):
+                block = dealt[rank][step * accum + micro]
+                assert ingest.expected_pos(step, micro, rank, world, micro_batch, accum) == block[0]
+                seen += block.tolist()
+        glob = accum * world * micro_batch  # a step consumes exactly one global batch
+        assert sorted(seen) == list(range(step * glob, (step + 1) * glob))
+
+
+# ============================================================================= jobs.ingest: the dataset
+def expected_rows(files, seed, epochs, skip, group_size) -> list[dict]:
+    """Per position: the source row (file, index) the addressable order says it holds."""
+    out = []
+    for it in ingest.epoch_plan(files, seed, epochs, skip):
+        table = pq.read_table(it["path"], columns=["key", "image"])
+        has_image = ~table.column("image").is_null().to_numpy(zero_copy_only=False)
+        order = ingest.row_order(
+            it["rows"], seed, it["epoch"], it["file_index"], has_image if group_size else None, group_size
+        )
+        keys = table.column("key").to_pylist()
+        for lo in range(it["skip"], it["rows"]):
+            row = int(order[lo])
+            out.append({"pos": it["first_pos"] + lo, "key": keys[row], "path": it["path"], "row": row,
+                        "image": bool(has_image[row])})  # fmt: skip
+    return out
+
+
+def run_ingest(files, init_dir, model_config, *, seed, skip=0):
+    ds = ingest.build_dataset(
+        files, tokenizer_dir=str(init_dir), model_config=model_config.to_dict(), text_field="auto",
+        max_length=512, seed=seed, epochs=2, micro_batch_size=4, group_by_modality=True, skip=skip,
+        encode_actors=1, encode_cpus=0.5, chunk_rows=8,
+    )  # fmt: skip
+    ds.context.execution_options = ingest.ingest_options()  # as the trainer's DataConfig
+    ds.context.enable_progress_bars = False
+    cols = ["pos", "key", "ok", "reason", "pixel_values", "num_tokens"]
+    return ds.select_columns(cols).take_all()
+
+
+def test_build_dataset_stream_order_seed_rejects_and_skip(ray_local, tmp_path, init_dir, model_config):
+    """Three runs of the real Ray Data ingest (the run count dominates this file's runtime)."""
+    cap = write_tiny_shards(tmp_path / "cap", 12, clip_dim=CLIP_DIM, rows_per_file=8, corrupt_rows=(3,))
+    sft = write_tiny_shards(
+        tmp_path / "sft", 8, clip_dim=CLIP_DIM, rows_per_file=8, sft=True, text_only_every=3
+    )
+    files = ingest.list_shards([cap, sft])
+    ingest.check_shards(files, model_config, "auto", teacher="synthetic")
+    n = 2 * ingest.total_rows(files)  # two epochs, 40 positions
+    corrupt = (str(cap / "part-00000.parquet"), 3)
+
+    def check(rows, seed, skip=0) -> list[tuple[str, int]]:
+        """The stream holds positions skip..n-1 once each, in order, each the row the plan names."""
+        want = expected_rows(files, seed, 2, skip, group_size=4)
+        assert [r["pos"] for r in rows] == list(range(skip, n)), "every position once, in position order"
+        assert [r["key"] for r in rows] == [w["key"] for w in want]
+        for r, w in zip(rows, want, strict=True):
+            if (w["path"], w["row"]) == corrupt:  # rejected, not dropped: carried with its reason
+                assert not r["ok"] and r["reason"] == "decode_error", r
+            else:
+                assert r["ok"] and r["reason"] == "" and r["num_tokens"] > 0, r
+                assert (len(r["pixel_values"]) > 0) == w["image"]  # text-only SFT rows carry no image
+        return [(w["path"], w["row"]) for w in want]
+
+    first = run_ingest(files, init_dir, model_config, seed=0)
+    a = check(first, seed=0)
+    assert sum(not r["ok"] for r in first) == 2  # the corrupt row, once per epoch
+
+    skip = 13  # resume mid-file: exactly positions >= skip, identical to the first run's (same seed)
+    resumed = run_ingest(files, init_dir, model_config, seed=0, skip=skip)
+    assert check(resumed, seed=0, skip=skip) == a[skip:]
+    assert resumed == first[skip:]
+
+    b = check(run_ingest(files, init_dir, model_config, seed=1), seed=1)
+    assert b != a and sorted(b) == sorted(a)  # another seed: the same rows in another order
+    assert b[: n // 2] != a[: n // 2] and b[n // 2 :] != a[n // 2 :]
+
+
+def test_build_dataset_with_nothing_left_to_read(shards, init_dir):
+    files = ingest.list_shards([shards])
+    with pytest.raises(ValueError, match="nothing left to read"):
+        ingest.build_dataset(
+            files, tokenizer_dir=str(init_dir), model_config={}, text_field="caption", max_length=64,
+            seed=0, epochs=2, micro_batch_size=4, skip=40,
+        )  # fmt: skip
+
+
+# ============================================================================= jobs.train.main
+def run_main(argv, capsys) -> tuple[int, str]:
+    code = train.main(argv)
+    return code, capsys.readouterr().err
+
+
+def test_main_help(capsys):
+    with pytest.raises(SystemExit) as exc:
+        train.main(["--help"])
+    assert exc.value.code == 0
+    out = capsys.readouterr().out
+    assert "--stage" in out and "--sft-data" in out and "overrides" in out
+
+
+def test_main_missing_data_dir_exits_2(tmp_path, capsys):
+    missing = tmp_path / "no-such-shards"
+    code, err = run_main(
+        ["--stage", "stage1", "--data", str(missing), "--init-from", "tiny", "--output-dir",
+         str(tmp_path / "runs"), *CPU],
+        capsys,
+    )  # fmt: skip
+    assert code == 2 and "data.paths[0]" in err and str(missing) in err, err
+    assert not (tmp_path / "runs" / "stage1").exists() or not any((tmp_path / "runs" / "stage1").iterdir())
+
+
+def test_main_unknown_override_exits_2(tmp_path, shards, capsys):
+    code, err = run_main(
+        ["--stage", "stage1", "--data", str(shards), "--init-from", "tiny", "--output-dir",
+         str(tmp_path / "runs"), *CPU, "scale.num_worker=2"],
+        capsys,
+    )  # fmt: skip
+    assert code == 2 and "scale.num_worker: unknown key" in err, err
+
+
+def test_main_global_batch_larger_than_the_data_exits_2(tmp_path, shards, init_dir, capsys):
+    code, err = run_main(
+        ["--stage", "stage1", "--data", str(shards), "--init-from", str(init_dir), "--output-dir",
+         str(tmp_path / "runs"), *CPU, "scale.global_batch_size=32"],
+        capsys,
+    )  # fmt: skip
+    assert code == 2 and "scale.global_batch_size" in err and "20 rows" in err, err
+
+
+def test_main_teacher_mismatch_exits_2_naming_data_teacher(tmp_path, shards, init_dir, capsys):
+    code, err = run_main(
+        ["--stage", "stage1", "--data", str(shards), "--init-from", str(init_dir), "--output-dir",
+         str(tmp_path / "runs"), *CPU, "data.teacher=ViT-L-14-336"],
+        capsys,
+    )  # fmt: skip
+    assert code == 2 and "data.teacher='ViT-L-14-336'" in err, err
+    assert str(shards / "part-00000.parquet") in err
+
+
+def test_main_caption_shards_without_targets_exit_2(tmp_path, shards, init_dir, capsys):
+    rewrite(shards / "part-00001.parquet", drop=("fine", "coarse"))
+    code, err = run_main(
+        ["--stage", "stage1", "--data", str(shards), "--init-from", str(init_dir), "--output-dir",
+         str(tmp_path / "runs"), *CPU],
+        capsys,
+    )  # fmt: skip
+    assert code == 2 and "data.text_field=caption" in err and str(shards / "part-00001.parquet") in err, err
+
+
+@pytest.mark.xfail(
+    strict=True,
+    raises=FileNotFoundError,
+    reason="stage_plan does not turn list_shards' "
+    "FileNotFoundError (a data directory without shards) into a ConfigError / exit 2",
+)
+def test_main_empty_data_dir_exits_2(tmp_path, init_dir, capsys):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    code, err = run_main(
+        ["--stage", "stage1", "--data", str(empty), "--init-from", str(init_dir), "--output-dir",
+         str(tmp_path / "runs"), *CPU],
+        capsys,
+    )  # fmt: skip
+    assert code == 2 and str(empty) in err
