@@ -32,6 +32,7 @@ from typing import Any
 
 import yaml
 
+from breen.model import COMPONENTS
 from breen.stages import DEFAULT_LRS, STAGES
 
 TINY_INIT = "tiny"  # model.init_from value: build a tiny random BREEN + tokenizer (demo, no downloads)
@@ -418,6 +419,9 @@ def validate(cfg: TrainConfig, check_paths: bool = False) -> None:
     need(cfg.data.prefetch_batches >= 1, "data.prefetch_batches", "must be >= 1")
     need(bool(cfg.optim.lrs), "optim.lrs", "needs at least a 'default' learning rate")
     need(all(v >= 0 for v in cfg.optim.lrs.values()), "optim.lrs", "learning rates must be >= 0")
+    for name in cfg.optim.lrs:
+        need(name in COMPONENTS or name == "default", f"optim.lrs.{name}",
+             f"unknown component; known: {', '.join(COMPONENTS)} and default")  # fmt: skip
     need(0 <= cfg.optim.warmup_ratio < 1, "optim.warmup_ratio", "must be in [0, 1)")
     need(0 <= cfg.optim.min_lr_ratio <= 1, "optim.min_lr_ratio", "must be in [0, 1]")
     need(len(cfg.optim.betas) == 2, "optim.betas", "needs two values")

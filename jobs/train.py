@@ -426,19 +426,28 @@ def absolute_paths(cfg: TrainConfig) -> None:
     cfg.model.tokenizer = fix(cfg.model.tokenizer)
 
 
+def check_inputs(cfg: TrainConfig) -> list[ingest.ShardFile]:
+    """Validate the config and find its training shards (fails fast naming the field); paths made absolute."""
+    absolute_paths(cfg)
+    validate(cfg)
+    flag = "--sft-data" if cfg.stage == "stage3" else "--data"
+    if not cfg.data.paths:
+        raise ConfigError(f"data.paths: no training-shard directory given for {cfg.stage} ({flag})")
+    for i, p in enumerate(cfg.data.paths):
+        if not Path(p).is_dir():
+            raise ConfigError(f"data.paths[{i}]: not a directory: {p}")
+    try:
+        return ingest.list_shards(cfg.data.paths)
+    except FileNotFoundError as err:
+        raise ConfigError(f"data.paths: {err}") from None
+
+
 def stage_plan(cfg: TrainConfig) -> dict[str, Any]:
     """Check inputs and settle everything the workers need (fails fast, naming the field)."""
     from breen.config import BreenConfig
 
-    absolute_paths(cfg)
+    files = check_inputs(cfg)
     resume = latest_checkpoint(cfg.run_dir)
-    validate(cfg)
-    if not cfg.data.paths:
-        raise ConfigError("data.paths: no training-shard directory given (--data / --sft-data)")
-    for i, p in enumerate(cfg.data.paths):
-        if not Path(p).is_dir():
-            raise ConfigError(f"data.paths[{i}]: not a directory: {p}")
-    files = ingest.list_shards(cfg.data.paths)
     if resume is not None:
         init_dir = tokenizer_dir = resume[0] / MODEL_DIR
         print(f"[{cfg.stage}] resuming {cfg.run_dir} from {resume[0].name}", flush=True)
@@ -578,9 +587,13 @@ def chain_configs(
         paths = sft_data if stage == "stage3" else data
         if paths:
             base.append("data.paths=" + ",".join(paths))
-        if i > 0:
-            init = str(cfgs[-1].export_dir)
-        elif init_from is not None or stage == "stage1":
+        if i > 0:  # the previous stage's export, unless this stage's own override names another model
+            own = any(item.startswith(f"{stage}.model.init_from=") for item in overrides)
+            init = None if own else str(cfgs[-1].export_dir)
+            chained = [] if init is None else [f"model.init_from={init}"]
+            cfgs.append(build_config(stage, profile, base + mine + chained))
+            continue
+        if init_from is not None or stage == "stage1":
             init = init_from
         else:
             init = str(Path(output_dir) / CHAIN[CHAIN.index(stage) - 1] / "export")
@@ -614,6 +627,8 @@ def main(argv: list[str] | None = None) -> int:
             stages, data=args.data, sft_data=args.sft_data, init_from=args.init_from,
             output_dir=args.output_dir, profile=args.profile, overrides=overrides, name=args.name,
         )  # fmt: skip
+        for cfg in cfgs:  # every stage's inputs before the first one trains
+            check_inputs(cfg)
         for cfg in cfgs:
             run_stage(cfg, args.address, args.num_cpus)
     except ConfigError as err:

@@ -570,12 +570,6 @@ def test_main_caption_shards_without_targets_exit_2(tmp_path, shards, init_dir, 
     assert code == 2 and "data.text_field=caption" in err and str(shards / "part-00001.parquet") in err, err
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=FileNotFoundError,
-    reason="stage_plan does not turn list_shards' "
-    "FileNotFoundError (a data directory without shards) into a ConfigError / exit 2",
-)
 def test_main_empty_data_dir_exits_2(tmp_path, init_dir, capsys):
     empty = tmp_path / "empty"
     empty.mkdir()
@@ -585,3 +579,33 @@ def test_main_empty_data_dir_exits_2(tmp_path, init_dir, capsys):
         capsys,
     )  # fmt: skip
     assert code == 2 and str(empty) in err
+
+
+def test_main_all_stages_checks_every_stage_input_before_training(tmp_path, shards, init_dir, capsys):
+    code, err = run_main(
+        ["--stage", "all", "--data", str(shards), "--init-from", str(init_dir), "--output-dir",
+         str(tmp_path / "runs"), *CPU],
+        capsys,
+    )  # fmt: skip
+    assert code == 2 and "data.paths" in err and "stage3" in err and "--sft-data" in err, err
+    assert not (tmp_path / "runs" / "stage1").exists(), "stage 1 started although stage 3 has no data"
+
+
+def test_main_unknown_learning_rate_component_exits_2(tmp_path, shards, init_dir, capsys):
+    code, err = run_main(
+        ["--stage", "stage1", "--data", str(shards), "--init-from", str(init_dir), "--output-dir",
+         str(tmp_path / "runs"), *CPU, "optim.lrs.patch_embd=1e-4"],
+        capsys,
+    )  # fmt: skip
+    assert code == 2 and "optim.lrs.patch_embd" in err and "unknown component" in err, err
+
+
+def test_chain_an_unscoped_init_override_starts_only_the_first_stage(tmp_path):
+    out = str(tmp_path / "runs")
+    cfgs = train.chain_configs(
+        list(train.CHAIN), data=["d"], sft_data=["s"], init_from=None, output_dir=out, profile="cpu",
+        overrides=["model.init_from=/models/x", "stage3.model.init_from=/models/y"],
+    )  # fmt: skip
+    assert cfgs[0].model.init_from == "/models/x"
+    assert cfgs[1].model.init_from == str(cfgs[0].export_dir)
+    assert cfgs[2].model.init_from == "/models/y"
