@@ -16,7 +16,7 @@ after its first batch. Consumption rate: micro-batch / our median step time.
 Prints the step-time ratio ours/baseline (goal <= 1.10 with a step >= 0.5 s) and ingest/consumption
 (goal >= 5).
 
-Run:  python -m bench.train_overhead [--hidden 320] [--layers 4] [--micro-batch 4] [--steps 14]
+Run:  python -m bench.train_overhead [--hidden 640] [--layers 4] [--micro-batch 4] [--steps 14]
       [--warmup 4] [--threads 1] [--data DIR (training shards; default: synthetic, 256 rows)]
 """
 
@@ -169,7 +169,7 @@ def ingest_rate(cfg, files, model_config, tokenizer_dir: str) -> tuple[float, in
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--hidden", type=int, default=320)
+    parser.add_argument("--hidden", type=int, default=640)
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--micro-batch", type=int, default=4)
     parser.add_argument("--steps", type=int, default=14)
