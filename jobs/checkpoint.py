@@ -14,7 +14,8 @@ Client state (`TrainState`): optimizer step, samples and tokens seen, data posit
 position = step x global batch), rejected-sample counts by reason, and the scale it was written with. The
 learning-rate schedule is a pure function of the step, so restoring the step restores the scheduler.
 Weights and optimizer moments live in the ZeRO shards; ``deepspeed.utils.zero_to_fp32`` consolidates them
-offline. Ray keeps the last ``checkpoint.keep_last`` checkpoints.
+offline. Ray keeps the last ``checkpoint.keep_last`` checkpoints. Restoring never unpickles code: the ZeRO
+files are read with ``torch.load(weights_only=True)`` and a two-class allowlist (`weights_only_loads`).
 
 Export (stage end): the consolidated weights, gathered on rank 0 one module at a time, saved in Hugging
 Face layout (``config.json`` + safetensors) with the tokenizer, ``train_config.json`` and
@@ -23,12 +24,14 @@ Face layout (``config.json`` + safetensors) with the tokenizer, ``train_config.j
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
 import random
 import shutil
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -120,11 +123,63 @@ def save_checkpoint(
     return local
 
 
+def zero3_safe_globals() -> list[type]:
+    """The only non-tensor, non-builtin classes a DeepSpeed ZeRO-3 checkpoint (ours: fp32 on CPU, bf16 on
+    GPU, no fp16, no MoE) pickles, found with ``torch.serialization.get_unsafe_globals_in_checkpoint`` on
+    real checkpoints (tests/test_reliability_checkpoint.py checks that the list is still exact):
+    ``*_model_states.pt`` has none; ``*_optim_states.pt`` has the optimizer's ``zero_stage``
+    (``ZeroStageEnum.weights``) and ``loss_scaler`` (a static ``LossScaler``: bf16 and fp32 never get the
+    fp16 ``DynamicLossScaler``). Both are plain data: unpickling them sets attributes, it runs no code."""
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+
+    return [LossScaler, ZeroStageEnum]
+
+
+@contextlib.contextmanager
+def weights_only_loads(engine) -> Iterator[None]:
+    """While active, every file DeepSpeed's ``engine.load_checkpoint`` reads is unpickled with
+    ``torch.load(weights_only=True)`` and the `zero3_safe_globals` allowlist, never as full pickles
+    (DeepSpeed 0.19's ``TorchCheckpointEngine.load`` turns weights_only off): a checkpoint
+    file holding any other global (a pickle that would run code) is refused with an UnpicklingError.
+
+    How: all of ``load_checkpoint``'s reads (model states, the ZeRO optimizer shards, the state-dict
+    loader) go through ``engine.checkpoint_engine.load``; for the duration of the block that method is
+    shadowed on this engine's instance only (saving and other engines are untouched) and restored after.
+    The universal-checkpoint path, which unpickles full pickles with its own direct loads, is refused.
+    """
+    import torch
+    from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
+
+    ckpt_engine = engine.checkpoint_engine
+    if type(ckpt_engine) is not TorchCheckpointEngine:
+        raise RuntimeError(f"restore: unsupported DeepSpeed checkpoint engine {type(ckpt_engine).__name__} "
+                           "(only TorchCheckpointEngine is loaded with weights_only=True)")  # fmt: skip
+    if engine.load_universal_checkpoint():
+        raise RuntimeError("restore: DeepSpeed universal checkpoints are not supported (DeepSpeed unpickles "
+                           "them as full pickles)")  # fmt: skip
+    allowed = zero3_safe_globals()
+
+    def load(path: str, map_location=None):
+        with torch.serialization.safe_globals(allowed):
+            return torch.load(path, map_location=map_location, weights_only=True)
+
+    ckpt_engine.load = load  # instance attribute: shadows TorchCheckpointEngine.load
+    try:
+        yield
+    finally:
+        del ckpt_engine.load
+
+
 def restore_checkpoint(engine, directory: str | Path, rank: int) -> TrainState:
-    """Every rank: load ZeRO shards + optimizer state, the client state and this rank's RNG."""
-    load_path, client = engine.load_checkpoint(
-        str(directory), tag=ZERO_TAG, load_optimizer_states=True, load_lr_scheduler_states=False
-    )
+    """Every rank: load ZeRO shards + optimizer state, the client state and this rank's RNG.
+
+    The DeepSpeed files are unpickled with ``weights_only=True`` (see `weights_only_loads`); everything
+    else is JSON."""
+    with weights_only_loads(engine):
+        load_path, client = engine.load_checkpoint(
+            str(directory), tag=ZERO_TAG, load_optimizer_states=True, load_lr_scheduler_states=False
+        )
     if load_path is None:
         raise RuntimeError(f"DeepSpeed could not load the checkpoint in {directory}")
     state = TrainState.from_dict(client["train_state"])

@@ -4,12 +4,16 @@
   cloud-metadata addresses unless a host or CIDR is explicitly allowed.
 - `vet_url` checks a URL before download (scheme, syntax, every resolved address).
 - `install_guarded_opener` makes urllib (which img2dataset uses) vet every redirect target
-  before connecting, check the *connected* peer address of every connection, and cap the
-  response size and the total time of one download (connect, redirects, headers and body:
-  every socket read waits at most until the download's deadline, so a server that trickles
-  bytes cannot hold a thread longer than `Limits.max_seconds`).
-- `check_image_header` reads only the image header and refuses decompression bombs
-  before anything decodes the pixels; `normalise_image` applies the EXIF orientation and
+  before connecting, connect only to resolved addresses the policy allows (the address
+  checked is the address connected to: no packet ever goes to a refused address, and DNS
+  rebinding between the check and the connection gains nothing), and cap the response size
+  and the total time of one download (connect, redirects, headers and body: every socket
+  read waits at most until the download's deadline, so a server that trickles bytes cannot
+  hold a thread longer than `Limits.max_seconds`).
+- `check_image_header` reads only the image header, with Pillow's openers for common web
+  raster formats only (`IMAGE_FORMATS`: never EPS, which Pillow decodes with Ghostscript, or
+  the long tail of exotic decoders), and refuses decompression bombs before anything decodes
+  the pixels; `normalise_image` applies the EXIF orientation and
   reduces 16-bit samples to 8 bits (OpenCV would clip them) before the pixels are stored.
 """
 
@@ -30,6 +34,7 @@ from PIL import Image
 METADATA_HOSTS = {"metadata.google.internal", "metadata", "instance-data", "instance-data.ec2.internal"}
 METADATA_IPS = {ipaddress.ip_address("169.254.169.254"), ipaddress.ip_address("fd00:ec2::254"),
                 ipaddress.ip_address("100.100.100.200")}  # fmt: skip
+NAT64 = ipaddress.ip_network("64:ff9b::/96")  # well-known NAT64 prefix (RFC 6052)
 
 
 class RefusedURL(ValueError):
@@ -62,6 +67,11 @@ class AddressPolicy:
             return True
         if addr in METADATA_IPS:
             return False
+        if isinstance(addr, ipaddress.IPv6Address) and addr.sixtofour is not None:
+            # 6to4 (2002::/16, "global" to ipaddress) carries an IPv4 address: judge that one.
+            return self.allowed_ip(str(addr.sixtofour))
+        if addr in NAT64:  # DNS64 answers on IPv6-only networks: judge the IPv4 address inside
+            return self.allowed_ip(str(ipaddress.IPv4Address(int(addr) & 0xFFFFFFFF)))
         return addr.is_global and not (addr.is_multicast or addr.is_reserved or addr.is_link_local)
 
     def check_ip(self, ip: str, host: str) -> None:
@@ -70,13 +80,20 @@ class AddressPolicy:
                 f"address {ip} of host {host!r} is not public (loopback/private/link-local/metadata)"
             )
 
-    def check_host(self, host: str, port: int | None) -> None:
-        """Refuse metadata names; resolve and check every address of the host."""
+    def allowed_name(self, host: str) -> bool:
+        """True when `host` is allowed by name (no address check); raise for metadata names."""
         h = host.lower().rstrip(".")
         if h in self._hosts:
-            return
+            return True
         if h in METADATA_HOSTS:
             raise RefusedURL(f"host {host!r} is a cloud metadata endpoint")
+        return False
+
+    def check_host(self, host: str, port: int | None) -> None:
+        """Refuse metadata names; resolve and check every address of the host."""
+        if self.allowed_name(host):
+            return
+        h = host.lower().rstrip(".")
         try:
             infos = socket.getaddrinfo(h, port or 80, proto=socket.IPPROTO_TCP)
         except (socket.gaierror, UnicodeError) as e:
@@ -202,20 +219,50 @@ def _guarded_classes(policy: AddressPolicy, limits: Limits):
                 raise http.client.IncompleteRead(buf.getvalue(), self.length)
             return buf.getvalue()
 
-    def checked_connect(conn: http.client.HTTPConnection) -> None:
-        try:
-            policy.check_ip(conn.sock.getpeername()[0], conn.host)
-        except RefusedURL as e:
-            conn.close()
-            raise RefusedURL(f"{URL_REFUSED_MARK}connection to {conn.host!r}: {e}") from None
+    def vetted_connection(conn: http.client.HTTPConnection):
+        """`socket.create_connection` for `conn` that connects only to addresses the policy allows."""
+
+        def create(address, timeout=socket._GLOBAL_DEFAULT_TIMEOUT, source_address=None):
+            host, port = address
+            refusal: RefusedURL | None = None
+            error: OSError | None = None
+            try:
+                by_name = policy.allowed_name(host)
+                infos = socket.getaddrinfo(host, port, 0, socket.SOCK_STREAM)
+                for family, kind, proto, _, sockaddr in infos:
+                    if not by_name:
+                        try:
+                            policy.check_ip(str(sockaddr[0]), host)
+                        except RefusedURL as e:
+                            refusal = refusal or e  # never connected to: no packet is sent
+                            continue
+                    sock = socket.socket(family, kind, proto)
+                    try:
+                        if timeout is not socket._GLOBAL_DEFAULT_TIMEOUT:
+                            sock.settimeout(timeout)
+                        if source_address:
+                            sock.bind(source_address)
+                        sock.connect(sockaddr)
+                        return sock
+                    except OSError as e:
+                        sock.close()
+                        error = error or e
+            except RefusedURL as e:
+                refusal = e
+            if error is not None:
+                raise error
+            raise RefusedURL(f"{URL_REFUSED_MARK}connection to {conn.host!r}: {refusal or 'no address'}")
+
+        return create
 
     def bounded(conn: http.client.HTTPConnection, deadline: float) -> None:
-        """Bound the connect by the time left; responses read under the same deadline."""
+        """Bound the connect by the time left; responses read under the same deadline; vetted addresses."""
         left = deadline - time.monotonic()
         if left <= 0:
             raise too_slow()
         conn.timeout = left if not isinstance(conn.timeout, (int, float)) else min(conn.timeout, left)
         conn.response_class = functools.partial(CappedResponse, deadline=deadline)
+        conn._create_connection = vetted_connection(conn)
 
     class GuardedHTTPConnection(http.client.HTTPConnection):
         def __init__(self, *args, deadline: float, **kwargs) -> None:
@@ -225,17 +272,15 @@ def _guarded_classes(policy: AddressPolicy, limits: Limits):
         def connect(self) -> None:
             bounded(self, self._deadline)
             super().connect()
-            checked_connect(self)
 
     class GuardedHTTPSConnection(http.client.HTTPSConnection):
         def __init__(self, *args, deadline: float, **kwargs) -> None:
             super().__init__(*args, **kwargs)
             self._deadline = deadline
 
-        def connect(self) -> None:
+        def connect(self) -> None:  # TCP to a vetted address first, then the TLS handshake
             bounded(self, self._deadline)
             super().connect()
-            checked_connect(self)
 
     def deadline_of(req) -> float:
         # One deadline per download: set on the first request, copied to every redirect.
@@ -280,6 +325,18 @@ def install_guarded_opener(policy: AddressPolicy, limits: Limits) -> None:
 # ----------------------------------------------------------------------------- decode guard
 
 
+# Pillow openers tried on untrusted bytes: common web raster formats (JPEG also opens MPO). Never EPS
+# (decoded by running Ghostscript) nor the long tail of rarely used decoders (FLI, SGI, PCX, DDS, ...).
+IMAGE_FORMATS = ("JPEG", "PNG", "GIF", "WEBP", "BMP", "TIFF", "AVIF")
+
+
+@functools.cache
+def _openers() -> tuple[str, ...]:
+    """The `IMAGE_FORMATS` this Pillow build can open (an absent plugin is skipped, not an error)."""
+    Image.init()
+    return tuple(f for f in IMAGE_FORMATS if f in Image.OPEN)
+
+
 def check_image_header(data: bytes, max_pixels: int, max_bytes: int | None = None) -> tuple[int, int]:
     """Return (width, height) from the header only; raise ValueError for bombs and non-images."""
     if max_bytes is not None and len(data) > max_bytes:
@@ -287,10 +344,12 @@ def check_image_header(data: bytes, max_pixels: int, max_bytes: int | None = Non
     if not data:
         raise ValueError("empty payload")
     try:
-        with Image.open(io.BytesIO(data)) as im:
+        with Image.open(io.BytesIO(data), formats=_openers()) as im:
             w, h = im.size
     except Image.DecompressionBombError as e:
         raise ValueError(f"decompression bomb: {e}") from None
+    except Image.UnidentifiedImageError:
+        raise ValueError(f"not a decodable image: not {'/'.join(_openers())}") from None
     except Exception as e:
         raise ValueError(f"not a decodable image: {type(e).__name__}") from None
     if w <= 0 or h <= 0:
@@ -340,7 +399,7 @@ def normalise_image(data: bytes, flatten_alpha: bool = False) -> bytes | None:
     composited on white (what the download step's decoder does). Call after
     `check_image_header`: this decodes the pixels when a change is needed.
     """
-    with Image.open(io.BytesIO(data)) as im:
+    with Image.open(io.BytesIO(data), formats=_openers()) as im:
         orientation = _orientation(im)
         high = _high_depth(data, im)
         alpha = flatten_alpha and (im.mode in ("RGBA", "LA", "PA", "La", "RGBa") or "transparency" in im.info)

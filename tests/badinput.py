@@ -188,6 +188,13 @@ def image_payloads() -> dict[str, tuple[bytes, str, set, str | None, Callable | 
     out["zero_byte"] = (b"", "image/jpeg", dec, "empty", None, "")
     out["html_served_as_jpeg"] = (_NOT_IMAGE_HTML.encode(), "image/jpeg", dec, "not a decodable image", None, "")
     out["json_served_as_png"] = (json.dumps({"error": "gone"}).encode(), "image/png", dec, None, None, "")
+    # Formats Pillow could open but the decode guard never hands to a decoder: EPS (Pillow renders it
+    # with Ghostscript) and exotic rasters (TGA here); refused from the first bytes, no decoder runs.
+    out["eps_served_as_jpeg"] = (b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 300 200\n%%EndComments\n"
+                                 b"newpath 0 0 moveto 300 200 lineto stroke showpage\n%%EOF\n", "image/jpeg", dec,
+                                 r"not a decodable image: not JPEG/", None, "Ghostscript never runs")  # fmt: skip
+    out["tga_image"] = (encode(picture(3, 320, 240), "TGA"), "image/x-tga", dec, r"not a decodable image: not JPEG/",
+                        None, "exotic raster format")  # fmt: skip
     out["svg_image"] = (b'<svg xmlns="http://www.w3.org/2000/svg" width="300" height="200"><rect width="300" '
                         b'height="200" fill="red"/></svg>', "image/svg+xml", dec, None, None,
                         "vector image: no raster decoder")  # fmt: skip
@@ -359,6 +366,8 @@ def refused_addresses(port: int) -> dict[str, str]:
         "addr_octal_encoded": "http://0251.0376.0251.0376/latest/meta-data/",  # 169.254.169.254
         "addr_short_form": "http://10.1/x.jpg",  # 10.0.0.1
         "addr_ipv4_mapped_ipv6": "http://[::ffff:169.254.169.254]/latest/meta-data/",
+        "addr_6to4_metadata": "http://[2002:a9fe:a9fe::]/latest/meta-data/",  # 6to4 of 169.254.169.254
+        "addr_nat64_private": "http://[64:ff9b::a00:1]/x.jpg",  # NAT64 of 10.0.0.1
         "addr_userinfo_trick": f"http://127.0.0.1:{port}@10.0.0.1/x.jpg",
     }
 
@@ -485,6 +494,10 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 
 class _Server(http.server.ThreadingHTTPServer):
     daemon_threads = True
+    # The corpus opens ~100 connections at once (7 shards x 16 threads): with socketserver's default
+    # listen backlog of 5 the kernel drops SYNs, and a connect retried after 1 s and 3 s looks like a
+    # timeout to a client with a short socket timeout.
+    request_queue_size = 256
 
     def __init__(self) -> None:
         super().__init__(("127.0.0.1", 0), _Handler)
@@ -494,6 +507,12 @@ class _Server(http.server.ThreadingHTTPServer):
         self.lock = threading.Lock()
         self.stop = threading.Event()
         self.slow_s = 0.0
+        self.connections = 0  # TCP connections accepted
+
+    def process_request(self, request, client_address) -> None:
+        with self.lock:
+            self.connections += 1
+        super().process_request(request, client_address)
 
 
 class HostileServer:
@@ -537,6 +556,11 @@ class HostileServer:
     def requests(self) -> list[str]:
         with self.httpd.lock:
             return list(self.httpd.requests)
+
+    @property
+    def connections(self) -> int:
+        with self.httpd.lock:
+            return self.httpd.connections
 
     def set_slow(self, seconds: float) -> None:
         self.httpd.slow_s = seconds

@@ -58,11 +58,14 @@ input: {{urls: [{urls}]}}
 download:
   rows_per_shard: 16
   threads_per_shard: 16
-  timeout_s: 2            # per socket operation: cuts the server that never answers
-  total_timeout_s: 3      # per download: cuts the servers that trickle bytes
+  timeout_s: 4            # per socket operation: cuts the server that never answers
+  total_timeout_s: 6      # per download: cuts the servers that trickle bytes
+  # (both well above what a healthy local answer takes on a loaded 2-core machine, far below the
+  #  minutes that the silent and trickling servers would otherwise hold a download thread)
   max_response_bytes: {TINY}
   allow_private: ["127.0.0.1"]
-  cpus_per_shard: 0.5
+  cpus_per_shard: 2       # 2 shard tasks at a time on the 4-CPU local Ray: 2 worker processes import
+                          # img2dataset (~4 s of CPU each) and take the 7 shards in turn (< 1 s each)
 filter: {{min_short_side: 64, max_aspect_ratio: 3, min_words: 3, min_chars: 6, num_actors: 2, cpus_per_actor: 0.5}}
 captions: {{num_actors: 1, cpus_per_actor: 0.5}}
 teacher: {{model_config: {CONFIGS / "tiny-vit.json"}, random_init_seed: 0, batch_size: 16, cpus_per_actor: 0.5}}
@@ -97,7 +100,8 @@ def corpus_run(tmp_path_factory, ray_local):
         cfg = load_config(corpus_config(root, urls))
         out = cfg.out / "download"
         names = download.make_input_shards(cfg.input.urls, cfg.download.rows_per_shard, out / "_input")
-        task = ray.remote(download_shard_under_tripwire).options(num_cpus=0.5, max_retries=0)
+        task = ray.remote(download_shard_under_tripwire).options(num_cpus=cfg.download.cpus_per_shard,
+                                                                 max_retries=0)
         refs = {task.remote(str(trip_log), n, str(out / "_input"), str(out), to_dict(cfg.download),
                             cfg.filter.max_pixels): n for n in names}  # fmt: skip
         for ref, name in refs.items():
@@ -108,11 +112,22 @@ def corpus_run(tmp_path_factory, ray_local):
         common.finish_step(out, "download", [{"path": str(urls), "sha256": common.sha256_file(urls)}],
                            {"download": to_dict(cfg.download)})  # fmt: skip
         download_s = time.monotonic() - t0
-        for step in (filter_step.run, captions.run, teacher.run, shards.run):
-            try:
-                step(cfg)
-            except Exception as e:
-                crashes.append(f"{step.__module__}: {common.error_detail(e)}")
+        # ~40 rows: the filter's global dedup shuffles (3 hash shuffles) into 4 partitions held by one
+        # aggregator actor each, not Ray Data's default 200 partitions over one actor per CPU (same
+        # results; on 2 shared cores starting those actors dominates the filter step).
+        from ray.data import DataContext
+
+        data_ctx = DataContext.get_current()
+        saved = (data_ctx.default_hash_shuffle_parallelism, data_ctx.max_hash_shuffle_aggregators)
+        data_ctx.default_hash_shuffle_parallelism, data_ctx.max_hash_shuffle_aggregators = 4, 1
+        try:
+            for step in (filter_step.run, captions.run, teacher.run, shards.run):
+                try:
+                    step(cfg)
+                except Exception as e:
+                    crashes.append(f"{step.__module__}: {common.error_detail(e)}")
+        finally:
+            data_ctx.default_hash_shuffle_parallelism, data_ctx.max_hash_shuffle_aggregators = saved
         requests = server.requests
     return {"cases": cases, "cfg": cfg, "rows": n_rows, "crashes": crashes, "requests": requests,
             "trip_log": trip_log.read_text(), "download_s": download_s, "seconds": time.monotonic() - t0}  # fmt: skip
@@ -193,11 +208,12 @@ def test_time_and_size_caps_bound_every_download(corpus_run):
     cfg = corpus_run["cfg"]
     stats = common.read_stats(cfg.out / "download")
     slowest = max(s["seconds"] for s in stats)
-    # total_timeout_s = 3 (timeout_s = 2) per download; without the cap the trickles take minutes.
-    assert slowest < 3 + 12, stats
+    # total_timeout_s = 6 (timeout_s = 4) per download; without the cap the trickles take minutes
+    # (~11 kB at 16 bytes per 0.1 s: ~65 s; the header trickle 300 s). Generous margin: shared machine.
+    assert slowest < 6 + 24, stats
     by_case, _ = fates_by_case(cfg)
     for kind in ("server_trickles_body", "server_trickles_headers"):
-        assert "took longer than the 3s limit" in by_case[kind][0].detail
+        assert "took longer than the 6s limit" in by_case[kind][0].detail
 
 
 def test_refused_urls_never_reach_the_server(corpus_run):
@@ -236,8 +252,10 @@ def test_total_time_cap_cuts_a_trickling_server(server, opener, path):
     opener(max_seconds=1.0)
     t0 = time.monotonic()
     with pytest.raises(RefusedURL, match="took longer than the 1s limit"):
-        urllib.request.urlopen(server.url(path), timeout=5).read()
-    assert time.monotonic() - t0 < 2.5  # the per-socket timeout (5 s) never fires: bytes keep coming
+        urllib.request.urlopen(server.url(path), timeout=10).read()
+    # Cut by the 1 s cap: the per-socket timeout (10 s) never fires (bytes keep coming) and the trickle
+    # lasts ~40 s (body) or 300 s (headers); the margin is for a loaded machine.
+    assert time.monotonic() - t0 < 5
 
 
 def test_time_cap_spans_redirect_hops(server, opener):
@@ -248,8 +266,8 @@ def test_time_cap_spans_redirect_hops(server, opener):
     opener(max_seconds=1.0)
     t0 = time.monotonic()
     with pytest.raises(RefusedURL, match="took longer"):
-        urllib.request.urlopen(hop, timeout=5).read()
-    assert time.monotonic() - t0 < 2.5
+        urllib.request.urlopen(hop, timeout=10).read()
+    assert time.monotonic() - t0 < 5
 
 
 def test_a_server_that_never_answers_is_cut_by_the_timeout(server, opener):
@@ -257,7 +275,7 @@ def test_a_server_that_never_answers_is_cut_by_the_timeout(server, opener):
     t0 = time.monotonic()
     with pytest.raises((TimeoutError, urllib.error.URLError, RefusedURL)):
         urllib.request.urlopen(server.url("hang/"), timeout=1).read()
-    assert time.monotonic() - t0 < 2.5
+    assert time.monotonic() - t0 < 5  # the server would stay silent for 120 s
 
 
 @pytest.mark.parametrize("target", ["http://10.0.0.1/x.jpg", "http://169.254.169.254/latest/meta-data/",
@@ -284,13 +302,17 @@ def test_tripwire_blocks_before_any_packet(tmp_path):
 
 def test_guard_checks_the_connected_peer_not_only_the_url(server, opener):
     """Connection-time check (what stops DNS rebinding): with nothing allowed, a URL that was never
-    vetted still cannot reach 127.0.0.1, and the refusal is marked as such."""
+    vetted still cannot reach 127.0.0.1, and the refusal is marked as such. The connection resolves
+    the host itself and connects only to an address it checked: not even a TCP connection is made."""
     server.add("ok.jpg", encode(picture(1), "JPEG"))
     opener(allow=())
     with pytest.raises(RefusedURL, match=r"connection to '127\.0\.0\.1'.*not public") as e:
         urllib.request.urlopen(server.url("f/ok.jpg"), timeout=5).read()
     assert str(e.value).startswith(URL_REFUSED_MARK)
-    assert server.requests == []  # refused right after connect, before the request was sent
+    assert server.requests == [] and server.connections == 0
+    opener(allow=("127.0.0.1",))  # control: allowed, the same URL connects and downloads
+    assert urllib.request.urlopen(server.url("f/ok.jpg"), timeout=5).read() == encode(picture(1), "JPEG")
+    assert server.connections == 1
 
 
 # ----------------------------------------------------------------------------- file-level input errors
@@ -352,7 +374,11 @@ def test_a_step_without_its_input_fails_fast(tmp_path, capsys):
 
 
 def test_weights_load_only_through_safetensors_or_weights_only():
-    """No code path unpickles: every torch.load passes weights_only=True; no pickle/np allow_pickle."""
+    """No code path unpickles: every torch.load passes weights_only=True; no pickle/np allow_pickle; a
+    DeepSpeed checkpoint (whose own loader unpickles with weights_only=False) is loaded only by
+    `jobs.checkpoint.restore_checkpoint`, inside `weights_only_loads` (tests/test_reliability_checkpoint.py
+    checks that path on a real ZeRO-3 checkpoint and on a poisoned one)."""
+    import ast
     import re
 
     root = Path(__file__).resolve().parent.parent
@@ -360,15 +386,33 @@ def test_weights_load_only_through_safetensors_or_weights_only():
     for folder in ("pipelines", "breen", "jobs", "bench"):
         for f in sorted((root / folder).rglob("*.py")):
             text = f.read_text()
+            name = str(f.relative_to(root))
             for m in re.finditer(r"torch\.load\(", text):
                 call = text[m.start() : text.find(")", m.start()) + 200]
                 if "weights_only=True" not in call.split("\n\n")[0]:
-                    offenders.append(f"{f.relative_to(root)}: torch.load without weights_only=True")
+                    offenders.append(f"{name}: torch.load without weights_only=True")
+            # Allowlists are scoped (`with torch.serialization.safe_globals(...)`), never process-wide.
             for bad in (r"\bpickle\.loads?\(", r"allow_pickle\s*=\s*True", r"\bdill\.", r"\bjoblib\.load",
-                        r"weights_only\s*=\s*False", r"torch\.jit\.load\("):  # fmt: skip
+                        r"weights_only\s*=\s*False", r"torch\.jit\.load\(", r"use_safetensors\s*=\s*False",
+                        r"add_safe_globals\("):  # fmt: skip
                 if re.search(bad, text):
-                    offenders.append(f"{f.relative_to(root)}: {bad}")
+                    offenders.append(f"{name}: {bad}")
+            # engine.load_checkpoint(...) only inside `with weights_only_loads(engine):` in jobs/checkpoint.py
+            guarded: set[int] = set()
+            tree = ast.parse(text)
+            for node in ast.walk(tree):
+                if isinstance(node, ast.With) and any(
+                    isinstance(i.context_expr, ast.Call) and getattr(i.context_expr.func, "id", "") == "weights_only_loads"
+                    for i in node.items
+                ):  # fmt: skip
+                    guarded |= {id(n) for n in ast.walk(node)}
+            for node in ast.walk(tree):
+                is_load = isinstance(node, ast.Call) and getattr(node.func, "attr", "") == "load_checkpoint"
+                if is_load and (name != "jobs/checkpoint.py" or id(node) not in guarded):
+                    offenders.append(f"{name}:{node.lineno}: load_checkpoint outside weights_only_loads")
     assert not offenders, offenders
+    # The guarded DeepSpeed load exists (the AST check above is not vacuous).
+    assert "with weights_only_loads(engine):" in (root / "jobs" / "checkpoint.py").read_text()
 
 
 def test_a_pickled_teacher_checkpoint_is_refused_without_running_code(tmp_path, capsys):
@@ -423,6 +467,23 @@ def test_sft_images_are_normalised_like_downloads(tmp_path):
         assert got.size == (w, h) == ref.size, name
         diff = np.abs(np.asarray(got.convert("RGB"), np.float32) - np.asarray(ref.convert("RGB"), np.float32))
         assert diff.mean() < 3, (name, diff.mean())
+
+
+def test_sft_images_in_formats_outside_the_allowlist_are_refused_before_decoding(tmp_path, monkeypatch):
+    """An EPS in an SFT image folder is refused from its header: Pillow would render it with Ghostscript."""
+    from PIL import EpsImagePlugin
+
+    from pipelines.sft_import import load_image
+
+    ran: list[str] = []
+    monkeypatch.setattr(EpsImagePlugin, "Ghostscript", lambda *a, **k: ran.append("gs") or None)
+    (tmp_path / "x.eps").write_bytes(b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 300 200\n%%EndComments\n"
+                                     b"showpage\n%%EOF\n")  # fmt: skip
+    (tmp_path / "x.tga").write_bytes(encode(picture(1), "TGA"))
+    for name in ("x.eps", "x.tga"):
+        with pytest.raises(ValueError, match="not a decodable image: not JPEG/"):
+            load_image(tmp_path, name, 672, 10**8)
+    assert not ran
 
 
 def test_download_failure_reasons():
