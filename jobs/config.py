@@ -24,7 +24,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
-import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,13 +34,13 @@ import yaml
 from breen.model import COMPONENTS
 from breen.stages import DEFAULT_LRS, STAGES
 
+# ConfigError (a bad value; the message names the dotted field) and the typed conversion are shared with
+# the pipeline config.
+from pipelines.config import ConfigError, build, convert_value
+
 TINY_INIT = "tiny"  # model.init_from value: build a tiny random BREEN + tokenizer (demo, no downloads)
 PRECISIONS = ("bf16", "fp32")
 TEXT_FIELDS = ("caption", "conversations", "auto")
-
-
-class ConfigError(ValueError):
-    """A bad training config value; the message names the dotted field."""
 
 
 # ----------------------------------------------------------------------------- sections
@@ -279,7 +278,7 @@ def set_field(cfg: Any, key: str, value: Any) -> None:
         if isinstance(node, dict):
             if not last:
                 raise ConfigError(f"{where}: not a section")
-            node[part] = _convert(float, value, where)  # the only dict fields hold learning rates
+            node[part] = convert_value(float, value, where, lenient=True)  # the only dict fields hold learning rates
             return
         if not dataclasses.is_dataclass(node):
             raise ConfigError(f"{where}: not a section")
@@ -288,81 +287,9 @@ def set_field(cfg: Any, key: str, value: Any) -> None:
         if part not in names:
             raise ConfigError(f"{where}: unknown key (allowed here: {', '.join(names)})")
         if last:
-            setattr(node, part, _convert(hints[part], value, where))
+            setattr(node, part, convert_value(hints[part], value, where, lenient=True))
         else:
             node = getattr(node, part)
-
-
-def _convert(tp: Any, value: Any, where: str) -> Any:
-    """Check/convert a value against a type hint; raise ConfigError naming `where`."""
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
-        if value is None or value == "None":
-            if type(None) in typing.get_args(tp):
-                return None
-            raise ConfigError(f"{where}: must not be null")
-        errors = []
-        for a in args:
-            try:
-                return _convert(a, value, where)
-            except ConfigError as e:
-                errors.append(str(e))
-        raise ConfigError(errors[0])
-    if dataclasses.is_dataclass(tp):
-        if not isinstance(value, dict):
-            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
-        return _build(tp, value, where)
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
-        _, item = typing.get_args(tp)
-        return {str(k): _convert(item, v, f"{where}.{k}") for k, v in value.items()}
-    if origin is list:
-        (item,) = typing.get_args(tp)
-        if isinstance(value, str):
-            value = [v for v in value.split(",") if v]
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{where}: expected a list, got {value!r}")
-        return [_convert(item, v, f"{where}[{i}]") for i, v in enumerate(value)]
-    if value is None:
-        raise ConfigError(f"{where}: must not be null")
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"{where}: expected true/false, got {value!r}")
-        return value
-    if tp is int:
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{where}: expected an integer, got {value!r}")
-        return value
-    if tp is float:
-        if isinstance(value, str):  # YAML 1.1 reads "4e-4" as a string
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{where}: expected a number, got {value!r}")
-        return float(value)
-    if tp is str:
-        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
-            raise ConfigError(f"{where}: expected a string, got {value!r}")
-        return str(value)
-    raise ConfigError(f"{where}: unsupported type {tp}")
-
-
-def _build(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    kwargs = {}
-    for key, value in data.items():
-        where = f"{prefix}.{key}" if prefix else str(key)
-        if key not in names:
-            raise ConfigError(f"{where}: unknown key (allowed here: {', '.join(sorted(names))})")
-        kwargs[key] = _convert(hints[key], value, where)
-    return cls(**kwargs)
 
 
 # ----------------------------------------------------------------------------- (de)serialisation
@@ -372,7 +299,7 @@ def to_dict(cfg: TrainConfig) -> dict[str, Any]:
 
 def from_dict(data: dict[str, Any]) -> TrainConfig:
     """Strictly rebuild a `TrainConfig` (e.g. from a saved `train_config.json`)."""
-    return _build(TrainConfig, copy.deepcopy(data))
+    return build(TrainConfig, copy.deepcopy(data), lenient=True)
 
 
 def save_config(cfg: TrainConfig, path: str | Path) -> None:

@@ -172,12 +172,17 @@ def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
 
-def _convert(tp: Any, value: Any, where: str) -> Any:
-    """Check/convert one value against a type hint; raise ConfigError naming `where`."""
+def convert_value(tp: Any, value: Any, where: str, lenient: bool = False) -> Any:
+    """Check/convert one value against a type hint; raise ConfigError naming `where`.
+
+    Shared by the pipeline config (YAML files, strict) and the training config (`jobs.config`), which
+    passes ``lenient=True`` for command-line overrides: "None" is null, "a,b" is a list, "4e-4" (a string
+    in YAML 1.1) is a number and a number is accepted where a string is expected.
+    """
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
         args = typing.get_args(tp)
-        if value is None:
+        if value is None or (lenient and value == "None"):
             if type(None) in args:
                 return None
             raise ConfigError(f"{where}: must not be null")
@@ -186,19 +191,26 @@ def _convert(tp: Any, value: Any, where: str) -> Any:
             if a is type(None):
                 continue
             try:
-                return _convert(a, value, where)
+                return convert_value(a, value, where, lenient)
             except ConfigError as e:
                 errors.append(str(e))
         raise ConfigError(errors[0] if len(errors) == 1 else f"{where}: {value!r} matches none of {tp}")
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
             raise ConfigError(f"{where}: expected a mapping, got {type(value).__name__}")
-        return _build(tp, value, where)
+        return build(tp, value, where, lenient)
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        _, item = typing.get_args(tp)
+        return {str(k): convert_value(item, v, f"{where}.{k}", lenient) for k, v in value.items()}
     if origin is list:
         (item,) = typing.get_args(tp)
-        if not isinstance(value, list):
+        if lenient and isinstance(value, str):
+            value = [v for v in value.split(",") if v]
+        if not isinstance(value, (list, tuple) if lenient else list):
             raise ConfigError(f"{where}: expected a list, got {type(value).__name__} ({value!r})")
-        return [_convert(item, v, f"{where}[{i}]") for i, v in enumerate(value)]
+        return [convert_value(item, v, f"{where}[{i}]", lenient) for i, v in enumerate(value)]
     if value is None:
         raise ConfigError(f"{where}: must not be null")
     if tp is bool:
@@ -212,17 +224,25 @@ def _convert(tp: Any, value: Any, where: str) -> Any:
             raise ConfigError(f"{where}: expected an integer, got {value!r}")
         return value
     if tp is float:
+        if lenient and isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{where}: expected a number, got {value!r}")
         return float(value)
     if tp is str:
+        if lenient and isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
         if not isinstance(value, str):
             raise ConfigError(f"{where}: expected a string, got {value!r}")
         return value
     raise ConfigError(f"{where}: unsupported type {_type_name(tp)}")
 
 
-def _build(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
+def build(cls: type, data: dict[str, Any], prefix: str = "", lenient: bool = False) -> Any:
+    """Dataclass `cls` from plain data: unknown keys and wrong types raise ConfigError naming the field."""
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls) if f.init}
     kwargs = {}
@@ -230,13 +250,13 @@ def _build(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
         where = f"{prefix}.{key}" if prefix else str(key)
         if key not in names:
             raise ConfigError(f"{where}: unknown key (allowed here: {', '.join(sorted(names))})")
-        kwargs[key] = _convert(hints[key], value, where)
+        kwargs[key] = convert_value(hints[key], value, where, lenient)
     return cls(**kwargs)
 
 
 def from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
     """Build dataclass `cls` from plain data, strictly (unknown keys and wrong types raise)."""
-    return _build(cls, data, prefix)
+    return build(cls, data, prefix)
 
 
 def to_dict(obj: Any) -> dict[str, Any]:

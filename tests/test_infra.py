@@ -571,16 +571,18 @@ def test_pipeline_entrypoints_and_configs(overlay):
 
 def _train_configs(argv: list[str]):
     """Parse a `python -m jobs.train ...` entrypoint with jobs.train itself and return the stage configs
-    it would run (`run_stage` is replaced, nothing runs)."""
+    it would run (`run_stage` is replaced, nothing runs; `check_inputs` too: the data lives on the
+    cluster's volume, not here)."""
     import jobs.train as train
 
     captured = []
-    original = train.run_stage
+    original = train.run_stage, train.check_inputs
     train.run_stage = lambda cfg, *a, **k: captured.append(cfg)
+    train.check_inputs = lambda cfg: train.validate(cfg)
     try:
         rc = train.main(argv[3:])
     finally:
-        train.run_stage = original
+        train.run_stage, train.check_inputs = original
     assert rc == 0, f"jobs.train rejected {argv}"
     return captured
 
