@@ -42,6 +42,7 @@ from PIL import Image
 from pipelines import common
 from tests.badinput import HostileServer, encode, picture, wait_for
 from tests.conftest import free_port
+from tests.procs import alive, cmdline, process_tree
 
 pytestmark = [
     pytest.mark.reliability,
@@ -58,43 +59,6 @@ RESULTS: dict[str, dict] = {}  # fault -> {rows, lost, duplicated, identical, no
 # ----------------------------------------------------------------------------- processes
 
 
-def _parents() -> dict[int, int]:
-    out = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                out[int(entry)] = int(Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, ValueError, IndexError):
-                pass
-    return out
-
-
-def process_tree(root: int) -> set[int]:
-    """`root` and its living descendants."""
-    parents = _parents()
-    tree, frontier = {root}, [root]
-    while frontier:
-        pid = frontier.pop()
-        kids = [c for c, p in parents.items() if p == pid and c not in tree]
-        tree.update(kids)
-        frontier += kids
-    return {p for p in tree if _alive(p)}
-
-
-def _alive(pid: int) -> bool:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):
-        return False
-
-
-def _cmdline(pid: int) -> str:
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-    except OSError:
-        return ""
-
-
 def kill_tree(root: int, sig: int = signal.SIGKILL, wait_s: float = 15) -> int:
     """Send `sig` to every process of the tree at once (as a node or pod dying would); returns how many."""
     pids = process_tree(root)
@@ -103,7 +67,7 @@ def kill_tree(root: int, sig: int = signal.SIGKILL, wait_s: float = 15) -> int:
             os.kill(pid, sig)
         except ProcessLookupError:
             pass
-    wait_for(lambda: not any(_alive(p) for p in pids), wait_s)
+    wait_for(lambda: not any(alive(p) for p in pids), wait_s)
     return len(pids)
 
 
@@ -170,7 +134,7 @@ class Cluster:
 
     def node2_running(self, title: str) -> bool:
         """Whether a process of the second node is executing `title` (Ray sets it as the process title)."""
-        return self.node2 is not None and any(title in _cmdline(p) for p in process_tree(self.node2.pid))
+        return self.node2 is not None and any(title in cmdline(p) for p in process_tree(self.node2.pid))
 
     def kill_node2(self) -> int:
         assert self.node2 is not None
@@ -477,7 +441,7 @@ def test_step_killed_at_random_moments_is_crash_safe(cluster, url_list, clean_do
             done0 = len(before) // 4
             wait_for(lambda d=done0: len(common.finished_shards(dataset)) > d, 60, every=0.02)
             time.sleep(rng.uniform(0.0, 1.0))
-        workers = [p for p in _job_workers(cluster) if "download_one_shard" in _cmdline(p)]
+        workers = [p for p in _job_workers(cluster) if "download_one_shard" in cmdline(p)]
         kill_tree(step.proc.pid)
         for p in workers:  # the step's tasks die with it, mid-write if they were writing
             try:

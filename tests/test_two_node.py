@@ -31,6 +31,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from tests.conftest import free_port
+from tests.procs import alive, process_tree
 
 pytestmark = [
     pytest.mark.slow,
@@ -55,32 +56,6 @@ def ray_env() -> dict[str, str]:
     return env
 
 
-def process_tree(root: int) -> set[int]:
-    """`root` and all its living descendants (from /proc)."""
-    parents: dict[int, int] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                stat = Path(f"/proc/{entry}/stat").read_text()
-                parents[int(entry)] = int(stat.rsplit(")", 1)[1].split()[1])
-            except (OSError, ValueError, IndexError):
-                pass
-    tree, frontier = {root}, [root]
-    while frontier:
-        pid = frontier.pop()
-        children = [c for c, p in parents.items() if p == pid and c not in tree]
-        tree.update(children)
-        frontier += children
-    return tree
-
-
-def _alive(pid: int) -> bool:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):
-        return False
-
-
 def stop_processes(procs: list[subprocess.Popen], grace_s: float = 10.0) -> None:
     """SIGTERM every process of the trees, wait, SIGKILL what is left, reap the roots."""
     pids: set[int] = set()
@@ -88,13 +63,13 @@ def stop_processes(procs: list[subprocess.Popen], grace_s: float = 10.0) -> None
         pids |= process_tree(p.pid)
     for sig in (signal.SIGTERM, signal.SIGKILL):
         for pid in pids:
-            if _alive(pid):
+            if alive(pid):
                 try:
                     os.kill(pid, sig)
                 except ProcessLookupError:
                     pass
         deadline = time.monotonic() + grace_s
-        while time.monotonic() < deadline and any(_alive(pid) for pid in pids):
+        while time.monotonic() < deadline and any(alive(pid) for pid in pids):
             time.sleep(0.2)
     for p in procs:
         try:
