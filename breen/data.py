@@ -340,6 +340,48 @@ def collate(
         if "labels" in s:
             batch["labels"][i, :n] = s["labels"]
         batch["attention_mask"][i, :n] = 1
+    _per_sample(samples, batch)
+    return _tensors(batch, return_tensors)
+
+
+def pack(
+    samples: Sequence[dict[str, np.ndarray]],
+    pad_token_id: int,
+    pad_to_multiple_of: int | None = None,
+    return_tensors: str = "pt",
+) -> dict[str, Any]:
+    """Pack `encode_sample` outputs back to back into one row (the packed format of `breen.model`).
+
+    ``input_ids``/``labels`` [1, T] (T = total length, rounded up to ``pad_to_multiple_of``), ``cu_seqlens``
+    [n + 1] int32 sample boundaries, no ``attention_mask``. The per-sample keys (``image_grid``,
+    ``pixel_values``, ``fine``/``coarse``/``align_mask``) are as in `collate`, one entry per sample. The model
+    keeps attention inside each sample and restarts positions, so the losses equal those of `collate`'s
+    padded batch; only the alignment tail (< ``pad_to_multiple_of`` tokens) is padding.
+    """
+    if not samples:
+        raise ValueError("pack needs at least one sample")
+    lengths = [len(s["input_ids"]) for s in samples]
+    cu = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
+    total = int(cu[-1])
+    if pad_to_multiple_of:
+        total = -(-total // pad_to_multiple_of) * pad_to_multiple_of
+    batch: dict[str, np.ndarray] = {
+        "input_ids": np.full((1, total), pad_token_id, dtype=np.int64),
+        "labels": np.full((1, total), IGNORE_INDEX, dtype=np.int64),
+        "cu_seqlens": cu,
+        "image_grid": np.stack([np.asarray(s["image_grid"], dtype=np.int64) for s in samples]),
+    }
+    for s, lo, hi in zip(samples, cu[:-1], cu[1:], strict=True):
+        batch["input_ids"][0, lo:hi] = s["input_ids"]
+        if "labels" in s:
+            batch["labels"][0, lo:hi] = s["labels"]
+    _per_sample(samples, batch)
+    return _tensors(batch, return_tensors)
+
+
+def _per_sample(samples: Sequence[dict[str, np.ndarray]], batch: dict[str, np.ndarray]) -> None:
+    """Add the per-sample image and target arrays of `collate` / `pack` to ``batch``."""
+    b = len(samples)
     with_image = [s for s in samples if s.get("pixel_values") is not None]
     if with_image:
         batch["pixel_values"] = np.zeros((b, *with_image[0]["pixel_values"].shape), dtype=np.uint8)
@@ -355,6 +397,9 @@ def collate(
         for i, s in enumerate(samples):
             if s.get("fine") is not None:
                 batch["fine"][i], batch["coarse"][i], batch["align_mask"][i] = s["fine"], s["coarse"], True
+
+
+def _tensors(batch: dict[str, np.ndarray], return_tensors: str) -> dict[str, Any]:
     if return_tensors == "np":
         return batch
     if return_tensors != "pt":

@@ -29,6 +29,14 @@ align_mask       [B] bool                rows that carry alignment targets (defa
                                          query block)
 ===============  ======================  ==================================================================
 
+Packed format (training; `breen.data.pack` builds it): one row holds n samples back to back, so the only
+padding is an alignment tail. ``input_ids``/``labels`` are [1, T], ``cu_seqlens`` [n + 1] int32 gives the
+sample boundaries (no ``attention_mask``, no ``position_ids``), and ``pixel_values``, ``image_grid``,
+``fine``, ``coarse`` and ``align_mask`` have one entry per sample instead of per row. Positions restart at
+0 in every sample, attention stays inside each sample (flash-attn's varlen kernel through transformers'
+``cu_seq_lens_*`` kwargs, else one causal SDPA call per sample: `packed_sdpa`), a sample's last token
+predicts nothing of the next sample, and so the losses equal those of the padded batch of the same samples.
+
 The output (`BreenCausalLMOutput`) has ``loss = lm_loss + align_loss_weight * (align_loss_fine +
 align_loss_coarse)`` and each part separately for logging. With labels, the LM head runs only on the
 supervised positions and ``logits`` is None unless ``return_logits=True`` (full [B, L, V] logits of a 7B
@@ -37,6 +45,7 @@ model at 2.5k tokens do not fit); without labels ``logits`` holds [B, L or logit
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -155,6 +164,10 @@ class BreenAttention(nn.Module):
         q, k = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
         if past_key_values is not None:
             k, v = past_key_values.update(k, v, self.layer_idx)  # [B, kv_heads, S, hd], S = past + L
+        packed = kwargs.pop("packed", None)
+        if packed is not None and not packed.flash:  # packed row, no varlen kernel: causal SDPA per sample
+            out = packed_sdpa(q, k, v, packed, self.scaling, self.num_key_value_groups)
+            return self.o_proj(out.reshape(b, n, -1))
         attend: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
             self.config._attn_implementation, eager_attention
         )
@@ -169,6 +182,59 @@ class BreenAttention(nn.Module):
             **kwargs,
         )  # [B, L, heads, hd]
         return self.o_proj(out.reshape(b, n, -1))  # [B, L, heads*hd] -> [B, L, H]
+
+
+class PackedSequences(NamedTuple):
+    """Sample boundaries of a packed batch (one row holding several samples back to back).
+
+    ``cu_seqlens`` [n + 1] int32 covers the whole row: the samples, then the padding tail as one more
+    segment when the row is longer than its samples. ``flash``: hand the boundaries to flash-attention's
+    varlen kernel (transformers' ``cu_seq_lens_*`` kwargs) instead of `packed_sdpa`.
+    """
+
+    cu_seqlens: torch.Tensor  # [n_segments + 1] int32, last = row length
+    max_length: int
+    flash: bool
+
+    @classmethod
+    def from_cu_seqlens(cls, cu_seqlens: torch.Tensor, length: int, flash: bool) -> PackedSequences:
+        cu = cu_seqlens.to(torch.int32)
+        if int(cu[0]) != 0 or bool((cu[1:] < cu[:-1]).any()) or int(cu[-1]) > length:
+            raise ValueError(f"cu_seqlens must rise from 0 to at most the row length {length}: {cu.tolist()}")
+        if int(cu[-1]) < length:  # padding tail: its own segment, so no real token attends to it
+            cu = torch.cat([cu, cu.new_tensor([length])])
+        return cls(cu, int((cu[1:] - cu[:-1]).max()), flash)
+
+    def segment_ids(self) -> torch.Tensor:
+        """[1, L] int64: index of the segment (sample) of every token."""
+        lengths = (self.cu_seqlens[1:] - self.cu_seqlens[:-1]).long()
+        return torch.repeat_interleave(torch.arange(len(lengths), device=lengths.device), lengths)[None]
+
+    def position_ids(self) -> torch.Tensor:
+        """[1, L] int64: positions restart at 0 in every sample (the RoPE positions of unpacked samples)."""
+        seg = self.segment_ids()[0]
+        return (torch.arange(len(seg), device=seg.device) - self.cu_seqlens.long()[seg])[None]
+
+    def flash_kwargs(self) -> dict:
+        return {"cu_seq_lens_q": self.cu_seqlens, "cu_seq_lens_k": self.cu_seqlens,
+                "max_length_q": self.max_length, "max_length_k": self.max_length}  # fmt: skip
+
+
+def packed_sdpa(q, k, v, packed: PackedSequences, scaling: float, n_rep: int) -> torch.Tensor:
+    """Causal attention inside each sample of a packed row, without a varlen kernel.
+
+    q [1, heads, L, hd], k/v [1, kv_heads, L, hd] -> [1, L, heads, hd]. One SDPA call per sample, so the
+    cost is sum(l_i^2), as with flash-attention's varlen kernel, not L^2 with a block-diagonal mask.
+    """
+    k, v = k.repeat_interleave(n_rep, dim=1), v.repeat_interleave(n_rep, dim=1)  # GQA -> full heads
+    parts = [
+        F.scaled_dot_product_attention(
+            q[:, :, lo:hi], k[:, :, lo:hi], v[:, :, lo:hi], is_causal=True, scale=scaling
+        )
+        for lo, hi in itertools.pairwise(packed.cu_seqlens.tolist())
+        if hi > lo
+    ]
+    return torch.cat(parts, dim=2).transpose(1, 2)  # [1, heads, L, hd] -> [1, L, heads, hd]
 
 
 class SwiGLU(nn.Module):
@@ -245,10 +311,20 @@ class BreenDecoderLayer(GradientCheckpointingLayer):
         self.mlp = ModalityExperts(config)
 
     def forward(
-        self, hidden_states, routing, attention_mask=None, position_embeddings=None, past_key_values=None
+        self,
+        hidden_states,
+        routing,
+        attention_mask=None,
+        position_embeddings=None,
+        past_key_values=None,
+        **attn_kwargs,
     ):
         attn = self.self_attn(
-            self.input_layernorm(hidden_states), position_embeddings, attention_mask, past_key_values
+            self.input_layernorm(hidden_states),
+            position_embeddings,
+            attention_mask,
+            past_key_values,
+            **attn_kwargs,
         )
         hidden_states = hidden_states + attn
         return hidden_states + self.mlp(self.post_attention_layernorm(hidden_states), routing)
@@ -266,9 +342,22 @@ class BreenDecoder(nn.Module):
         self.rotary_emb = BreenRotaryEmbedding(config)
 
     def forward(
-        self, inputs_embeds, image_mask, attention_mask=None, position_ids=None, past_key_values=None
+        self,
+        inputs_embeds,
+        image_mask,
+        attention_mask=None,
+        position_ids=None,
+        past_key_values=None,
+        packed: PackedSequences | None = None,
     ):
-        """inputs_embeds [B, L, H], image_mask [B, L] bool -> final normed hidden states [B, L, H]."""
+        """inputs_embeds [B, L, H], image_mask [B, L] bool -> final normed hidden states [B, L, H].
+
+        ``packed``: the row holds several samples (`PackedSequences`); positions restart per sample and
+        attention stays inside each sample (flash varlen kernel, or `packed_sdpa`).
+        """
+        if packed is not None:
+            attn_kwargs = packed.flash_kwargs() if packed.flash else {"packed": packed}
+            return self._run_layers(inputs_embeds, image_mask, None, packed.position_ids(), None, attn_kwargs)
         if position_ids is None:
             past = past_key_values.get_seq_length() if past_key_values is not None else 0
             position_ids = torch.arange(past, past + inputs_embeds.shape[1], device=inputs_embeds.device)[
@@ -281,6 +370,9 @@ class BreenDecoder(nn.Module):
             past_key_values=past_key_values,
             position_ids=position_ids,
         )
+        return self._run_layers(inputs_embeds, image_mask, mask, position_ids, past_key_values, {})
+
+    def _run_layers(self, inputs_embeds, image_mask, mask, position_ids, past_key_values, attn_kwargs):
         position_embeddings = self.rotary_emb(inputs_embeds, position_ids)
         routing = ExpertRouting.from_mask(image_mask)
         h = inputs_embeds
@@ -291,6 +383,7 @@ class BreenDecoder(nn.Module):
                 attention_mask=mask,
                 position_embeddings=position_embeddings,
                 past_key_values=past_key_values,
+                **attn_kwargs,
             )
         return self.norm(h)
 
@@ -459,11 +552,13 @@ class BreenForCausalLM(PreTrainedModel, GenerationMixin):
         input_ids: torch.Tensor,
         pixel_values: torch.Tensor | None = None,
         image_grid: torch.Tensor | None = None,
+        segment_ids: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Splice image tokens and queries into the token embeddings.
 
         input_ids [B, L] with sentinels -> (inputs_embeds [B, L, H], image_mask [B, L] bool), where
-        image_mask marks image and query positions (routed to the image expert).
+        image_mask marks image and query positions (routed to the image expert). ``segment_ids`` [B, L]:
+        the sample of every token (`_segments`; default: one sample per row).
         """
         is_image = input_ids == IMAGE_TOKEN_ID  # [B, L]
         is_query = input_ids == QUERY_TOKEN_ID
@@ -480,10 +575,11 @@ class BreenForCausalLM(PreTrainedModel, GenerationMixin):
                 "image tokens (pixel_values missing, or the grid does not match the ids)"
             )
         embeds = embeds.masked_scatter(is_image[..., None], image_tokens.to(embeds.dtype))
-        n_query = is_query.sum(dim=1)  # [B]
+        seg = _segments(input_ids, segment_ids).reshape(-1)
+        n_query = torch.bincount(seg[is_query.reshape(-1)], minlength=int(seg.max()) + 1)  # per sample
         if bool(((n_query != 0) & (n_query != self.config.num_queries)).any()):
             raise ValueError(
-                f"each row needs 0 or {self.config.num_queries} query sentinels, got {n_query.tolist()}"
+                f"each sample needs 0 or {self.config.num_queries} query sentinels, got {n_query.tolist()}"
             )
         n_blocks = int((n_query > 0).sum())
         queries = self.queries[None].expand(n_blocks, -1, -1).reshape(-1, self.config.hidden_size)  # [n*Q, H]
@@ -504,6 +600,7 @@ class BreenForCausalLM(PreTrainedModel, GenerationMixin):
         fine: torch.Tensor | None = None,
         coarse: torch.Tensor | None = None,
         align_mask: torch.Tensor | None = None,
+        cu_seqlens: torch.Tensor | None = None,
         image_mask: torch.Tensor | None = None,
         use_cache: bool | None = None,
         logits_to_keep: int = 0,
@@ -520,13 +617,19 @@ class BreenForCausalLM(PreTrainedModel, GenerationMixin):
         - ``return_logits``: default True without labels, False with labels.
         - ``num_items_in_batch``: LM loss denominator (e.g. supervised tokens over gradient accumulation);
           default the number of supervised tokens in this batch.
+        - ``cu_seqlens`` [n + 1]: the batch is packed (module docstring): one row, samples back to back.
         The alignment loss needs ``fine`` and ``coarse``; it uses the final normed hidden state at each
         query position minus ``config.align_position_shift``.
         """
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
+        packed = segment_ids = None
+        if cu_seqlens is not None:
+            packed = self._packed(input_ids if input_ids is not None else inputs_embeds[..., 0],
+                                  cu_seqlens, attention_mask, position_ids, past_key_values, use_cache)  # fmt: skip
+            segment_ids, use_cache = packed.segment_ids(), False
         if inputs_embeds is None:
-            inputs_embeds, image_mask = self.embed_inputs(input_ids, pixel_values, image_grid)
+            inputs_embeds, image_mask = self.embed_inputs(input_ids, pixel_values, image_grid, segment_ids)
         elif image_mask is None:
             image_mask = torch.zeros(inputs_embeds.shape[:2], dtype=torch.bool, device=inputs_embeds.device)
         if use_cache is None:
@@ -534,13 +637,15 @@ class BreenForCausalLM(PreTrainedModel, GenerationMixin):
         if use_cache and past_key_values is None:
             past_key_values = DynamicCache(config=self.config)
         hidden = self.model(
-            inputs_embeds, image_mask, attention_mask, position_ids, past_key_values
+            inputs_embeds, image_mask, attention_mask, position_ids, past_key_values, packed
         )  # [B, L, H]
 
         lm_loss = None
         if labels is not None:
             shifted = labels[:, 1:]  # position t predicts labels[t + 1]
             supervised = shifted >= 0  # [B, L-1]
+            if segment_ids is not None:  # a sample's last token does not predict the next sample's first
+                supervised &= segment_ids[:, 1:] == segment_ids[:, :-1]
             logits_sup = self.lm_head(hidden[:, :-1][supervised]).float()  # [N_sup, V]
             denom = num_items_in_batch if num_items_in_batch is not None else supervised.sum().clamp(min=1)
             lm_loss = F.cross_entropy(logits_sup, shifted[supervised], reduction="sum") / denom
@@ -549,7 +654,9 @@ class BreenForCausalLM(PreTrainedModel, GenerationMixin):
         if fine is not None and coarse is not None:
             if input_ids is None:
                 raise ValueError("the alignment loss needs input_ids (to find the query positions)")
-            align_fine, align_coarse = self.alignment_losses(hidden, input_ids, fine, coarse, align_mask)
+            align_fine, align_coarse = self.alignment_losses(
+                hidden, input_ids, fine, coarse, align_mask, segment_ids
+            )
 
         loss = None
         if lm_loss is not None or align_fine is not None:
@@ -578,23 +685,33 @@ class BreenForCausalLM(PreTrainedModel, GenerationMixin):
         fine: torch.Tensor,
         coarse: torch.Tensor,
         align_mask: torch.Tensor | None = None,
+        segment_ids: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(fine, coarse) alignment losses: 1 - mean cosine between hidden states and projected targets.
 
-        hidden [B, L, H] final normed states; fine [B, 64, D], coarse [B, 36, D]. Rows used: ``align_mask``
-        (default: rows with a query block). The state paired with query k sits at query k's position minus
+        hidden [B, L, H] final normed states; fine [N, 64, D], coarse [N, 36, D], one per sample (N = B,
+        or the samples of a packed row, see ``segment_ids``). Samples used: ``align_mask`` [N] (default:
+        those with a query block). The state paired with query k sits at query k's position minus
         ``config.align_position_shift`` (1 in the released code: the token before the query).
         """
         q, n_fine = self.config.num_queries, self.config.num_fine_queries
-        is_query = input_ids == QUERY_TOKEN_ID  # [B, L]
-        has_block = is_query.any(dim=1)  # [B]
+        is_query = (input_ids == QUERY_TOKEN_ID).reshape(-1)  # [B*L]
+        blocks = torch.nonzero(is_query).view(-1, q)  # [n_blocks, Q] flat positions, in sequence order
+        owner = _segments(input_ids, segment_ids).reshape(-1)[blocks[:, 0]]  # the sample of each block
+        n = fine.shape[0]
+        if owner.numel() and int(owner.max()) >= n:
+            raise ValueError(
+                f"fine/coarse hold {n} samples but a query block belongs to sample {int(owner.max())}"
+            )
+        block_of = torch.full((n,), -1, dtype=torch.long, device=owner.device)
+        block_of[owner] = torch.arange(len(owner), device=owner.device)
+        has_block = block_of >= 0  # [N]
         use = has_block if align_mask is None else align_mask.to(torch.bool)
         if bool((use & ~has_block).any()):
-            raise ValueError("align_mask selects a row without a query block")
+            raise ValueError("align_mask selects a sample without a query block")
         rows = torch.nonzero(use).view(-1)  # [n]
-        positions = torch.nonzero(is_query[rows])[:, 1].view(-1, q)  # [n*Q] -> [n, Q], ascending per row
-        positions = positions - self.config.align_position_shift
-        pred = hidden[rows[:, None], positions]  # [n, Q, H]
+        positions = blocks[block_of[rows]] - self.config.align_position_shift  # [n, Q] flat positions
+        pred = hidden.reshape(-1, hidden.shape[-1])[positions]  # [n, Q, H]
         targets = self.align_head(torch.cat([fine[rows], coarse[rows]], dim=1))  # [n, 64+36, D] -> [n, Q, H]
         if rows.numel() == 0:  # keep the graph (zero gradients) so every rank backpropagates the same way
             zero = targets.float().sum() * 0.0 + hidden.float().sum() * 0.0
@@ -602,6 +719,17 @@ class BreenForCausalLM(PreTrainedModel, GenerationMixin):
         fine_loss = cosine_alignment_loss(pred[:, :n_fine], targets[:, :n_fine])
         coarse_loss = cosine_alignment_loss(pred[:, n_fine:], targets[:, n_fine:])
         return fine_loss, coarse_loss
+
+    def _packed(self, ids, cu_seqlens, attention_mask, position_ids, past_key_values, use_cache):
+        """Check a packed batch and describe its samples (`PackedSequences`)."""
+        if ids.shape[0] != 1:
+            raise ValueError(f"a packed batch (cu_seqlens) is one row, got {ids.shape[0]} rows")
+        if attention_mask is not None or position_ids is not None:
+            raise ValueError("a packed batch takes no attention_mask or position_ids (cu_seqlens gives both)")
+        if past_key_values is not None or use_cache:
+            raise ValueError("a packed batch cannot use a KV cache (packing is for training)")
+        flash = (self.config._attn_implementation or "").startswith("flash_attention")
+        return PackedSequences.from_cu_seqlens(cu_seqlens, ids.shape[1], flash)
 
     # ------------------------------------------------------------------ bookkeeping
     def component_params(self) -> dict[str, list[tuple[str, nn.Parameter]]]:
@@ -617,6 +745,14 @@ class BreenForCausalLM(PreTrainedModel, GenerationMixin):
         groups = self.component_params()
         names = ACTIVE_COMPONENTS if active else COMPONENTS
         return sum(param_numel(p) for c in names for _, p in groups[c])
+
+
+def _segments(input_ids: torch.Tensor, segment_ids: torch.Tensor | None) -> torch.Tensor:
+    """[B, L] sample index of every token: the given ``segment_ids``, or the row index (unpacked)."""
+    if segment_ids is not None:
+        return segment_ids
+    b, n = input_ids.shape
+    return torch.arange(b, device=input_ids.device)[:, None].expand(b, n)
 
 
 def component_of(name: str) -> str:

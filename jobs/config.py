@@ -62,6 +62,10 @@ class DataSection:
     max_length: int = 4096
     # Stage 3: micro-batches hold one modality (image+text or text-only), as `group_by_modality_length`.
     group_by_modality: bool = False
+    # Pack each micro-batch's samples back to back into one row (`breen.data.pack`): the only padding is
+    # the 8-token alignment on GPU, attention stays inside each sample (flash-attn varlen, else one SDPA
+    # call per sample) and the losses equal the padded batch's. False: pad every sample to the longest.
+    packing: bool = True
     # Rows encoded per actor call; actors in the encode pool; CPUs per actor.
     encode_batch_size: int = 32
     encode_actors: int = 8

@@ -42,7 +42,7 @@ import pyarrow.parquet as pq
 from ray.data.collate_fn import NumpyBatchCollateFn
 
 from breen.config import BreenConfig
-from breen.data import SampleRejected, collate, encode_sample
+from breen.data import SampleRejected, collate, encode_sample, pack
 
 # `breen.data.SampleRejected` reasons (plus our own "other"), coded as integers in worker batches.
 REJECT_REASONS = (
@@ -417,13 +417,14 @@ class Collate(NumpyBatchCollateFn):
     """Ray batch (numpy dict, one micro-batch) -> model batch (torch tensors) + bookkeeping tensors.
 
     Extra keys: ``pos`` [n] int64 (every row, rejected ones included) and ``reject`` [n] int64 (-1 for
-    an ok row, else the index of its reason in `REJECT_REASONS`). Model keys (``breen.data.collate``
-    layout) are present only when at least one row is ok.
+    an ok row, else the index of its reason in `REJECT_REASONS`). Model keys (``breen.data.pack`` layout
+    with `packing`, else ``breen.data.collate``) are present only when at least one row is ok.
     """
 
-    def __init__(self, config: BreenConfig, pad_to_multiple_of: int | None = None):
+    def __init__(self, config: BreenConfig, pad_to_multiple_of: int | None = None, packing: bool = False):
         self.config = config
         self.pad_to_multiple_of = pad_to_multiple_of
+        self.batch_fn = pack if packing else collate
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
         import torch
@@ -445,7 +446,9 @@ class Collate(NumpyBatchCollateFn):
             samples.append(sample)
         out: dict[str, Any] = {}
         if samples:
-            out = collate(samples, self.config.pad_token_id, self.pad_to_multiple_of, return_tensors="pt")
+            out = self.batch_fn(
+                samples, self.config.pad_token_id, self.pad_to_multiple_of, return_tensors="pt"
+            )
             if "fine" not in out:  # every rank must run the alignment head (ZeRO-3 gathers per call)
                 n, c, d = len(samples), self.config, self.config.clip_dim
                 out["fine"] = torch.zeros(n, c.num_fine_queries, d, dtype=torch.float16)

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import itertools
 import math
 import os
 import random
@@ -72,6 +73,7 @@ MODEL_KEYS = (
     "fine",
     "coarse",
     "align_mask",
+    "cu_seqlens",
 )
 CHAIN = ("stage1", "stage2", "stage3")
 
@@ -156,7 +158,7 @@ def train_worker(loop_config: dict[str, Any]) -> None:
     batches = iter(
         shard.iter_torch_batches(
             batch_size=micro_bs,
-            collate_fn=ingest.Collate(model_config, 8 if s.use_gpu else None),
+            collate_fn=ingest.Collate(model_config, 8 if s.use_gpu else None, packing=cfg.data.packing),
             prefetch_batches=cfg.data.prefetch_batches,
             device=device,
         )
@@ -201,12 +203,12 @@ def train_worker(loop_config: dict[str, Any]) -> None:
             group["lr"] = base_lrs[group["name"]] * factor
             lrs[group["name"]] = group["lr"]
         # sums: loss, lm, fine x rows, coarse x rows, micro-batches, aligned rows, samples, tokens, FLOPs,
-        # then rejected samples by reason (summed over micro-batches here, over ranks below)
-        sums = torch.zeros(9 + len(reasons), dtype=torch.float64)
+        # tokens incl. padding, then rejected samples by reason (summed over micro-batches, then ranks)
+        sums = torch.zeros(10 + len(reasons), dtype=torch.float64)
         for micro in range(accum):
             batch = next_batch(step, micro)
             for code in batch["reject"][batch["reject"] >= 0].tolist():
-                sums[9 + code] += 1
+                sums[10 + code] += 1
             weight = 1.0
             if "input_ids" not in batch:  # every row rejected: replay the last batch with zero weight
                 if last_good is None:
@@ -216,15 +218,26 @@ def train_worker(loop_config: dict[str, Any]) -> None:
             out = engine(**{k: batch[k] for k in MODEL_KEYS if k in batch})
             engine.backward(out.loss * weight)
             engine.step()
-            lengths = batch["attention_mask"].sum(dim=1).tolist()
+            lengths = sample_lengths(batch)
             rows = int(batch["align_mask"].sum())
             loss, lm, fine, coarse = (
                 t.detach().float().item()
                 for t in (out.loss, out.lm_loss, out.align_loss_fine, out.align_loss_coarse)
             )
             flops = sum(model_config.flops_per_token(n) * n for n in lengths)
-            sums[:9] += weight * torch.tensor(
-                [loss, lm, fine * rows, coarse * rows, 1.0, rows, len(lengths), sum(lengths), flops],
+            sums[:10] += weight * torch.tensor(
+                [
+                    loss,
+                    lm,
+                    fine * rows,
+                    coarse * rows,
+                    1.0,
+                    rows,
+                    len(lengths),
+                    sum(lengths),
+                    flops,
+                    batch["input_ids"].numel(),
+                ],
                 dtype=torch.float64,
             )
         grad_norm = engine.get_global_grad_norm()
@@ -238,12 +251,13 @@ def train_worker(loop_config: dict[str, Any]) -> None:
         state.samples_seen += int(sums[6])
         state.tokens_seen += int(sums[7])
         for code, reason in enumerate(reasons):
-            if sums[9 + code]:
-                state.rejected[reason] = state.rejected.get(reason, 0) + int(sums[9 + code])
+            if sums[10 + code]:
+                state.rejected[reason] = state.rejected.get(reason, 0) + int(sums[10 + code])
         record = {
             "step": state.step, "loss": sums[0] / n, "lm_loss": sums[1] / n, "align_fine": sums[2] / rows,
             "align_coarse": sums[3] / rows, "lr": lrs, "grad_norm": float(grad_norm or 0.0),
-            "samples": int(sums[6]), "tokens": int(sums[7]), "step_time": step_time,
+            "samples": int(sums[6]), "tokens": int(sums[7]), "padding": 1.0 - sums[7] / max(sums[9], 1.0),
+            "step_time": step_time,
             "samples_per_s": sums[6] / step_time, "tokens_per_s": sums[7] / step_time,
             "mfu": mfu(sums[8], step_time, world, peak), "tokens_seen": state.tokens_seen,
             "rejected": sum(state.rejected.values()),
@@ -282,6 +296,13 @@ def train_worker(loop_config: dict[str, Any]) -> None:
     if state.rejected:
         print0(f"[{cfg.stage}] samples left out by the ingest: {state.rejected}")
     tracker.close()
+
+
+def sample_lengths(batch: dict[str, Any]) -> list[int]:
+    """Real tokens of every sample in a micro-batch, packed (``cu_seqlens``) or padded."""
+    if "cu_seqlens" in batch:
+        return [hi - lo for lo, hi in itertools.pairwise(batch["cu_seqlens"].tolist())]
+    return batch["attention_mask"].sum(dim=1).tolist()
 
 
 def build_model(cfg: TrainConfig, model_config, init_dir: Path | None, ds_config: dict[str, Any], rank: int):

@@ -105,9 +105,17 @@ def png_bytes(width: int, height: int, seed: int = 0) -> bytes:
 
 
 def tiny_batch(config: BreenConfig | None = None, tokenizer=None, seed: int = 0) -> dict[str, torch.Tensor]:
-    """A padded batch of three samples: plain caption with image and targets (square), stage-3 chat with
-    image and targets (portrait), and a text-only chat sample (no queries, no targets)."""
-    from breen.data import collate, encode_sample
+    """A padded batch of `tiny_samples`."""
+    from breen.data import collate
+
+    config = config or tiny_config()
+    return collate(tiny_samples(config, tokenizer, seed), pad_token_id=config.pad_token_id)
+
+
+def tiny_samples(config: BreenConfig | None = None, tokenizer=None, seed: int = 0) -> list[dict]:
+    """Three encoded samples: plain caption with image and targets (square), stage-3 chat with image and
+    targets (portrait), and a text-only chat sample (no queries, no targets)."""
+    from breen.data import encode_sample
 
     config = config or tiny_config()
     tokenizer = tokenizer or tiny_tokenizer()
@@ -131,4 +139,4 @@ def tiny_batch(config: BreenConfig | None = None, tokenizer=None, seed: int = 0)
         encode_sample(tokenizer, config, text=chat, image=png_bytes(30, 60, seed + 1), **targets()),
         encode_sample(tokenizer, config, text=text_only),
     ]
-    return collate(samples, pad_token_id=config.pad_token_id)
+    return samples
