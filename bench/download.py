@@ -54,15 +54,18 @@ def ours(url_list: Path, out: Path, processes: int, threads: int, per_shard: int
     return manifest["counts"]["kept"] / (time.perf_counter() - t0)
 
 
-def main() -> None:
+def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--images", type=int, default=300)
     ap.add_argument("--processes", type=int, default=os.cpu_count() or 2)
     ap.add_argument("--threads", type=int, default=16)
     ap.add_argument("--repeats", type=int, default=2, help="alternating runs per side; the best counts")
     ap.add_argument("--json", default=None)
-    args = ap.parse_args()
+    return ap
 
+
+def run(args) -> dict:
+    """Both sides, alternating; returns {"baseline", "ours", "ratio", "runs", ...} (images/s)."""
     from pipelines import synthetic
     from pipelines.common import init_ray
 
@@ -79,14 +82,22 @@ def main() -> None:
                 bases.append(baseline(url_list, tmp / f"baseline{r}", args.processes, args.threads, per_shard))
                 mines.append(ours(url_list, tmp / f"ours{r}", args.processes, args.threads, per_shard))
     base, mine = max(bases), max(mines)
-    ratio = mine / base
-    print(f"\nruns (images/s): baseline {[round(b, 1) for b in bases]}, ours {[round(m, 1) for m in mines]}")
-    print(f"download: {n} URLs from 127.0.0.1, {args.processes} processes x {args.threads} threads each side")
-    print(f"  baseline (plain img2dataset):  {base:8.2f} images/s")
-    print(f"  ours (Ray download step):      {mine:8.2f} images/s")
-    print(f"  ratio ours/baseline: {ratio:.3f}  (goal >= 0.95)")
+    return {"urls": n, "processes": args.processes, "threads": args.threads, "baseline": base, "ours": mine,
+            "ratio": mine / base, "runs": {"baseline": bases, "ours": mines}}  # fmt: skip
+
+
+def main() -> None:
+    args = parser().parse_args()
+    res = run(args)
+    runs = res["runs"]
+    print(f"\nruns (images/s): baseline {[round(b, 1) for b in runs['baseline']]}, "
+          f"ours {[round(m, 1) for m in runs['ours']]}")  # fmt: skip
+    print(f"download: {res['urls']} URLs from 127.0.0.1, {args.processes} processes x {args.threads} threads each side")
+    print(f"  baseline (plain img2dataset):  {res['baseline']:8.2f} images/s")
+    print(f"  ours (Ray download step):      {res['ours']:8.2f} images/s")
+    print(f"  ratio ours/baseline: {res['ratio']:.3f}  (goal >= 0.95)")
     if args.json:
-        Path(args.json).write_text(json.dumps({"baseline": base, "ours": mine, "ratio": ratio}))
+        Path(args.json).write_text(json.dumps(res))
 
 
 if __name__ == "__main__":

@@ -95,7 +95,7 @@ def encoded_batches(cfg, files, model_config, tokenizer_dir: str, steps: int):
                 rows.setdefault(k, []).extend(v)
         if len(rows.get("pos", [])) >= steps * cfg.scale.micro_batch_size:
             break
-    collate = ingest.Collate(model_config)
+    collate = ingest.Collate(model_config, packing=cfg.data.packing)  # what ours trains on
     b = cfg.scale.micro_batch_size
     out = []
     for s in range(steps):
@@ -167,7 +167,7 @@ def ingest_rate(cfg, files, model_config, tokenizer_dir: str) -> tuple[float, in
     return rows / (time.perf_counter() - first), rows
 
 
-def main(argv: list[str] | None = None) -> None:
+def parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--hidden", type=int, default=640)
     parser.add_argument("--layers", type=int, default=4)
@@ -178,7 +178,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--encode-cpus", type=float, default=1.0)
     parser.add_argument("--data", action="append", default=[], help="training shards (default: synthetic)")
     parser.add_argument("--work-dir", default=None)
-    args = parser.parse_args(argv)
+    parser.add_argument("--json", default=None, help="also write the result as JSON here")
+    return parser
+
+
+def run(args) -> dict:
 
     from breen.config import BreenConfig
     from jobs import ingest
@@ -227,10 +231,20 @@ def main(argv: list[str] | None = None) -> None:
         "consumption_samples_per_s": round(consumption, 2),
         "ingest_over_consumption": round(rate / consumption, 1),
     }
+    return result
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parser().parse_args(argv)
+    result = run(args)
+    base_step, ours_step = result["baseline_step_s"], result["ours_step_s"]
+    rate, consumption = result["ingest_samples_per_s"], result["consumption_samples_per_s"]
     print(json.dumps(result, indent=2))
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=1))
     print(
         f"\nmodel {result['model']}, micro-batch {args.micro_batch}, 1 worker x {args.threads} thread(s), fp32"
-        f"\nbare PyTorch step        {base_step:.3f} s (median of {len(base_times) - w})"
+        f"\nbare PyTorch step        {base_step:.3f} s (median of {result['steps_timed']})"
         f"\nRay Train + DeepSpeed    {ours_step:.3f} s"
         f"\nstep-time ratio          {ours_step / base_step:.3f}  (goal <= 1.10)"
         f"\nsame losses              max |diff| {result['max_loss_diff']:.2e}"

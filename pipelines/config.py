@@ -118,6 +118,10 @@ class TeacherConfig:
     num_gpus_per_actor: float = 1.0  # used only when the cluster has GPUs
     cpus_per_actor: float = 1.0
     device: str = "auto"  # auto | cpu | cuda
+    # Decode + letterbox threads per actor, running ahead of the model (PIL releases the GIL): -1 = auto
+    # (cpus_per_actor on GPU, where decode must keep up with the GPU; 0 on CPU: decode inline).
+    decode_threads: int = -1
+    prefetch_batches: int = 2  # batches decoded ahead of the one in the model (with decode threads)
 
 
 @dataclass

@@ -31,6 +31,9 @@ import io
 import os
 import sys
 import time
+from collections import deque
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -148,10 +151,15 @@ def decode(image: bytes) -> np.ndarray:
 
 
 def features(model, pixels: np.ndarray, device: str) -> tuple[np.ndarray, np.ndarray]:
-    """[B, 3, 336, 336] float32 -> (fine [B, 64, D], coarse [B, 36, D]) float16 numpy."""
+    """[B, 3, 336, 336] float32 -> (fine [B, 64, D], coarse [B, 36, D]) float16 numpy.
+
+    On CUDA the batch goes through pinned memory with an asynchronous copy, and the ViT runs under bf16
+    autocast (its attention is PyTorch's fused SDPA: open_clip calls it with need_weights=False).
+    """
     import torch
 
-    x = torch.from_numpy(pixels).to(device)
+    x = torch.from_numpy(pixels)
+    x = x.pin_memory().to(device, non_blocking=True) if device == "cuda" else x.to(device)
     with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=device == "cuda"):
         grid = last_block_grid(model.visual, x)  # [B, D, 24, 24]
     fine, coarse = pool_targets(grid)
@@ -167,11 +175,17 @@ class TeacherWorker(common.ShardWorker):
         self.device = resolve_device(self.cfg)
         self.model, self.name, self.weights_id = build_teacher(self.cfg, self.device, tuple(identity))
         self.dim = self.model.visual.transformer.width
+        threads = self.cfg.decode_threads
+        self.decode_threads = threads if threads >= 0 else (max(1, round(self.cfg.cpus_per_actor))
+                                                            if self.device == "cuda" else 0)  # fmt: skip
 
     def process(self, name: str) -> dict[str, Any]:
         t0 = time.monotonic()
         table = pq.read_table(self.in_dir / f"{name}.parquet")
-        kept, rejected = teacher_table(table, self.model, self.dim, self.cfg.batch_size, self.device)
+        kept, rejected = teacher_table(
+            table, self.model, self.dim, self.cfg.batch_size, self.device, self.decode_threads,
+            self.cfg.prefetch_batches,
+        )  # fmt: skip
         meta = {"breen.teacher": self.name, "breen.teacher_weights": self.weights_id,
                 "breen.preprocess": PREPROCESS_VERSION}  # fmt: skip
         seconds = time.monotonic() - t0
@@ -179,9 +193,53 @@ class TeacherWorker(common.ShardWorker):
                                   {"seconds": round(seconds, 3), "device": self.device}, metadata=meta)  # fmt: skip
 
 
+def _decode_or_error(image: bytes) -> np.ndarray | str:
+    try:
+        return decode(image)
+    except Exception as e:
+        return common.error_detail(e)
+
+
+def decoded_batches(
+    images: list, todo: list[int], batch_size: int, threads: int = 0, prefetch: int = 2
+) -> Iterator[tuple[list[int], list[np.ndarray], dict[int, str]]]:
+    """(row indices, letterboxed pixels, {row: decode error}) per batch of `todo`, in order.
+
+    With `threads` > 0 a thread pool decodes the images of the next `prefetch` batches while the caller
+    runs the model on the current one; the batches and their contents do not depend on `threads`.
+    """
+    batches = [todo[i : i + batch_size] for i in range(0, len(todo), batch_size)]
+
+    def gather(rows: list[int], results) -> tuple[list[int], list[np.ndarray], dict[int, str]]:
+        idx, pix, errors = [], [], {}
+        for i, r in zip(rows, results, strict=True):
+            if isinstance(r, str):
+                errors[i] = r
+            else:
+                idx.append(i)
+                pix.append(r)
+        return idx, pix, errors
+
+    if threads <= 0:
+        for rows in batches:
+            yield gather(rows, [_decode_or_error(images[i]) for i in rows])
+        return
+    with ThreadPoolExecutor(threads, thread_name_prefix="teacher-decode") as pool:
+        pending: deque = deque()
+        for rows in batches:
+            pending.append((rows, [pool.submit(_decode_or_error, images[i]) for i in rows]))
+            if len(pending) > prefetch:
+                rows0, futures = pending.popleft()
+                yield gather(rows0, [f.result() for f in futures])
+        while pending:
+            rows0, futures = pending.popleft()
+            yield gather(rows0, [f.result() for f in futures])
+
+
 def teacher_table(
-    table: pa.Table, model, dim: int, batch_size: int, device: str
-) -> tuple[pa.Table, pa.Table]:
+    table: pa.Table, model, dim: int, batch_size: int, device: str, decode_threads: int = 0,
+    prefetch: int = 2,
+) -> tuple[pa.Table, pa.Table]:  # fmt: skip
     """Append `fine`/`coarse` to every row with a decodable image (null image -> null features)."""
     images = table.column("image").to_pylist()
     n = len(images)
@@ -190,14 +248,8 @@ def teacher_table(
     has_image = np.array([img is not None for img in images], bool)
     errors: dict[int, str] = {}
     todo = [i for i in range(n) if has_image[i]]
-    for start in range(0, len(todo), batch_size):
-        idx, pix = [], []
-        for i in todo[start : start + batch_size]:
-            try:
-                pix.append(decode(images[i]))
-                idx.append(i)
-            except Exception as e:
-                errors[i] = common.error_detail(e)
+    for idx, pix, errs in decoded_batches(images, todo, batch_size, decode_threads, prefetch):
+        errors.update(errs)
         if idx:
             f, c = features(model, np.stack(pix), device)
             fine[idx], coarse[idx] = f, c

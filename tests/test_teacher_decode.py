@@ -1,0 +1,49 @@
+"""Teacher step, in process: decoding ahead in a thread pool changes nothing in the output (features
+bitwise equal, same rejected rows with the same reasons, same order)."""
+
+from __future__ import annotations
+
+import pyarrow as pa
+import pytest
+from _tiny_models import png_bytes
+
+from pipelines.config import TeacherConfig
+from pipelines.teacher import build_teacher, decoded_batches, teacher_table, tensor_numpy
+from tests.conftest import CONFIGS
+
+
+@pytest.fixture(scope="module")
+def tiny_teacher():
+    cfg = TeacherConfig(model_config=str(CONFIGS / "tiny-vit.json"), random_init_seed=0)
+    model, _, _ = build_teacher(cfg)
+    return model
+
+
+def _table() -> pa.Table:
+    images = [png_bytes(40 + 13 * i, 90 - 7 * i, seed=i) for i in range(7)]
+    images[2] = b"not an image"
+    images[5] = None  # text-only row: passes with null features
+    return pa.table({"key": [f"k{i}" for i in range(7)], "image": images})
+
+
+@pytest.mark.parametrize("threads,prefetch", [(1, 1), (3, 2)])
+def test_decode_threads_give_identical_output(tiny_teacher, threads, prefetch):
+    table, dim = _table(), tiny_teacher.visual.transformer.width
+    ref_kept, ref_rej = teacher_table(table, tiny_teacher, dim, batch_size=2, device="cpu")
+    kept, rej = teacher_table(table, tiny_teacher, dim, 2, "cpu", decode_threads=threads, prefetch=prefetch)
+    assert kept.column("key").to_pylist() == ref_kept.column("key").to_pylist() == [
+        "k0", "k1", "k3", "k4", "k5", "k6"
+    ]  # fmt: skip
+    assert rej.column("key").to_pylist() == ["k2"] and rej.column("reason").to_pylist() == ["decode_error"]
+    assert rej.column("detail").to_pylist() == ref_rej.column("detail").to_pylist()
+    for col in ("fine", "coarse"):
+        got, ref = tensor_numpy(kept.column(col)), tensor_numpy(ref_kept.column(col))
+        assert got.tobytes() == ref.tobytes()  # NaN rows (null image) compare equal as bytes
+
+
+def test_decoded_batches_keep_order_and_size():
+    images = [png_bytes(30, 30, seed=i) for i in range(9)]
+    images[4] = b"\x00" * 10
+    batches = list(decoded_batches(images, list(range(9)), batch_size=4, threads=2, prefetch=1))
+    assert [b[0] for b in batches] == [[0, 1, 2, 3], [5, 6, 7], [8]]
+    assert list(batches[1][2]) == [4] and all(p.shape == (3, 336, 336) for b in batches for p in b[1])
