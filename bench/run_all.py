@@ -78,6 +78,18 @@ def git_commit() -> str:
         return "unknown"
 
 
+def per_core_rates(download: dict, rates: dict, packing: dict) -> dict[str, float]:
+    """The `jobs.plan` rates file's entries from the download, rates and packing benchmark results."""
+    out = {
+        "download_images_per_s_per_core": round(download["ours"] / download["processes"], 2),
+        "filter_rows_per_s_per_core": round(rates["filter_rows_per_s_per_core"], 1),
+        "ingest_samples_per_s_per_core": round(packing["ingest_samples_per_s_per_core"], 1),
+    }
+    if "teacher_images_per_s_per_core_cpu" in rates:  # absent with --quick (no ViT-L run)
+        out["teacher_images_per_s_per_core_cpu"] = round(rates["teacher_images_per_s_per_core_cpu"], 4)
+    return out
+
+
 def cpu_mode(args) -> int:
     ensure_demo()
     cores = os.cpu_count() or 2
@@ -101,13 +113,7 @@ def cpu_mode(args) -> int:
         row("padding waste (demo corpus)", f"{pk['padded_waste']:.1%}", f"{pk['packed_waste']:.2%}",
             pk["packed_waste"], "< 5%", pk["packed_waste"] < 0.05),
     ]  # fmt: skip
-    rates = {
-        "download_images_per_s_per_core": round(dl["ours"] / dl["processes"], 2),
-        "filter_rows_per_s_per_core": round(rt["filter_rows_per_s_per_core"], 1),
-        "ingest_samples_per_s_per_core": round(pk["ingest_samples_per_s_per_core"], 1),
-    }
-    if "teacher_images_per_s_per_core_cpu" in rt:
-        rates["teacher_images_per_s_per_core_cpu"] = round(rt["teacher_images_per_s_per_core_cpu"], 4)
+    rates = per_core_rates(dl, rt, pk)
     print("\n== CPU benchmarks ==")
     print_table(rows)
     print("\nper-core CPU rates: " + ", ".join(f"{k} = {v}" for k, v in rates.items()))

@@ -6,8 +6,9 @@ AdamW, activation checkpointing, the stage-2 trainable set), the same samples on
   ours      packed micro-batches (`breen.data.pack`, one row; flash-attn varlen when installed, else one
             SDPA call per sample).
 Samples have BREEN's geometry: image tokens of a 672-px long side (a few hundred to 2304), 100 queries,
-caption text, teacher targets; lengths drawn with a fixed seed. Prints tokens/s (real tokens only), MFU
-(`BreenConfig.flops_per_token` x real tokens / time / peak bf16 FLOP/s) and the padding waste of both.
+caption text, teacher targets; lengths drawn with a fixed seed. Both sides start from the same weights
+and optimizer state. Prints tokens/s (real tokens only), MFU (`BreenConfig.flops_per_token` x real
+tokens / time / peak bf16 FLOP/s), the padding waste of both and the largest per-step loss difference.
 
 Run (GPU):  python -m bench.train_step [--preset mid] [--micro-batch 8] [--steps 12]
 CPU smoke:  python -m bench.train_step --device cpu --preset tiny --steps 3 --micro-batch 4
@@ -89,7 +90,7 @@ def run(args) -> dict:
     set_trainable(model, "stage2", log=None)
     model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     model.train()
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
+    start = {k: v.detach().clone() for k, v in model.state_dict().items()}  # both sides start from here
 
     mb = args.micro_batch
     samples = synthetic_samples(config, mb * args.steps, seed=0)
@@ -104,14 +105,18 @@ def run(args) -> dict:
               "peak_tflops": peak / 1e12}  # fmt: skip
     w = min(args.warmup, args.steps - 1)
     for name, batches in (("padded", padded), ("packed", packed)):
+        model.load_state_dict(start)
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
         times, losses = time_steps(model, opt, batches, device)
         step = statistics.median(times[w:])
         tokens = statistics.mean(real[w:])
         result[name] = {
             "step_s": step, "tokens_per_s": tokens / step, "mfu": statistics.mean(flops[w:]) / step / peak,
             "padding_waste": 1 - sum(real) / sum(b["input_ids"].numel() for b in batches),
-            "first_loss": losses[0],
+            "losses": losses,
         }  # fmt: skip
+    result["max_loss_diff"] = max(abs(a - b) for a, b in zip(result["padded"]["losses"], result["packed"]["losses"],
+                                                             strict=True))  # fmt: skip
     result["speedup_packed_over_padded"] = result["packed"]["tokens_per_s"] / result["padded"]["tokens_per_s"]
     return result
 
@@ -136,7 +141,8 @@ def main() -> None:
         x = r[name]
         print(f"  {name:7s} step {x['step_s']:.3f} s, {x['tokens_per_s']:,.0f} tokens/s, MFU {x['mfu']:.1%}, "
               f"padding waste {x['padding_waste']:.1%}")  # fmt: skip
-    print(f"  packed / padded tokens/s: {r['speedup_packed_over_padded']:.2f}")
+    print(f"  packed / padded tokens/s: {r['speedup_packed_over_padded']:.2f}; same losses: max |diff| "
+          f"{r['max_loss_diff']:.2e} over {len(r['packed']['losses'])} steps")  # fmt: skip
     if args.json:
         Path(args.json).write_text(json.dumps(r, indent=1))
 
