@@ -3,7 +3,8 @@
 Reads: a sample = image (PIL image, encoded bytes, or None) + text (a caption string for stages 1-2, or a
 LLaVA ``conversations`` list for stage 3) + optional cached teacher features ``fine`` [64, clip_dim] and
 ``coarse`` [36, clip_dim]. Writes: a dict of numpy arrays (`encode_sample`), then a padded batch
-(`collate`) in the format documented in `breen.model`. Works with any Qwen2 tokenizer loaded from a local
+(`collate`) or a packed one (`pack`: the samples back to back in one row) in the formats documented in
+`breen.model`. Works with any Qwen2 tokenizer loaded from a local
 directory (it needs ``<|im_start|>`` and ``<|im_end|>``).
 
 Layouts (reference section 1.3):

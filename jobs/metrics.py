@@ -3,7 +3,9 @@
 Writes under the run directory (``<output_dir>/<name>/``):
 
 - ``metrics.jsonl``: one JSON object per optimizer step (step, loss, lm_loss, align_fine, align_coarse,
-  lr per parameter group, grad_norm, samples/s, tokens/s, MFU, step time, ETA, counters). Steps re-run
+  lr per parameter group, grad_norm, samples/s, tokens/s, MFU, step time, ``data_wait`` (seconds rank 0
+  waited for micro-batches: the data starving the trainer), ``padding`` (fraction of padding tokens),
+  ETA, counters). Steps re-run
   after a restart from a checkpoint are appended again: the last record of a step wins (`read_metrics`).
 - ``tensorboard/``: the same scalars (``train/...``), readable with ``tensorboard --logdir <run dir>``.
 

@@ -26,7 +26,7 @@ The model behind the numbers (all of it in the functions below, each returning p
   ZeRO-3 checkpoints (bf16 weights + fp32 master weights and Adam moments of trainable parameters)
   and the consolidated bf16 weights.
 
-Per-core CPU rates come from `bench/rates.json` when it exists (written by the benchmarks; each key
+Per-core CPU rates come from `bench/rates.json` when it exists (written by `python -m bench.run_all`; each key
 missing from it falls back to the default below, and the output says which is which). Schema:
 
     {
@@ -340,7 +340,8 @@ def describe(a: Assumptions) -> list[str]:
         f"parameters; FLOPs per token = 6 * active matmul params + attention (BreenConfig.flops_per_token); "
         f"every stage counted as full forward + backward (stage 1's frozen weights would save some)",
         f"tokens per sample: {a.image_tokens} image + {N_QUERIES} queries + {a.caption_tokens} caption "
-        f"(stages 1-2) or {a.sft_text_tokens} text (stage 3); one sample per sequence, no packing",
+        f"(stages 1-2) or {a.sft_text_tokens} text (stage 3); samples packed (data.packing), so no padding is "
+        f"counted",
         f"samples: stage 1 {_n(a.stage_samples('stage1'))} ({a.stage1_fraction:.3f} of the pairs), stage 2 "
         f"{_n(a.stage_samples('stage2'))}, stage 3 {_n(a.sft_samples)} SFT; one epoch each",
         f"CPU data steps: {a.cpu_cores} cores; ingress {a.ingress_gbps:g} Gbit/s, {a.source_image_kb:g} KB "

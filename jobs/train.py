@@ -205,8 +205,11 @@ def train_worker(loop_config: dict[str, Any]) -> None:
         # sums: loss, lm, fine x rows, coarse x rows, micro-batches, aligned rows, samples, tokens, FLOPs,
         # tokens incl. padding, then rejected samples by reason (summed over micro-batches, then ranks)
         sums = torch.zeros(10 + len(reasons), dtype=torch.float64)
+        data_wait = 0.0  # seconds this rank waited for micro-batches (data starving the trainer)
         for micro in range(accum):
+            t_data = time.perf_counter()
             batch = next_batch(step, micro)
+            data_wait += time.perf_counter() - t_data
             for code in batch["reject"][batch["reject"] >= 0].tolist():
                 sums[10 + code] += 1
             weight = 1.0
@@ -257,7 +260,7 @@ def train_worker(loop_config: dict[str, Any]) -> None:
             "step": state.step, "loss": sums[0] / n, "lm_loss": sums[1] / n, "align_fine": sums[2] / rows,
             "align_coarse": sums[3] / rows, "lr": lrs, "grad_norm": float(grad_norm or 0.0),
             "samples": int(sums[6]), "tokens": int(sums[7]), "padding": 1.0 - sums[7] / max(sums[9], 1.0),
-            "step_time": step_time,
+            "step_time": step_time, "data_wait": data_wait,
             "samples_per_s": sums[6] / step_time, "tokens_per_s": sums[7] / step_time,
             "mfu": mfu(sums[8], step_time, world, peak), "tokens_seen": state.tokens_seen,
             "rejected": sum(state.rejected.values()),
