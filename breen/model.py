@@ -185,7 +185,8 @@ class BreenAttention(nn.Module):
 
 
 class PackedSequences(NamedTuple):
-    """Sample boundaries of a packed batch (one row holding several samples back to back).
+    """Sample boundaries of a packed batch (one row holding several samples back to back), computed once
+    per forward.
 
     ``cu_seqlens`` [n + 1] int32 covers the whole row: the samples, then the padding tail as one more
     segment when the row is longer than its samples. ``flash``: hand the boundaries to flash-attention's
@@ -193,26 +194,26 @@ class PackedSequences(NamedTuple):
     """
 
     cu_seqlens: torch.Tensor  # [n_segments + 1] int32, last = row length
+    bounds: tuple[int, ...]  # cu_seqlens as Python ints (per-sample slicing without a device sync)
     max_length: int
+    segment_ids: torch.Tensor  # [1, L] int64: index of the segment (sample) of every token
     flash: bool
 
     @classmethod
     def from_cu_seqlens(cls, cu_seqlens: torch.Tensor, length: int, flash: bool) -> PackedSequences:
-        cu = cu_seqlens.to(torch.int32)
-        if int(cu[0]) != 0 or bool((cu[1:] < cu[:-1]).any()) or int(cu[-1]) > length:
-            raise ValueError(f"cu_seqlens must rise from 0 to at most the row length {length}: {cu.tolist()}")
-        if int(cu[-1]) < length:  # padding tail: its own segment, so no real token attends to it
-            cu = torch.cat([cu, cu.new_tensor([length])])
-        return cls(cu, int((cu[1:] - cu[:-1]).max()), flash)
-
-    def segment_ids(self) -> torch.Tensor:
-        """[1, L] int64: index of the segment (sample) of every token."""
-        lengths = (self.cu_seqlens[1:] - self.cu_seqlens[:-1]).long()
-        return torch.repeat_interleave(torch.arange(len(lengths), device=lengths.device), lengths)[None]
+        bounds = [int(x) for x in cu_seqlens.tolist()]
+        if bounds[0] != 0 or any(b < a for a, b in itertools.pairwise(bounds)) or bounds[-1] > length:
+            raise ValueError(f"cu_seqlens must rise from 0 to at most the row length {length}: {bounds}")
+        if bounds[-1] < length:  # padding tail: its own segment, so no real token attends to it
+            bounds.append(length)
+        cu = torch.tensor(bounds, dtype=torch.int32, device=cu_seqlens.device)
+        lengths = (cu[1:] - cu[:-1]).long()
+        segments = torch.repeat_interleave(torch.arange(len(lengths), device=cu.device), lengths)[None]
+        return cls(cu, tuple(bounds), max(b - a for a, b in itertools.pairwise(bounds)), segments, flash)
 
     def position_ids(self) -> torch.Tensor:
         """[1, L] int64: positions restart at 0 in every sample (the RoPE positions of unpacked samples)."""
-        seg = self.segment_ids()[0]
+        seg = self.segment_ids[0]
         return (torch.arange(len(seg), device=seg.device) - self.cu_seqlens.long()[seg])[None]
 
     def flash_kwargs(self) -> dict:
@@ -231,7 +232,7 @@ def packed_sdpa(q, k, v, packed: PackedSequences, scaling: float, n_rep: int) ->
         F.scaled_dot_product_attention(
             q[:, :, lo:hi], k[:, :, lo:hi], v[:, :, lo:hi], is_causal=True, scale=scaling
         )
-        for lo, hi in itertools.pairwise(packed.cu_seqlens.tolist())
+        for lo, hi in itertools.pairwise(packed.bounds)
         if hi > lo
     ]
     return torch.cat(parts, dim=2).transpose(1, 2)  # [1, heads, L, hd] -> [1, L, heads, hd]
@@ -627,7 +628,7 @@ class BreenForCausalLM(PreTrainedModel, GenerationMixin):
         if cu_seqlens is not None:
             packed = self._packed(input_ids if input_ids is not None else inputs_embeds[..., 0],
                                   cu_seqlens, attention_mask, position_ids, past_key_values, use_cache)  # fmt: skip
-            segment_ids, use_cache = packed.segment_ids(), False
+            segment_ids, use_cache = packed.segment_ids, False
         if inputs_embeds is None:
             inputs_embeds, image_mask = self.embed_inputs(input_ids, pixel_values, image_grid, segment_ids)
         elif image_mask is None:
