@@ -59,8 +59,8 @@ def ensure_demo() -> None:
                    check=True, cwd=ROOT)  # fmt: skip
 
 
-def row(name: str, baseline: str, ours: str, value: float, goal: str, ok: bool) -> tuple:
-    return (name, baseline, ours, f"{value:.3g}" if value >= 0.01 else f"{value:.2%}", goal, "ok" if ok else "MISSED")
+def row(name: str, baseline: str, ours: str, ratio: str, goal: str, ok: bool) -> tuple:
+    return (name, baseline, ours, ratio, goal, "ok" if ok else "MISSED")
 
 
 def print_table(rows: list[tuple]) -> None:
@@ -101,17 +101,17 @@ def cpu_mode(args) -> int:
     rt = bench("rates", *(["--no-vit-l"] if quick else []))
 
     rows = [
-        row("download (images/s)", f"{dl['baseline']:.1f}", f"{dl['ours']:.1f}", dl["ratio"], ">= 0.95",
+        row("download (images/s)", f"{dl['baseline']:.1f}", f"{dl['ours']:.1f}", f"{dl['ratio']:.3g}", ">= 0.95",
             dl["ratio"] >= 0.95),
-        row("teacher CPU (images/s)", f"{te['baseline']:.2f}", f"{te['ours']:.2f}", te["ratio"], ">= 0.95",
+        row("teacher CPU (images/s)", f"{te['baseline']:.2f}", f"{te['ours']:.2f}", f"{te['ratio']:.3g}", ">= 0.95",
             te["ratio"] >= 0.95),
-        row("train step (s/step)", f"{tr['baseline_step_s']:.3f}", f"{tr['ours_step_s']:.3f}", tr["step_time_ratio"],
+        row("train step (s/step)", f"{tr['baseline_step_s']:.3f}", f"{tr['ours_step_s']:.3f}", f"{tr['step_time_ratio']:.3g}",
             "<= 1.10", tr["step_time_ratio"] <= 1.10),
         row("ingest/consumption (samples/s)", f"{tr['consumption_samples_per_s']:.2f}",
-            f"{tr['ingest_samples_per_s']:.1f}", tr["ingest_over_consumption"], ">= 5",
+            f"{tr['ingest_samples_per_s']:.1f}", f"{tr['ingest_over_consumption']:.3g}", ">= 5",
             tr["ingest_over_consumption"] >= 5),
         row("padding waste (demo corpus)", f"{pk['padded_waste']:.1%}", f"{pk['packed_waste']:.2%}",
-            pk["packed_waste"], "< 5%", pk["packed_waste"] < 0.05),
+            "", "< 5%", pk["packed_waste"] < 0.05),
     ]  # fmt: skip
     rates = per_core_rates(dl, rt, pk)
     print("\n== CPU benchmarks ==")
@@ -145,19 +145,19 @@ def gpu_mode(args) -> int:
     ts = bench("train_step", "--preset", "mid", "--device", "cuda")
     pk = bench("packing")
     rows = [
-        row("teacher ViT-L bf16 (images/s)", f"{te['baseline']:.0f}", f"{te['ours']:.0f}", te["ratio"], ">= 0.95",
+        row("teacher ViT-L bf16 (images/s)", f"{te['baseline']:.0f}", f"{te['ours']:.0f}", f"{te['ratio']:.3g}", ">= 0.95",
             te["ratio"] >= 0.95),
-        row("teacher images/s per GPU", "", f"{te['ours']:.0f}", te["ours"], ">= 1150", te["ours"] >= 1150),
-        row("teacher MFU", "", f"{te_mfu:.1%}", te_mfu, "report", True),
+        row("teacher images/s per GPU", "", f"{te['ours']:.0f}", "", ">= 1150", te["ours"] >= 1150),
+        row("teacher MFU", "", f"{te_mfu:.1%}", "", "report", True),
         row("train step mid tokens/s (padded->packed)", f"{ts['padded']['tokens_per_s']:,.0f}",
-            f"{ts['packed']['tokens_per_s']:,.0f}", ts["speedup_packed_over_padded"], ">= 1", ts["speedup_packed_over_padded"] >= 1),
+            f"{ts['packed']['tokens_per_s']:,.0f}", f"{ts['speedup_packed_over_padded']:.3g}", ">= 1", ts["speedup_packed_over_padded"] >= 1),
         row("train step mid MFU (packed)", f"{ts['padded']['mfu']:.1%}", f"{ts['packed']['mfu']:.1%}",
-            ts["packed"]["mfu"], "report", True),
+            "", "report", True),
         row("padding waste (synthetic, mid)", f"{ts['padded']['padding_waste']:.1%}",
-            f"{ts['packed']['padding_waste']:.2%}", ts["packed"]["padding_waste"], "< 5%",
+            f"{ts['packed']['padding_waste']:.2%}", "", "< 5%",
             ts["packed"]["padding_waste"] < 0.05),
         row("padding waste (demo corpus)", f"{pk['padded_waste']:.1%}", f"{pk['packed_waste']:.2%}",
-            pk["packed_waste"], "< 5%", pk["packed_waste"] < 0.05),
+            "", "< 5%", pk["packed_waste"] < 0.05),
     ]  # fmt: skip
     print(f"\n== GPU benchmarks ({ts['device']}, peak {peak:.0f} TFLOP/s bf16, {ts['attn_implementation']}) ==")
     print_table(rows)

@@ -229,14 +229,11 @@ def decoded_batches(
         return
     with ThreadPoolExecutor(threads, thread_name_prefix="teacher-decode") as pool:
         pending: deque = deque()
-        for rows in batches:
+        for n, rows in enumerate(batches, start=1):
             pending.append((rows, [pool.submit(_decode_or_error, images[i]) for i in rows]))
-            if len(pending) > prefetch:
+            while pending and (len(pending) > prefetch or n == len(batches)):  # drain after the last
                 rows0, futures = pending.popleft()
                 yield gather(rows0, [f.result() for f in futures])
-        while pending:
-            rows0, futures = pending.popleft()
-            yield gather(rows0, [f.result() for f in futures])
 
 
 def teacher_table(
