@@ -513,6 +513,12 @@ def run_main(argv, capsys) -> tuple[int, str]:
     return code, capsys.readouterr().err
 
 
+def stage1_argv(tmp_path, data, init, *overrides: str) -> list[str]:
+    """`jobs.train` arguments for stage 1 on the CPU profile, output under tmp_path/runs."""
+    return ["--stage", "stage1", "--data", str(data), "--init-from", str(init), "--output-dir",
+            str(tmp_path / "runs"), *CPU, *overrides]  # fmt: skip
+
+
 def test_main_help(capsys):
     with pytest.raises(SystemExit) as exc:
         train.main(["--help"])
@@ -523,61 +529,37 @@ def test_main_help(capsys):
 
 def test_main_missing_data_dir_exits_2(tmp_path, capsys):
     missing = tmp_path / "no-such-shards"
-    code, err = run_main(
-        ["--stage", "stage1", "--data", str(missing), "--init-from", "tiny", "--output-dir",
-         str(tmp_path / "runs"), *CPU],
-        capsys,
-    )  # fmt: skip
+    code, err = run_main(stage1_argv(tmp_path, missing, "tiny"), capsys)
     assert code == 2 and "data.paths[0]" in err and str(missing) in err, err
     assert not (tmp_path / "runs" / "stage1").exists() or not any((tmp_path / "runs" / "stage1").iterdir())
 
 
 def test_main_unknown_override_exits_2(tmp_path, shards, capsys):
-    code, err = run_main(
-        ["--stage", "stage1", "--data", str(shards), "--init-from", "tiny", "--output-dir",
-         str(tmp_path / "runs"), *CPU, "scale.num_worker=2"],
-        capsys,
-    )  # fmt: skip
+    code, err = run_main(stage1_argv(tmp_path, shards, "tiny", "scale.num_worker=2"), capsys)
     assert code == 2 and "scale.num_worker: unknown key" in err, err
 
 
 def test_main_global_batch_larger_than_the_data_exits_2(tmp_path, shards, init_dir, capsys):
-    code, err = run_main(
-        ["--stage", "stage1", "--data", str(shards), "--init-from", str(init_dir), "--output-dir",
-         str(tmp_path / "runs"), *CPU, "scale.global_batch_size=32"],
-        capsys,
-    )  # fmt: skip
+    code, err = run_main(stage1_argv(tmp_path, shards, init_dir, "scale.global_batch_size=32"), capsys)
     assert code == 2 and "scale.global_batch_size" in err and "20 rows" in err, err
 
 
 def test_main_teacher_mismatch_exits_2_naming_data_teacher(tmp_path, shards, init_dir, capsys):
-    code, err = run_main(
-        ["--stage", "stage1", "--data", str(shards), "--init-from", str(init_dir), "--output-dir",
-         str(tmp_path / "runs"), *CPU, "data.teacher=ViT-L-14-336"],
-        capsys,
-    )  # fmt: skip
+    code, err = run_main(stage1_argv(tmp_path, shards, init_dir, "data.teacher=ViT-L-14-336"), capsys)
     assert code == 2 and "data.teacher='ViT-L-14-336'" in err, err
     assert str(shards / "part-00000.parquet") in err
 
 
 def test_main_caption_shards_without_targets_exit_2(tmp_path, shards, init_dir, capsys):
     rewrite(shards / "part-00001.parquet", drop=("fine", "coarse"))
-    code, err = run_main(
-        ["--stage", "stage1", "--data", str(shards), "--init-from", str(init_dir), "--output-dir",
-         str(tmp_path / "runs"), *CPU],
-        capsys,
-    )  # fmt: skip
+    code, err = run_main(stage1_argv(tmp_path, shards, init_dir), capsys)
     assert code == 2 and "data.text_field=caption" in err and str(shards / "part-00001.parquet") in err, err
 
 
 def test_main_empty_data_dir_exits_2(tmp_path, init_dir, capsys):
     empty = tmp_path / "empty"
     empty.mkdir()
-    code, err = run_main(
-        ["--stage", "stage1", "--data", str(empty), "--init-from", str(init_dir), "--output-dir",
-         str(tmp_path / "runs"), *CPU],
-        capsys,
-    )  # fmt: skip
+    code, err = run_main(stage1_argv(tmp_path, empty, init_dir), capsys)
     assert code == 2 and str(empty) in err
 
 
@@ -592,11 +574,7 @@ def test_main_all_stages_checks_every_stage_input_before_training(tmp_path, shar
 
 
 def test_main_unknown_learning_rate_component_exits_2(tmp_path, shards, init_dir, capsys):
-    code, err = run_main(
-        ["--stage", "stage1", "--data", str(shards), "--init-from", str(init_dir), "--output-dir",
-         str(tmp_path / "runs"), *CPU, "optim.lrs.patch_embd=1e-4"],
-        capsys,
-    )  # fmt: skip
+    code, err = run_main(stage1_argv(tmp_path, shards, init_dir, "optim.lrs.patch_embd=1e-4"), capsys)
     assert code == 2 and "optim.lrs.patch_embd" in err and "unknown component" in err, err
 
 
