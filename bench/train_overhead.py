@@ -2,11 +2,12 @@
 Ray Data ingest rate vs the rate training consumes samples.
 
 Same model (a BREEN larger than ``tiny``, random init, saved once), same batches (the ingest's encoded
-micro-batches in the same order), same step (stage 2: everything but the alignment head trains, AdamW,
-clipping 1.0, cosine schedule, activation checkpointing, fp32, packed micro-batches) and the same torch
-threads:
-  baseline  a plain single-process loop over pre-encoded batches in memory, run before and after ours
-            (its step time is the mean of the two medians, so slow drift of the machine load cancels);
+micro-batches in the same order), same step (stage 2: everything but the alignment head trains, the
+product's AdamW (`jobs.train.make_optimizer`, fused), clipping 1.0, cosine schedule, activation
+checkpointing, fp32, packed micro-batches), the same torch threads and the same process environment
+(`jobs.train.worker_env`: glibc malloc settings):
+  baseline  a plain loop over pre-encoded batches in memory, in its own process, run before and after
+            ours (its step time is the mean of the two medians, so slow drift of the machine load cancels);
   ours      `jobs.train.run_stage` on a local Ray: 1 Ray Train worker, DeepSpeed ZeRO-3 engine, batches
             streamed by Ray Data (read + decode + tokenise in an encode actor), per-step metrics
             all-reduce; step times from the run's ``metrics.jsonl``.
@@ -28,6 +29,8 @@ import argparse
 import json
 import os
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -119,7 +122,7 @@ def baseline(cfg, init: Path, batches, threads: int) -> tuple[list[float], list[
 
     from breen.model import BreenForCausalLM
     from breen.stages import param_groups, set_trainable
-    from jobs.train import MODEL_KEYS, lr_factor
+    from jobs.train import MODEL_KEYS, lr_factor, make_optimizer
 
     torch.set_num_threads(threads)
     torch.manual_seed(cfg.seed)
@@ -128,11 +131,9 @@ def baseline(cfg, init: Path, batches, threads: int) -> tuple[list[float], list[
     set_trainable(model, cfg.stage, log=None)
     model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     model.train()
-    groups = param_groups(model, cfg.stage, cfg.optim.lrs)
+    groups = param_groups(model, cfg.stage, cfg.optim.lrs, cfg.optim.weight_decay)
     base = [g["lr"] for g in groups]
-    opt = torch.optim.AdamW(
-        groups, lr=base[0], betas=tuple(cfg.optim.betas), eps=cfg.optim.eps, weight_decay=0.0
-    )
+    opt = make_optimizer(cfg, groups)
     params = [p for g in groups for p in g["params"]]
     times, losses = [], []
     for step, batch in enumerate(batches):
@@ -147,6 +148,38 @@ def baseline(cfg, init: Path, batches, threads: int) -> tuple[list[float], list[
         times.append(time.perf_counter() - t0)
         losses.append(float(out.loss.detach()))
     return times, losses
+
+
+def baseline_process(args, cfg, work: Path, tag: str) -> tuple[list[float], list[float]]:
+    """`baseline` in a fresh Python process with the training workers' environment (`--child`)."""
+    from jobs.train import worker_env
+
+    env = {**os.environ, **worker_env(cfg)}
+    argv = [sys.executable, "-m", "bench.train_overhead", "--child", str(work), *sys_argv(args)]
+    subprocess.run(argv, env=env, check=True)
+    result = json.loads((work / "baseline.json").read_text())
+    print(
+        f"baseline ({tag}): median {statistics.median(result['times'][args.warmup :]):.3f} s/step", flush=True
+    )
+    return result["times"], result["losses"]
+
+
+def sys_argv(args) -> list[str]:
+    """The options that shape the baseline's step, for its child process."""
+    flags = ["--hidden", args.hidden, "--layers", args.layers, "--micro-batch", args.micro_batch, "--steps",
+             args.steps, "--threads", args.threads, "--encode-cpus", args.encode_cpus]  # fmt: skip
+    return [str(f) for f in flags] + (["--no-packing"] if args.no_packing else [])
+
+
+def child(args) -> None:
+    """Child side of `baseline_process`: batches and model from the parent's work directory."""
+    import torch
+
+    work = Path(args.child)
+    cfg = bench_config(args, work / "init", [str(work / "shards")], work / "train")
+    batches = torch.load(work / "batches.pt", weights_only=False)
+    times, losses = baseline(cfg, work / "init", batches, args.threads)
+    (work / "baseline.json").write_text(json.dumps({"times": times, "losses": losses}))
 
 
 def ingest_rate(cfg, files, model_config, tokenizer_dir: str) -> tuple[float, int]:
@@ -183,10 +216,12 @@ def parser() -> argparse.ArgumentParser:
     parser.add_argument("--data", action="append", default=[], help="training shards (default: synthetic)")
     parser.add_argument("--work-dir", default=None)
     parser.add_argument("--json", default=None, help="also write the result as JSON here")
+    parser.add_argument("--child", default=None, help=argparse.SUPPRESS)  # internal: the baseline process
     return parser
 
 
 def run(args) -> dict:
+    import torch
 
     from breen.config import BreenConfig
     from jobs import ingest
@@ -207,7 +242,8 @@ def run(args) -> dict:
     counts = model_config.param_counts()
 
     batches = encoded_batches(cfg, files, model_config, str(init), args.steps)
-    base_times, base_losses = baseline(cfg, init, batches, args.threads)
+    torch.save(batches, work / "batches.pt")
+    base_times, base_losses = baseline_process(args, cfg, work, "before ours")
 
     init_ray(None, max(4, 2 * args.threads + 2))
     run_stage(cfg)
@@ -215,7 +251,7 @@ def run(args) -> dict:
     ours_times = [records[s]["step_time"] for s in sorted(records)]
     ours_losses = [records[s]["loss"] for s in sorted(records)]
     rate, rows = ingest_rate(cfg, files, model_config, str(init))
-    after_times, _ = baseline(cfg, init, batches, args.threads)  # again, after ours: same machine drift
+    after_times, _ = baseline_process(args, cfg, work, "after ours")  # again, after ours: same machine drift
 
     w = args.warmup
     base_step = (statistics.median(base_times[w:]) + statistics.median(after_times[w:])) / 2
@@ -242,6 +278,9 @@ def run(args) -> dict:
 
 def main(argv: list[str] | None = None) -> None:
     args = parser().parse_args(argv)
+    if args.child:
+        child(args)
+        return
     result = run(args)
     base_step, ours_step = result["baseline_step_s"], result["ours_step_s"]
     rate, consumption = result["ingest_samples_per_s"], result["consumption_samples_per_s"]

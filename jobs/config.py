@@ -24,6 +24,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -101,6 +102,15 @@ class OptimSection:
     eps: float = 1e-8
     weight_decay: float = 0.0
     grad_clip: float = 1.0  # max global grad norm (HF Trainer default, used by the released scripts)
+    fused: bool = True  # torch's fused AdamW kernel (CPU and GPU): one pass, no per-step temporaries
+
+
+# Training workers on CPU: every thread allocates from the main heap (arena_max=1), which never hands large
+# blocks to mmap (mmap_max=0) and keeps up to 1 GiB of free space (trim_threshold), so buffers freed in one
+# step are reused by the next without page faults.
+CPU_MALLOC_TUNABLES = (
+    "glibc.malloc.arena_max=1:glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=1073741824"
+)
 
 
 @dataclass
@@ -112,6 +122,11 @@ class ScaleSection:
     global_batch_size: int = 1024  # = micro_batch_size * num_workers * gradient accumulation
     precision: str = "bf16"  # "bf16" (GPU) or "fp32" (CPU); fp16 is not supported
     zero_stage: int = 3
+    # glibc malloc settings of the training workers: "auto" (CPU_MALLOC_TUNABLES on CPU, glibc's defaults on
+    # GPU), "default" (glibc's defaults), or a GLIBC_TUNABLES string. On CPU, glibc serves every large
+    # buffer (ZeRO-3's flat gradient partitions, optimizer temporaries) from a fresh mmap whose pages are
+    # all faulted in again: 115k page faults and 0.2 s per step on the CPU bench, none with the tunables.
+    malloc: str = "auto"
 
     @property
     def grad_accum(self) -> int:
@@ -282,7 +297,9 @@ def set_field(cfg: Any, key: str, value: Any) -> None:
         if isinstance(node, dict):
             if not last:
                 raise ConfigError(f"{where}: not a section")
-            node[part] = convert_value(float, value, where, lenient=True)  # the only dict fields hold learning rates
+            node[part] = convert_value(
+                float, value, where, lenient=True
+            )  # the only dict fields hold learning rates
             return
         if not dataclasses.is_dataclass(node):
             raise ConfigError(f"{where}: not a section")
@@ -341,6 +358,12 @@ def validate(cfg: TrainConfig, check_paths: bool = False) -> None:
     need(s.precision != "fp16", "scale.precision", "fp16 is not supported (use bf16 on GPU, fp32 on CPU)")
     need(s.precision in PRECISIONS, "scale.precision", f"must be one of {PRECISIONS}")
     need(s.zero_stage == 3, "scale.zero_stage", "only ZeRO stage 3 is supported")
+    need(
+        s.malloc in ("auto", "default")
+        or all(re.fullmatch(r"glibc\.[a-z_]+\.[a-z_]+=\w+", t) for t in s.malloc.split(":")),
+        "scale.malloc",
+        f"{s.malloc!r} is not 'auto', 'default' or a ':'-separated list of glibc.<namespace>.<name>=<value>",
+    )
     need(cfg.data.text_field in TEXT_FIELDS, "data.text_field", f"must be one of {TEXT_FIELDS}")
     need(cfg.data.teacher is None or bool(cfg.data.teacher.strip()), "data.teacher", "must be a name or null")
     need(cfg.data.max_length > 0, "data.max_length", "must be > 0")

@@ -54,6 +54,7 @@ from jobs.checkpoint import (
     save_checkpoint,
 )
 from jobs.config import (
+    CPU_MALLOC_TUNABLES,
     TINY_INIT,
     ConfigError,
     TrainConfig,
@@ -104,6 +105,9 @@ def train_worker(loop_config: dict[str, Any]) -> None:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     if not cfg.scale.use_gpu:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
+        # DeepSpeed's CPU accelerator counts devices with `numactl --hardware` (a subprocess on every
+        # gradient bucket) unless LOCAL_SIZE is set, as its own launcher does.
+        os.environ.setdefault("LOCAL_SIZE", str(ctx.get_local_world_size()))
     import deepspeed
 
     from breen.config import BreenConfig
@@ -136,10 +140,7 @@ def train_worker(loop_config: dict[str, Any]) -> None:
             model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         groups = param_groups(model, cfg.stage, cfg.optim.lrs, cfg.optim.weight_decay)
         base_lrs = {g["name"]: g["lr"] for g in groups}
-        optimizer = torch.optim.AdamW(
-            groups, lr=groups[0]["lr"], betas=tuple(cfg.optim.betas), eps=cfg.optim.eps,
-            weight_decay=cfg.optim.weight_decay,
-        )  # fmt: skip
+        optimizer = make_optimizer(cfg, groups)
         engine, optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
         if ckpt_dir:
             state = restore_checkpoint(engine, ckpt_dir, rank)
@@ -299,6 +300,31 @@ def train_worker(loop_config: dict[str, Any]) -> None:
     if state.rejected:
         print0(f"[{cfg.stage}] samples left out by the ingest: {state.rejected}")
     tracker.close()
+
+
+def make_optimizer(cfg: TrainConfig, groups: list[dict[str, Any]]):
+    """The client AdamW (DeepSpeed steps it on its flat fp32 partitions)."""
+    import torch
+
+    o = cfg.optim
+    return torch.optim.AdamW(
+        groups,
+        lr=groups[0]["lr"],
+        betas=tuple(o.betas),
+        eps=o.eps,
+        weight_decay=o.weight_decay,
+        fused=o.fused,
+    )
+
+
+def worker_env(cfg: TrainConfig) -> dict[str, str]:
+    """Environment of the training worker processes: DeepSpeed's accelerator and glibc's malloc settings."""
+    s = cfg.scale
+    env = {} if s.use_gpu else {"DS_ACCELERATOR": "cpu"}
+    tunables = {"auto": None if s.use_gpu else CPU_MALLOC_TUNABLES, "default": None}.get(s.malloc, s.malloc)
+    if tunables:
+        env["GLIBC_TUNABLES"] = tunables
+    return env
 
 
 def sample_lengths(batch: dict[str, Any]) -> list[int]:
@@ -525,9 +551,7 @@ def run_stage(cfg: TrainConfig, address: str | None = None, num_cpus: int | None
             "encode_cpus": cfg.data.encode_cpus, "chunk_rows": cfg.data.encode_batch_size,
         },
     )  # fmt: skip
-    env = {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}  # plain print: rank-0 lines appear once in the driver
-    if not s.use_gpu:
-        env["DS_ACCELERATOR"] = "cpu"
+    env = {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0", **worker_env(cfg)}  # plain print: rank-0 lines once
     trainer = TorchTrainer(
         train_worker,
         train_loop_config={

@@ -51,7 +51,7 @@ def _engine(init: Path, cfg, seed: int):
     from breen.config import BreenConfig
     from breen.stages import param_groups, set_trainable
     from jobs.deepspeed_config import deepspeed_config
-    from jobs.train import build_model
+    from jobs.train import build_model, make_optimizer
 
     torch.manual_seed(seed)
     model_config = BreenConfig.from_pretrained(init)
@@ -59,8 +59,7 @@ def _engine(init: Path, cfg, seed: int):
     model = build_model(cfg, model_config, init, ds_config, 0)
     set_trainable(model, cfg.stage)
     groups = param_groups(model, cfg.stage, cfg.optim.lrs, cfg.optim.weight_decay)
-    optimizer = torch.optim.AdamW(groups, lr=groups[0]["lr"], betas=tuple(cfg.optim.betas), eps=cfg.optim.eps,
-                                  weight_decay=cfg.optim.weight_decay)  # fmt: skip
+    optimizer = make_optimizer(cfg, groups)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
     return engine, model_config
 
