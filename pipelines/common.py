@@ -319,7 +319,10 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
     root = str(Path(__file__).resolve().parent.parent)
-    env = {"env_vars": {"NO_ALBUMENTATIONS_UPDATE": "1", "PYTHONPATH": root}}
+    env = {
+        "env_vars": {"NO_ALBUMENTATIONS_UPDATE": "1", "PYTHONPATH": root},
+        "worker_process_setup_hook": "pipelines.common.quiet_embedded_ray",
+    }
     if address or os.environ.get("RAY_ADDRESS"):
         # A cluster (or a `ray job submit` job): keep the job's runtime env (working_dir) as it is.
         ray.init(address=address or os.environ["RAY_ADDRESS"], log_to_driver=True)
@@ -336,6 +339,17 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     ctx = DataContext.get_current()
     ctx.enable_progress_bars = sys.stderr.isatty()
     ctx.execution_options.verbose_progress = False
+
+
+def quiet_embedded_ray() -> None:
+    """Worker setup hook of the embedded Ray. It runs without a dashboard, hence without the state API,
+    so Ray Train's placement-group cleaner would warn every second that it cannot query the controller
+    (harmless here: the embedded cluster ends with the driver)."""
+    import logging
+
+    logging.getLogger("ray.train.v2._internal.execution.controller.placement_group_cleaner").setLevel(
+        logging.ERROR
+    )
 
 
 def run_shards(

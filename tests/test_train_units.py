@@ -312,6 +312,18 @@ def test_cpu_malloc_tunables_stop_page_faults_on_reused_large_buffers():
     assert tuned < 1000, tuned
 
 
+def test_embedded_ray_workers_silence_the_placement_group_cleaner(ray_local):
+    """Without a dashboard (no state API) Ray Train's cleaner warned every second under load (24 lines in
+    20 s of a busy 1-worker run); `init_ray`'s worker setup hook raises that logger's level."""
+    import logging
+
+    import ray
+
+    name = "ray.train.v2._internal.execution.controller.placement_group_cleaner"
+    level = ray.remote(num_cpus=0)(lambda: logging.getLogger(name).getEffectiveLevel())
+    assert ray.get(level.remote()) == logging.ERROR
+
+
 # ============================================================================= jobs.ingest: shard files
 def test_list_shards_reads_footers_and_honours_done_markers(tmp_path, shards):
     files = ingest.list_shards([shards])
