@@ -155,7 +155,7 @@ def baseline_process(args, cfg, work: Path, tag: str) -> tuple[list[float], list
     from jobs.train import worker_env
 
     env = {**os.environ, **worker_env(cfg)}
-    argv = [sys.executable, "-m", "bench.train_overhead", "--child", str(work), *sys_argv(args)]
+    argv = [sys.executable, "-m", "bench.train_overhead", "--child", str(work), *child_argv(args)]
     subprocess.run(argv, env=env, check=True)
     result = json.loads((work / "baseline.json").read_text())
     print(
@@ -164,7 +164,7 @@ def baseline_process(args, cfg, work: Path, tag: str) -> tuple[list[float], list
     return result["times"], result["losses"]
 
 
-def sys_argv(args) -> list[str]:
+def child_argv(args) -> list[str]:
     """The options that shape the baseline's step, for its child process."""
     flags = ["--hidden", args.hidden, "--layers", args.layers, "--micro-batch", args.micro_batch, "--steps",
              args.steps, "--threads", args.threads, "--encode-cpus", args.encode_cpus]  # fmt: skip
@@ -177,7 +177,7 @@ def child(args) -> None:
 
     work = Path(args.child)
     cfg = bench_config(args, work / "init", [str(work / "shards")], work / "train")
-    batches = torch.load(work / "batches.pt", weights_only=False)
+    batches = torch.load(work / "batches.pt", weights_only=True)  # tensors only
     times, losses = baseline(cfg, work / "init", batches, args.threads)
     (work / "baseline.json").write_text(json.dumps({"times": times, "losses": losses}))
 

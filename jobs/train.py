@@ -321,7 +321,10 @@ def worker_env(cfg: TrainConfig) -> dict[str, str]:
     """Environment of the training worker processes: DeepSpeed's accelerator and glibc's malloc settings."""
     s = cfg.scale
     env = {} if s.use_gpu else {"DS_ACCELERATOR": "cpu"}
-    tunables = {"auto": None if s.use_gpu else CPU_MALLOC_TUNABLES, "default": None}.get(s.malloc, s.malloc)
+    if s.malloc == "auto":
+        tunables = None if s.use_gpu else CPU_MALLOC_TUNABLES
+    else:
+        tunables = None if s.malloc == "default" else s.malloc
     if tunables:
         env["GLIBC_TUNABLES"] = tunables
     return env
