@@ -53,11 +53,7 @@ def vit_l_rate(images: int) -> dict:
     t0 = time.perf_counter()
     features(model, np.stack([decode(b) for b in data]), "cpu")
     seconds = time.perf_counter() - t0
-    return {
-        "vit_l_images": images,
-        "vit_l_seconds": seconds,
-        "teacher_images_per_s_per_core_cpu": images / seconds,
-    }
+    return {"vit_l_images": images, "vit_l_seconds": seconds, "teacher_images_per_s_per_core_cpu": images / seconds}
 
 
 def run(args) -> dict:

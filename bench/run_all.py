@@ -133,9 +133,7 @@ def gpu_mode(args) -> int:
     except ImportError:
         has_gpu = False
     if not has_gpu:
-        print(
-            "GPU mode: no CUDA device is visible (torch.cuda.is_available() is False); GPU benchmarks skipped."
-        )
+        print("GPU mode: no CUDA device is visible (torch.cuda.is_available() is False); GPU benchmarks skipped.")
         return 0
     from jobs.metrics import peak_tflops
 
@@ -161,9 +159,7 @@ def gpu_mode(args) -> int:
         row("padding waste (demo corpus)", f"{pk['padded_waste']:.1%}", f"{pk['packed_waste']:.2%}",
             "", "< 5%", pk["packed_waste"] < 0.05),
     ]  # fmt: skip
-    print(
-        f"\n== GPU benchmarks ({ts['device']}, peak {peak:.0f} TFLOP/s bf16, {ts['attn_implementation']}) =="
-    )
+    print(f"\n== GPU benchmarks ({ts['device']}, peak {peak:.0f} TFLOP/s bf16, {ts['attn_implementation']}) ==")
     print_table(rows)
     return 0 if all(r[-1] == "ok" for r in rows) else 1
 

@@ -62,17 +62,13 @@ def baseline_child(images_file: str, cfg_file: str, batch_size: int, threads: in
 
     torch.set_num_threads(threads)
     images = pq.read_table(images_file).column("image").to_pylist()
-    model, _, _ = build_teacher(
-        from_dict(TeacherConfig, json.loads(Path(cfg_file).read_text()), "teacher"), device
-    )
+    model, _, _ = build_teacher(from_dict(TeacherConfig, json.loads(Path(cfg_file).read_text()), "teacher"), device)
     for start in range(0, len(images), batch_size):
         pix = np.stack([decode(b) for b in images[start : start + batch_size]])
         features(model, pix, device)
 
 
-def baseline(
-    images: list[bytes], cfg, batch_size: int, threads: int, work: Path, device: str = "cpu"
-) -> float:
+def baseline(images: list[bytes], cfg, batch_size: int, threads: int, work: Path, device: str = "cpu") -> float:
     """Bare loop in a fresh process: images/s over the process's wall time."""
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -163,9 +159,7 @@ def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--images", type=int, default=192)
     ap.add_argument("--batch-size", type=int, default=16)
-    ap.add_argument(
-        "--threads", type=int, default=os.cpu_count() or 2, help="total CPU threads for each side"
-    )
+    ap.add_argument("--threads", type=int, default=os.cpu_count() or 2, help="total CPU threads for each side")
     ap.add_argument("--model", default=None, help="open_clip model name (default: a mid-size ViT config)")
     ap.add_argument("--width", type=int, default=384)
     ap.add_argument("--layers", type=int, default=6)
@@ -184,9 +178,7 @@ def main() -> None:
     res = run(args)
     print(f"\nruns (images/s): baseline {[round(b, 2) for b in res['runs']['baseline']]}, "
           f"ours {[round(m, 2) for m in res['runs']['ours']]}")  # fmt: skip
-    print(
-        f"teacher {res['model']}, {args.images} images, {args.threads} CPU threads each side, {args.device}"
-    )
+    print(f"teacher {res['model']}, {args.images} images, {args.threads} CPU threads each side, {args.device}")
     print(f"  baseline (bare open_clip loop, fresh process): {res['baseline']:8.2f} images/s")
     print(f"  ours (Ray Data teacher step):                  {res['ours']:8.2f} images/s")
     print(f"  ratio ours/baseline: {res['ratio']:.3f}  (goal >= 0.95)")

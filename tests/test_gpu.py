@@ -37,15 +37,10 @@ def test_teacher_gpu_path_matches_cpu():
     cfg = TeacherConfig(model_config=str(CONFIGS / "tiny-vit.json"), random_init_seed=0)
     cpu_model, _, _ = build_teacher(cfg, "cpu")
     gpu_model, _, _ = build_teacher(cfg, "cuda")
-    table = pa.table(
-        {"key": [str(i) for i in range(6)], "image": [png_bytes(50 + 9 * i, 70, i) for i in range(6)]}
-    )
+    table = pa.table({"key": [str(i) for i in range(6)], "image": [png_bytes(50 + 9 * i, 70, i) for i in range(6)]})
     dim = cpu_model.visual.transformer.width
     ref, _ = teacher_table(table, cpu_model, dim, 4, "cpu")
     got, _ = teacher_table(table, gpu_model, dim, 4, "cuda", decode_threads=3, prefetch=2)
-    a, b = (
-        tensor_numpy(got.column("fine")).astype("float32"),
-        tensor_numpy(ref.column("fine")).astype("float32"),
-    )
+    a, b = tensor_numpy(got.column("fine")).astype("float32"), tensor_numpy(ref.column("fine")).astype("float32")
     scale = abs(b).mean()
     assert abs(a - b).mean() < 0.05 * scale  # bf16 autocast vs fp32

@@ -100,9 +100,8 @@ def corpus_run(tmp_path_factory, ray_local):
         cfg = load_config(corpus_config(root, urls))
         out = cfg.out / "download"
         names = download.make_input_shards(cfg.input.urls, cfg.download.rows_per_shard, out / "_input")
-        task = ray.remote(download_shard_under_tripwire).options(
-            num_cpus=cfg.download.cpus_per_shard, max_retries=0
-        )
+        task = ray.remote(download_shard_under_tripwire).options(num_cpus=cfg.download.cpus_per_shard,
+                                                                 max_retries=0)
         refs = {task.remote(str(trip_log), n, str(out / "_input"), str(out), to_dict(cfg.download),
                             cfg.filter.max_pixels): n for n in names}  # fmt: skip
         for ref, name in refs.items():

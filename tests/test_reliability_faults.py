@@ -225,9 +225,7 @@ def dataset_rows(dataset: Path, drop: tuple[str, ...] = ()) -> tuple[list[dict],
     return sorted(kept, key=lambda r: r["key"]), sorted(rejected, key=lambda r: r["key"])
 
 
-def compare(
-    name: str, clean: Path, faulted: Path, rows_in: int, note: str, drop: tuple[str, ...] = ()
-) -> None:
+def compare(name: str, clean: Path, faulted: Path, rows_in: int, note: str, drop: tuple[str, ...] = ()) -> None:
     """Record and assert: same kept rows (every column), same rejected rows, none lost or duplicated."""
     ck, cr = dataset_rows(clean, drop)
     fk, fr = dataset_rows(faulted, drop)
@@ -235,13 +233,7 @@ def compare(
     duplicated = sum(n - 1 for n in seen.values() if n > 1)
     lost = rows_in - len(seen)
     identical = ck == fk and cr == fr
-    RESULTS[name] = {
-        "rows": rows_in,
-        "lost": lost,
-        "duplicated": duplicated,
-        "identical": identical,
-        "note": note,
-    }
+    RESULTS[name] = {"rows": rows_in, "lost": lost, "duplicated": duplicated, "identical": identical, "note": note}
     assert len(ck) + len(cr) == rows_in
     assert (lost, duplicated) == (0, 0), RESULTS[name]
     assert [r["key"] for r in fk] == [r["key"] for r in ck]
@@ -382,9 +374,7 @@ def captions_input(url_list):
                 img = b"\xff\xd8 broken"
             else:
                 arr = rng.integers(0, 255, (24, 32, 3), np.uint8)
-                img = encode(
-                    Image.fromarray(arr).resize((320, 240), Image.Resampling.BILINEAR), "JPEG", quality=85
-                )
+                img = encode(Image.fromarray(arr).resize((320, 240), Image.Resampling.BILINEAR), "JPEG", quality=85)
             rows.append({"key": key, "caption": f"caption {key}", "image": img})
         t = pa.Table.from_pylist(rows, pa.schema([("key", pa.string()), ("caption", pa.string()),
                                                    ("image", pa.binary())]))  # fmt: skip
@@ -491,3 +481,4 @@ def test_fault_table_goals(cluster):
     assert RESULTS, "no fault test ran"
     for name, r in RESULTS.items():
         assert (r["lost"], r["duplicated"], r["identical"]) == (0, 0, True), (name, r)
+

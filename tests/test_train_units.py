@@ -286,7 +286,6 @@ def test_worker_env_malloc_settings():
 
 _FAULTS = """
 import resource, torch
-x = torch.ones(1)
 for i in range(30):  # a 64 MiB buffer allocated, written and freed each "step", as ZeRO-3's flat gradients
     if i == 20:  # the heap has grown past the aligned allocations' fragmentation by then
         before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
