@@ -74,7 +74,7 @@ class BreenConfig(PreTrainedConfig):
     """
 
     model_type = "breen"
-    keys_to_ignore_at_inference = ["past_key_values"]  # noqa: RUF012 (transformers class attribute)
+    keys_to_ignore_at_inference = ["cache", "past_key_values"]  # noqa: RUF012 (transformers class attribute; 5.24 name, older name)
 
     # --- decoder (Qwen2) ---
     vocab_size: int = 152064

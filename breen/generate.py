@@ -50,7 +50,7 @@ def greedy_generate(
         if eos_token_ids and next_id in eos_token_ids:
             break
         step = torch.tensor([[next_id]], device=device)  # [1, 1]
-        out = model(input_ids=step, past_key_values=out.past_key_values, use_cache=True, logits_to_keep=1)
+        out = model(input_ids=step, cache=out.cache, use_cache=True, logits_to_keep=1)
     return new_tokens
 
 

@@ -155,15 +155,15 @@ class BreenAttention(nn.Module):
         self.v_proj = nn.Linear(config.hidden_size, kv_out, bias=True)
         self.o_proj = nn.Linear(q_out, config.hidden_size, bias=False)
 
-    def forward(self, x, position_embeddings, attention_mask, past_key_values=None, **kwargs):
+    def forward(self, x, position_embeddings, attention_mask, cache=None, **kwargs):
         b, n, _ = x.shape
         q = self.q_proj(x).view(b, n, -1, self.head_dim).transpose(1, 2)  # [B, heads, L, hd]
         k = self.k_proj(x).view(b, n, -1, self.head_dim).transpose(1, 2)  # [B, kv_heads, L, hd]
         v = self.v_proj(x).view(b, n, -1, self.head_dim).transpose(1, 2)
         cos, sin = (t.unsqueeze(1) for t in position_embeddings)  # [B, 1, L, hd]
         q, k = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
-        if past_key_values is not None:
-            k, v = past_key_values.update(k, v, self.layer_idx)  # [B, kv_heads, S, hd], S = past + L
+        if cache is not None:
+            k, v = cache.update(k, v, self.layer_idx)  # [B, kv_heads, S, hd], S = past + L
         packed = kwargs.pop("packed", None)
         if packed is not None and not packed.flash:  # packed row, no varlen kernel: causal SDPA per sample
             out = packed_sdpa(q, k, v, packed, self.scaling, self.num_key_value_groups)
@@ -317,14 +317,14 @@ class BreenDecoderLayer(GradientCheckpointingLayer):
         routing,
         attention_mask=None,
         position_embeddings=None,
-        past_key_values=None,
+        cache=None,
         **attn_kwargs,
     ):
         attn = self.self_attn(
             self.input_layernorm(hidden_states),
             position_embeddings,
             attention_mask,
-            past_key_values,
+            cache,
             **attn_kwargs,
         )
         hidden_states = hidden_states + attn
@@ -348,7 +348,7 @@ class BreenDecoder(nn.Module):
         image_mask,
         attention_mask=None,
         position_ids=None,
-        past_key_values=None,
+        cache=None,
         packed: PackedSequences | None = None,
     ):
         """inputs_embeds [B, L, H], image_mask [B, L] bool -> final normed hidden states [B, L, H].
@@ -360,20 +360,15 @@ class BreenDecoder(nn.Module):
             attn_kwargs = packed.flash_kwargs() if packed.flash else {"packed": packed}
             return self._run_layers(inputs_embeds, image_mask, None, packed.position_ids(), None, attn_kwargs)
         if position_ids is None:
-            past = past_key_values.get_seq_length() if past_key_values is not None else 0
+            past = cache.get_seq_length() if cache is not None else 0
             position_ids = torch.arange(past, past + inputs_embeds.shape[1], device=inputs_embeds.device)[
                 None
             ]
-        mask = create_causal_mask(
-            config=self.config,
-            inputs_embeds=inputs_embeds,
-            attention_mask=attention_mask,
-            past_key_values=past_key_values,
-            position_ids=position_ids,
-        )
-        return self._run_layers(inputs_embeds, image_mask, mask, position_ids, past_key_values, {})
+        # The cache goes by position: transformers 5.24 renamed this parameter (past_key_values -> cache).
+        mask = create_causal_mask(self.config, inputs_embeds, attention_mask, cache, position_ids)
+        return self._run_layers(inputs_embeds, image_mask, mask, position_ids, cache, {})
 
-    def _run_layers(self, inputs_embeds, image_mask, mask, position_ids, past_key_values, attn_kwargs):
+    def _run_layers(self, inputs_embeds, image_mask, mask, position_ids, cache, attn_kwargs):
         position_embeddings = self.rotary_emb(inputs_embeds, position_ids)
         routing = ExpertRouting.from_mask(image_mask)
         h = inputs_embeds
@@ -383,7 +378,7 @@ class BreenDecoder(nn.Module):
                 routing,
                 attention_mask=mask,
                 position_embeddings=position_embeddings,
-                past_key_values=past_key_values,
+                cache=cache,
                 **attn_kwargs,
             )
         return self.norm(h)
@@ -453,14 +448,19 @@ def cosine_alignment_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Ten
 # ----------------------------------------------------------------------------- the full model
 @dataclass
 class BreenCausalLMOutput(ModelOutput):
-    """Losses (each part separately for logging), logits and the KV cache."""
+    """Losses (each part separately for logging), logits and the KV cache.
+
+    The cache field is ``cache``, the name transformers' own outputs use since 5.24 (a field named
+    ``past_key_values`` clashes with 5.24's compatibility property of that name and its constructor
+    rewrite, which broke every forward pass).
+    """
 
     loss: torch.Tensor | None = None
     lm_loss: torch.Tensor | None = None
     align_loss_fine: torch.Tensor | None = None
     align_loss_coarse: torch.Tensor | None = None
     logits: torch.Tensor | None = None
-    past_key_values: Cache | None = None
+    cache: Cache | None = None
     last_hidden_state: torch.Tensor | None = None
 
 
@@ -476,7 +476,7 @@ class BreenForCausalLM(PreTrainedModel, GenerationMixin):
     base_model_prefix = "model"
     supports_gradient_checkpointing = True
     _no_split_modules = ["BreenDecoderLayer"]  # noqa: RUF012 (transformers class attributes)
-    _skip_keys_device_placement = ["past_key_values"]  # noqa: RUF012
+    _skip_keys_device_placement = ["cache", "past_key_values"]  # noqa: RUF012 (5.24 name, older name)
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}  # noqa: RUF012 (only if tied)
     _supports_flash_attn = True
     _supports_sdpa = True
@@ -593,7 +593,7 @@ class BreenForCausalLM(PreTrainedModel, GenerationMixin):
         input_ids: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
         pixel_values: torch.Tensor | None = None,
@@ -608,12 +608,14 @@ class BreenForCausalLM(PreTrainedModel, GenerationMixin):
         return_logits: bool | None = None,
         return_hidden: bool = False,
         num_items_in_batch: int | torch.Tensor | None = None,
+        past_key_values: Cache | None = None,
         **kwargs,
     ) -> BreenCausalLMOutput:
         """Run the model on a prepared batch (module docstring) and compute the losses.
 
         - ``inputs_embeds`` (+ optional ``image_mask`` [B, L] bool, default all text) replaces input_ids.
-        - ``use_cache``: return a `DynamicCache` (created when ``past_key_values`` is None).
+        - ``use_cache``: return a `DynamicCache` (created when ``cache`` is None). ``past_key_values`` is
+          the same argument under its name before transformers 5.24 (what 5.23's ``generate`` passes).
         - ``logits_to_keep`` > 0: logits only for the last that many positions (generation).
         - ``return_logits``: default True without labels, False with labels.
         - ``num_items_in_batch``: LM loss denominator (e.g. supervised tokens over gradient accumulation);
@@ -624,10 +626,14 @@ class BreenForCausalLM(PreTrainedModel, GenerationMixin):
         """
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
+        if past_key_values is not None:
+            if cache is not None:
+                raise ValueError("pass the KV cache once: cache or past_key_values (its older name), not both")
+            cache = past_key_values
         packed = segment_ids = None
         if cu_seqlens is not None:
             packed = self._packed(input_ids if input_ids is not None else inputs_embeds[..., 0],
-                                  cu_seqlens, attention_mask, position_ids, past_key_values, use_cache)  # fmt: skip
+                                  cu_seqlens, attention_mask, position_ids, cache, use_cache)  # fmt: skip
             segment_ids, use_cache = packed.segment_ids, False
         if inputs_embeds is None:
             inputs_embeds, image_mask = self.embed_inputs(input_ids, pixel_values, image_grid, segment_ids)
@@ -635,10 +641,10 @@ class BreenForCausalLM(PreTrainedModel, GenerationMixin):
             image_mask = torch.zeros(inputs_embeds.shape[:2], dtype=torch.bool, device=inputs_embeds.device)
         if use_cache is None:
             use_cache = self.config.use_cache and not self.training and labels is None
-        if use_cache and past_key_values is None:
-            past_key_values = DynamicCache(config=self.config)
+        if use_cache and cache is None:
+            cache = DynamicCache(config=self.config)
         hidden = self.model(
-            inputs_embeds, image_mask, attention_mask, position_ids, past_key_values, packed
+            inputs_embeds, image_mask, attention_mask, position_ids, cache, packed
         )  # [B, L, H]
 
         lm_loss = None
@@ -675,7 +681,7 @@ class BreenForCausalLM(PreTrainedModel, GenerationMixin):
             align_loss_fine=align_fine,
             align_loss_coarse=align_coarse,
             logits=logits,
-            past_key_values=past_key_values if use_cache else None,
+            cache=cache if use_cache else None,
             last_hidden_state=hidden if return_hidden else None,
         )
 
@@ -721,13 +727,13 @@ class BreenForCausalLM(PreTrainedModel, GenerationMixin):
         coarse_loss = cosine_alignment_loss(pred[:, n_fine:], targets[:, n_fine:])
         return fine_loss, coarse_loss
 
-    def _packed(self, ids, cu_seqlens, attention_mask, position_ids, past_key_values, use_cache):
+    def _packed(self, ids, cu_seqlens, attention_mask, position_ids, cache, use_cache):
         """Check a packed batch and describe its samples (`PackedSequences`)."""
         if ids.shape[0] != 1:
             raise ValueError(f"a packed batch (cu_seqlens) is one row, got {ids.shape[0]} rows")
         if attention_mask is not None or position_ids is not None:
             raise ValueError("a packed batch takes no attention_mask or position_ids (cu_seqlens gives both)")
-        if past_key_values is not None or use_cache:
+        if cache is not None or use_cache:
             raise ValueError("a packed batch cannot use a KV cache (packing is for training)")
         flash = (self.config._attn_implementation or "").startswith("flash_attention")
         return PackedSequences.from_cu_seqlens(cu_seqlens, ids.shape[1], flash)

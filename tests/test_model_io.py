@@ -61,7 +61,7 @@ def test_kv_cache_decode_equals_full_recompute(model, prompt):
         )
         steps = [out.logits[:, -1]]
         for t in range(extra.shape[1]):
-            out = model(input_ids=extra[:, t : t + 1], past_key_values=out.past_key_values, use_cache=True)
+            out = model(input_ids=extra[:, t : t + 1], cache=out.cache, use_cache=True)
             steps.append(out.logits[:, -1])
     cached = torch.stack(steps, 1)  # [1, 5, V]
     assert (cached - full[:, ids.shape[1] - 1 :]).abs().max().item() < 1e-5
