@@ -22,6 +22,8 @@ export RAY_USAGE_STATS_ENABLED := 0
 .PHONY: install install-gpu lock demo test bench
 
 install:
+	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' \
+	  || { echo "$(PYTHON) is Python < 3.11; the lock needs 3.11+ (e.g. make PYTHON=python3.12 ...)"; exit 1; }
 	@if $(PYTHON) -m breen.envlock stale --venv $(VENV) --lock $(LOCK); then \
 	  echo "== $(VENV): missing or installed from another lock; creating it from $(LOCK)"; \
 	  rm -rf $(VENV) && $(PYTHON) -m venv $(VENV) \

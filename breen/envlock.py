@@ -162,6 +162,24 @@ def lock_sha256() -> str:
     return record.get(LOCK.name, "unlocked")
 
 
+# The packages whose versions every manifest and train_config.json records next to the lock's sha256.
+RECORDED = ("ray", "pyarrow", "torch", "torchvision", "open_clip_torch", "img2dataset", "lingua-language-detector",
+            "ftfy", "pillow", "numpy", "transformers", "tokenizers", "deepspeed", "flash-attn")  # fmt: skip
+
+
+def environment() -> dict[str, str]:
+    """What manifests record of the environment: Python, the main package versions, the lock's sha256."""
+    import platform
+
+    out = {"python": platform.python_version(), "lock_sha256": lock_sha256()}
+    for name in RECORDED:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            pass
+    return out
+
+
 def is_stale(venv: Path, lock: Path = LOCK) -> bool:
     """True when `venv` must be (re)built: no environment there, or one installed from another lock."""
     record = read_stamp(venv) if (Path(venv) / "bin" / "python").exists() else None

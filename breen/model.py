@@ -628,7 +628,9 @@ class BreenForCausalLM(PreTrainedModel, GenerationMixin):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
         if past_key_values is not None:
             if cache is not None:
-                raise ValueError("pass the KV cache once: cache or past_key_values (its older name), not both")
+                raise ValueError(
+                    "pass the KV cache once: cache or past_key_values (its older name), not both"
+                )
             cache = past_key_values
         packed = segment_ids = None
         if cu_seqlens is not None:

@@ -158,8 +158,10 @@ class MetricsSection:
 
 @dataclass
 class DebugSection:
-    # Raise once on rank 0 when this step starts (Ray Train then restarts from the latest checkpoint).
+    # Raise once on rank 0 when this step starts (a fault: the run restarts from the latest checkpoint).
     fail_at_step: int | None = None
+    # Raise a TypeError on rank 0 every time this step starts (a bug: the job stops, no restart).
+    error_at_step: int | None = None
     # End the run after this many steps (checkpoint saved, no export), as if the job had been stopped.
     stop_after_step: int | None = None
 
@@ -321,16 +323,30 @@ def from_dict(data: dict[str, Any]) -> TrainConfig:
     return build(TrainConfig, copy.deepcopy(data), lenient=True)
 
 
+# train_config.json holds the resolved config plus, under this key, the environment that ran it
+# (`breen.envlock.environment`: package versions and the lock's sha256); `load_config` drops it.
+ENVIRONMENT_KEY = "environment"
+
+
+def config_record(cfg: TrainConfig) -> dict[str, Any]:
+    """The content of train_config.json: the resolved config and the environment that ran it."""
+    from breen.envlock import environment
+
+    return {**to_dict(cfg), ENVIRONMENT_KEY: environment()}
+
+
 def save_config(cfg: TrainConfig, path: str | Path) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(to_dict(cfg), indent=2, sort_keys=True) + "\n")
+    tmp.write_text(json.dumps(config_record(cfg), indent=2, sort_keys=True) + "\n")
     tmp.replace(path)
 
 
 def load_config(path: str | Path) -> TrainConfig:
-    return from_dict(json.loads(Path(path).read_text()))
+    data = json.loads(Path(path).read_text())
+    data.pop(ENVIRONMENT_KEY, None)
+    return from_dict(data)
 
 
 # ----------------------------------------------------------------------------- validation

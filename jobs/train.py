@@ -59,6 +59,7 @@ from jobs.config import (
     ConfigError,
     TrainConfig,
     build_config,
+    config_record,
     from_dict,
     save_config,
     to_dict,
@@ -91,8 +92,53 @@ def lr_factor(step: int, total_steps: int, warmup_ratio: float, min_lr_ratio: fl
 
 
 # ----------------------------------------------------------------------------- the worker
+class FirstStepError(RuntimeError):
+    """A worker failed before the first step of this attempt completed, and not because a worker, a node
+    or a collective failed: a bug or a bad input that every restart would hit again. The driver stops
+    at once on it instead of spending `checkpoint.max_failures` restarts. Args: (summary, traceback)."""
+
+    def __init__(self, summary: str, trace: str = ""):
+        super().__init__(summary, trace)
+        self.summary, self.trace = summary, trace
+
+    def __str__(self) -> str:
+        return self.summary
+
+
+def is_fault(err: BaseException) -> bool:
+    """True for what restarts are for: a lost worker or node (Ray's actor errors) or a broken collective
+    (torch.distributed errors, which the surviving ranks raise when a peer goes away)."""
+    import ray.exceptions
+    import torch.distributed as dist
+
+    seen: BaseException | None = err
+    while seen is not None:  # the fault may be the cause of what the step loop raised
+        if isinstance(seen, (ray.exceptions.RayActorError, ray.exceptions.NodeDiedError, dist.DistError)):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
 def train_worker(loop_config: dict[str, Any]) -> None:
-    """One Ray Train worker: model (resume rule), DeepSpeed ZeRO-3 engine, then the step loop."""
+    """One Ray Train worker (see `run_worker`). An error before this attempt's first step completes that
+    is not a fault (`is_fault`) becomes a `FirstStepError` with the real traceback."""
+    import traceback
+
+    progress = {"steps": 0}
+    try:
+        run_worker(loop_config, progress)
+    except Exception as err:
+        if progress["steps"] or is_fault(err):
+            raise
+        import ray.train
+
+        summary = f"rank {ray.train.get_context().get_world_rank()}: {type(err).__name__}: {err}"
+        raise FirstStepError(summary, "".join(traceback.format_exception(err))) from err
+
+
+def run_worker(loop_config: dict[str, Any], progress: dict[str, int]) -> None:
+    """Model (resume rule), DeepSpeed ZeRO-3 engine, then the step loop; counts the steps it completes
+    in ``progress["steps"]``."""
     import ray.train
     import torch
     import torch.distributed as dist
@@ -251,6 +297,7 @@ def train_worker(loop_config: dict[str, Any]) -> None:
         step_time = time.perf_counter() - t0
         n, rows = max(sums[4], 1e-9), max(sums[5], 1e-9)
         state.step = step + 1
+        progress["steps"] += 1
         state.data_position = state.step * s.global_batch_size
         state.samples_seen += int(sums[6])
         state.tokens_seen += int(sums[7])
@@ -273,7 +320,7 @@ def train_worker(loop_config: dict[str, Any]) -> None:
         stop = cfg.debug.stop_after_step is not None and state.step >= cfg.debug.stop_after_step
         if state.step % cfg.checkpoint.every_steps == 0 or finished or stop:
             local = save_checkpoint(
-                engine, state, rank=rank, train_config=to_dict(cfg), model_config=model_config,
+                engine, state, rank=rank, train_config=config_record(cfg), model_config=model_config,
                 tokenizer=tokenizer,
             )  # fmt: skip
             asynchronous = cfg.checkpoint.async_upload and not (finished or stop)
@@ -294,7 +341,7 @@ def train_worker(loop_config: dict[str, Any]) -> None:
     if cfg.checkpoint.export:
         export_model(
             engine, cfg.export_dir, rank=rank, model_config=model_config, tokenizer=tokenizer,
-            train_config=to_dict(cfg), state=state,
+            train_config=config_record(cfg), state=state,
         )  # fmt: skip
         print0(f"[{cfg.stage}] exported {cfg.export_dir}")
     if state.rejected:
@@ -418,7 +465,12 @@ def check_same_scale(state: TrainState, cfg: TrainConfig, world: int) -> None:
 
 def maybe_fail(cfg: TrainConfig, step: int, rank: int) -> None:
     """``debug.fail_at_step``: rank 0 raises once when `step` steps are done (a marker file under the
-    run directory makes the restarted attempt go on)."""
+    run directory makes the restarted attempt go on). ``debug.error_at_step``: rank 0 raises a TypeError
+    every time that step starts, as a bug would (each one is counted in ``debug-errors``)."""
+    if rank == 0 and step == cfg.debug.error_at_step:
+        with open(cfg.run_dir / "debug-errors", "a") as f:
+            f.write(f"step {step}\n")
+        raise TypeError(f"debug.error_at_step={step}: injected deterministic error on rank 0")
     if cfg.debug.fail_at_step is None or step != cfg.debug.fail_at_step or rank != 0:
         return
     marker = cfg.run_dir / f"debug-failed-at-step-{step}"
@@ -555,30 +607,33 @@ def run_stage(cfg: TrainConfig, address: str | None = None, num_cpus: int | None
         },
     )  # fmt: skip
     env = {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0", **worker_env(cfg)}  # plain print: rank-0 lines once
-    trainer = TorchTrainer(
-        train_worker,
-        train_loop_config={
-            "config": to_dict(cfg),
-            "plan": {k: plan[k] for k in ("init_dir", "tokenizer_dir", "total_steps", "total_rows")},
-        },
-        scaling_config=ScalingConfig(
-            num_workers=s.num_workers, use_gpu=s.use_gpu, resources_per_worker=resources
-        ),
-        torch_config=TorchConfig(backend="nccl" if s.use_gpu else "gloo"),
-        run_config=RunConfig(
-            name=cfg.run_name,
-            storage_path=str(Path(cfg.output_dir).resolve()),
-            failure_config=FailureConfig(max_failures=cfg.checkpoint.max_failures),
-            checkpoint_config=CheckpointConfig(num_to_keep=cfg.checkpoint.keep_last),
-            worker_runtime_env={"env_vars": env},
-        ),
-        datasets={"train": factory},
-        dataset_config=DataConfig(execution_options=ingest.ingest_options(), enable_shard_locality=False),
-    )
+
+    def make_trainer() -> TorchTrainer:  # one per attempt; the same run name makes a new one resume
+        return TorchTrainer(
+            train_worker,
+            train_loop_config={
+                "config": to_dict(cfg),
+                "plan": {k: plan[k] for k in ("init_dir", "tokenizer_dir", "total_steps", "total_rows")},
+            },
+            scaling_config=ScalingConfig(
+                num_workers=s.num_workers, use_gpu=s.use_gpu, resources_per_worker=resources
+            ),
+            torch_config=TorchConfig(backend="nccl" if s.use_gpu else "gloo"),
+            run_config=RunConfig(
+                name=cfg.run_name,
+                storage_path=str(Path(cfg.output_dir).resolve()),
+                # Restarts after a fault are ours (`fit_with_restarts`): Ray Train would also restart
+                # after a deterministic error. Preemptions keep Ray Train's own (separate) budget.
+                failure_config=FailureConfig(max_failures=0),
+                checkpoint_config=CheckpointConfig(num_to_keep=cfg.checkpoint.keep_last),
+                worker_runtime_env={"env_vars": env},
+            ),
+            datasets={"train": factory},
+            dataset_config=DataConfig(execution_options=ingest.ingest_options(), enable_shard_locality=False),
+        )
+
     t0 = time.time()
-    result = trainer.fit()
-    if result.error:
-        raise result.error
+    result = fit_with_restarts(cfg, make_trainer)
     summary = {
         "stage": cfg.stage, "run_dir": str(cfg.run_dir), "steps": plan["total_steps"],
         "metrics": result.metrics, "seconds": round(time.time() - t0, 1),
@@ -586,6 +641,38 @@ def run_stage(cfg: TrainConfig, address: str | None = None, num_cpus: int | None
     }  # fmt: skip
     print(f"[{cfg.stage}] done in {summary['seconds']} s: {summary}", flush=True)
     return summary
+
+
+class StageFailed(RuntimeError):
+    """A stage stopped on an error that restarting would not mend (see `FirstStepError`)."""
+
+
+def fit_with_restarts(cfg: TrainConfig, make_trainer):
+    """Run the stage; after a worker-group failure start it again from its latest checkpoint, up to
+    ``checkpoint.max_failures`` times, unless a rank failed before its first step (`FirstStepError`):
+    then raise `StageFailed` at once, with that rank's traceback."""
+    from ray.train import WorkerGroupError
+
+    restarts = 0
+    while True:
+        result = make_trainer().fit()
+        err = result.error
+        if err is None:
+            return result
+        failures = getattr(err, "worker_failures", {}) or {}
+        bugs = {rank: e for rank, e in sorted(failures.items()) if isinstance(e, FirstStepError)}
+        if bugs:
+            rank, first = next(iter(bugs.items()))
+            raise StageFailed(
+                f"{cfg.stage}: rank {rank} failed before its first step, not restarted (the same error "
+                f"would recur on every restart):\n{first.trace or first.summary}"
+            )
+        if not isinstance(err, WorkerGroupError) or restarts >= cfg.checkpoint.max_failures:
+            raise err
+        restarts += 1
+        kinds = ", ".join(f"rank {r}: {type(e).__name__}" for r, e in sorted(failures.items()))
+        print(f"[{cfg.stage}] worker group failed ({kinds}); restart {restarts} of "
+              f"{cfg.checkpoint.max_failures} from the latest checkpoint", flush=True)  # fmt: skip
 
 
 def check_resources(cfg: TrainConfig, address: str | None) -> None:
@@ -685,6 +772,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         print(f"config error: {err}", file=sys.stderr)
         return 2
+    except StageFailed as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
     return 0
 
 

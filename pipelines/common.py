@@ -19,7 +19,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import platform
 import re
 import subprocess
 import sys
@@ -33,6 +32,8 @@ from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+from breen import envlock
 
 REJECTED = "rejected"
 REJECT_FIELDS = [pa.field("reason", pa.string()), pa.field("detail", pa.string())]
@@ -164,20 +165,6 @@ def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
-PACKAGES = ["ray", "pyarrow", "torch", "torchvision", "open_clip_torch", "img2dataset", "lingua-language-detector",
-            "ftfy", "pillow", "numpy", "transformers", "deepspeed"]  # fmt: skip
-
-
-def package_versions() -> dict[str, str]:
-    out = {"python": platform.python_version()}
-    for p in PACKAGES:
-        try:
-            out[p] = metadata.version(p)
-        except metadata.PackageNotFoundError:
-            pass
-    return out
-
-
 def code_version() -> str:
     """Git commit of the code (with '-dirty' when modified), or the package version."""
     root = Path(__file__).resolve().parent.parent
@@ -221,7 +208,7 @@ def write_manifest(
         "step": step,
         "inputs": inputs,
         "config": config,
-        "versions": package_versions(),
+        "versions": envlock.environment(),
         "code_version": code_version(),
         "counts": summarize(stats),
         **(extra or {}),

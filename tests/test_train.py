@@ -6,8 +6,10 @@
   trainable one has changed.
 - Kill-and-resume: a run stopped after 3 steps and relaunched gives the same per-step losses and the
   same final weights as an uninterrupted run (fixed seed, CPU).
-- A Ray Train worker killed (SIGKILL) in the middle of a stage: Ray Train restarts the worker group from
-  the latest checkpoint and the run ends with the same final weights as the uninterrupted run.
+- A Ray Train worker killed (SIGKILL) in the middle of a stage: the worker group restarts from the
+  latest checkpoint and the run ends with the same final weights as the uninterrupted run.
+- A deterministic error (a TypeError) in the first step: reported once with its traceback, exit 1, no
+  restart although `checkpoint.max_failures` allows three.
 
 Run:  .venv/bin/python -m pytest tests/test_train.py -m slow
 """
@@ -200,3 +202,15 @@ def test_killed_worker_restarts_from_the_latest_checkpoint(shards, uninterrupted
     assert losses(run) == losses(uninterrupted)
     assert_same_weights(weights(uninterrupted / "export"), weights(run / "export"))
     print(f"\nworker {killed[0]} killed (checkpoint step {registered[0]} registered); restarted at step {resumed_at}; steps logged: {steps}")
+
+
+def test_a_deterministic_first_step_error_stops_at_once_without_restarts(shards, tmp_path, capsys):
+    argv = stage1_argv(shards, tmp_path, "checkpoint.max_failures=3", "debug.error_at_step=0")
+    assert train.main(argv) == 1
+    run = tmp_path / "stage1"
+    assert (run / "debug-errors").read_text().splitlines() == ["step 0"], "the error was raised again"
+    assert not (run / "metrics.jsonl").exists() or not (run / "metrics.jsonl").read_text().strip()
+    err = capsys.readouterr().err
+    assert "error: stage1: rank 0 failed before its first step, not restarted" in err
+    assert "TypeError: debug.error_at_step=0: injected deterministic error on rank 0" in err
+    assert "Traceback (most recent call last)" in err and "in maybe_fail" in err  # the real traceback

@@ -13,12 +13,14 @@ from __future__ import annotations
 import itertools
 import json
 import math
+from importlib import metadata
 from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
+from breen import envlock
 from breen.config import BreenConfig
 from breen.stages import DEFAULT_LRS
 from jobs import config as jc
@@ -185,7 +187,11 @@ def test_resolved_config_round_trips_through_save_config(tmp_path):
     )
     path = tmp_path / "deep" / "train_config.json"
     jc.save_config(cfg, path)
-    assert json.loads(path.read_text()) == jc.to_dict(cfg)
+    record = json.loads(path.read_text())
+    environment = record.pop(jc.ENVIRONMENT_KEY)
+    assert record == jc.to_dict(cfg)
+    assert environment["lock_sha256"] == envlock.lock_sha256() != "unlocked"  # make install stamps it
+    assert environment["transformers"] == metadata.version("transformers")
     assert jc.load_config(path) == cfg
     assert jc.from_dict(jc.to_dict(cfg)) == cfg
     assert not list(path.parent.glob(".*.tmp"))  # atomic write leaves no temporary file
@@ -641,3 +647,30 @@ def test_chain_an_unscoped_init_override_starts_only_the_first_stage(tmp_path):
     assert cfgs[0].model.init_from == "/models/x"
     assert cfgs[1].model.init_from == str(cfgs[0].export_dir)
     assert cfgs[2].model.init_from == "/models/y"
+
+
+# ============================================================================= jobs.train: failures
+def test_faults_are_lost_workers_and_broken_collectives_not_bugs():
+    import ray.exceptions
+    import torch.distributed as dist
+
+    assert train.is_fault(ray.exceptions.ActorDiedError())
+    assert train.is_fault(dist.DistBackendError("gloo: Connection closed by peer"))
+    try:  # the step loop re-raises a collective failure as something else: its cause still counts
+        try:
+            raise dist.DistNetworkError("peer gone")
+        except dist.DistNetworkError as err:
+            raise RuntimeError("all_reduce failed") from err
+    except RuntimeError as wrapped:
+        assert train.is_fault(wrapped)
+    assert not train.is_fault(TypeError("unexpected keyword argument 'cache'"))
+    assert not train.is_fault(RuntimeError("mat1 and mat2 shapes cannot be multiplied (4x64 and 32x64)"))
+
+
+def test_first_step_error_survives_pickling_with_its_traceback():
+    import pickle
+
+    err = train.FirstStepError("rank 0: TypeError: boom", "Traceback (most recent call last):\n  ...")
+    back = pickle.loads(pickle.dumps(err))
+    assert isinstance(back, train.FirstStepError) and str(back) == "rank 0: TypeError: boom"
+    assert back.trace.startswith("Traceback")
