@@ -319,14 +319,16 @@ def test_cpu_malloc_tunables_stop_page_faults_on_reused_large_buffers():
 
 def test_embedded_ray_workers_silence_the_placement_group_cleaner(ray_local):
     """Without a dashboard (no state API) Ray Train's cleaner warned every second under load (24 lines in
-    20 s of a busy 1-worker run); `init_ray`'s worker setup hook raises that logger's level."""
+    20 s of a busy 1-worker run), and without an autoscaler its resource requests time out under load
+    with a traceback; `init_ray`'s worker setup hook raises those loggers' level."""
     import logging
 
     import ray
 
-    name = "ray.train.v2._internal.execution.controller.placement_group_cleaner"
-    level = ray.remote(num_cpus=0)(lambda: logging.getLogger(name).getEffectiveLevel())
-    assert ray.get(level.remote()) == logging.ERROR
+    names = ("ray.train.v2._internal.execution.controller.placement_group_cleaner",
+             "ray.train.v2._internal.execution.scaling_policy.autoscaling_coordinator_client")  # fmt: skip
+    level = ray.remote(num_cpus=0)(lambda: [logging.getLogger(n).getEffectiveLevel() for n in names])
+    assert ray.get(level.remote()) == [logging.ERROR, logging.ERROR]
 
 
 # ============================================================================= jobs.ingest: shard files

@@ -1,0 +1,29 @@
+"""pipelines.common: the embedded Ray keeps idle workers (Ray 2.60 aborts some idle exits).
+
+Ray ends a worker that stays idle for 1 s beyond the node's CPU count, and in Ray 2.60 about 1 such
+exit in 80 aborts in the worker's own shutdown ("Mutex corrupt", SIGABRT). `init_ray` starts the
+embedded cluster with `EMBEDDED_SYSTEM_CONFIG`, so the workers a burst of tasks started stay alive.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+import psutil
+
+
+def test_the_embedded_ray_keeps_the_workers_a_burst_started(ray_local):
+    ray = ray_local
+
+    @ray.remote(num_cpus=0.25)
+    def busy_pid() -> int:
+        time.sleep(1.0)  # overlap, so the burst needs many workers at once
+        return os.getpid()
+
+    pids = set(ray.get([busy_pid.remote() for _ in range(12)]))
+    cpus = int(ray.cluster_resources()["CPU"])
+    assert len(pids) > cpus, f"the burst ran on {len(pids)} workers: not beyond the {cpus} CPUs"
+    time.sleep(4.0)  # Ray's default would end the surplus idle workers after 1 s
+    ended = [p for p in pids if not psutil.pid_exists(p)]
+    assert not ended, f"{len(ended)} of {len(pids)} idle workers were ended"
