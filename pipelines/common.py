@@ -350,11 +350,18 @@ EMBEDDED_QUIET_LOGGERS = (
 
 
 def quiet_embedded_ray() -> None:
-    """Worker setup hook of the embedded Ray: `EMBEDDED_QUIET_LOGGERS` log errors only."""
+    """Worker setup hook of the embedded Ray: `EMBEDDED_QUIET_LOGGERS` pass errors only. A filter, not a
+    level: Ray Train's controller configures the ``ray.train`` logger with `logging.config.dictConfig`
+    after this hook, which resets its child loggers' levels (but keeps their filters)."""
     import logging
 
+    def errors_only(record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.ERROR
+
     for name in EMBEDDED_QUIET_LOGGERS:
-        logging.getLogger(name).setLevel(logging.ERROR)
+        logger = logging.getLogger(name)
+        if errors_only.__name__ not in {getattr(f, "__name__", "") for f in logger.filters}:
+            logger.addFilter(errors_only)
 
 
 def run_shards(

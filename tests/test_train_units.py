@@ -321,14 +321,27 @@ def test_embedded_ray_workers_silence_the_placement_group_cleaner(ray_local):
     """Without a dashboard (no state API) Ray Train's cleaner warned every second under load (24 lines in
     20 s of a busy 1-worker run), and without an autoscaler its resource requests time out under load
     with a traceback; `init_ray`'s worker setup hook raises those loggers' level."""
-    import logging
-
     import ray
 
     names = ("ray.train.v2._internal.execution.controller.placement_group_cleaner",
              "ray.train.v2._internal.execution.scaling_policy.autoscaling_coordinator_client")  # fmt: skip
-    level = ray.remote(num_cpus=0)(lambda: [logging.getLogger(n).getEffectiveLevel() for n in names])
-    assert ray.get(level.remote()) == [logging.ERROR, logging.ERROR]
+
+    def passes() -> list[tuple[bool, bool]]:
+        import logging
+        import logging.config
+
+        # what Ray Train's controller does after the setup hook: it resets the child loggers' levels
+        logging.config.dictConfig({"version": 1, "disable_existing_loggers": False,
+                                   "loggers": {"ray.train": {"level": "DEBUG"}}})  # fmt: skip
+        out = []
+        for n in names:
+            logger = logging.getLogger(n)
+            warning = logger.makeRecord(n, logging.WARNING, __file__, 1, "timed out", None, None)
+            error = logger.makeRecord(n, logging.ERROR, __file__, 1, "broken", None, None)
+            out.append((bool(logger.filter(warning)), bool(logger.filter(error))))
+        return out
+
+    assert ray.get(ray.remote(num_cpus=0)(passes).remote()) == [(False, True), (False, True)]
 
 
 # ============================================================================= jobs.ingest: shard files
