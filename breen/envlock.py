@@ -24,6 +24,7 @@ import argparse
 import hashlib
 import json
 import re
+import site
 import sys
 from dataclasses import dataclass
 from importlib import metadata
@@ -90,11 +91,24 @@ def entry(path: Path, name: str) -> str:
     return "\n".join(out) + "\n"
 
 
+def search_path() -> list[str]:
+    """sys.path without folders inside a site-packages folder: those hold copies a package vendors for
+    itself (`import ray` puts ray/thirdparty_files, with colorama and psutil, on sys.path), which its
+    own lock entry covers."""
+    sites = [Path(p).resolve() for p in [*site.getsitepackages(), site.getusersitepackages()]]
+    keep = []
+    for entry in sys.path:
+        where = Path(entry or ".").resolve()
+        if not any(s in where.parents for s in sites):
+            keep.append(entry)
+    return keep
+
+
 def installed() -> dict[str, str]:
-    """name -> version of every distribution importable here (the first one on sys.path wins, as for
+    """name -> version of every distribution importable here (the first one on the path wins, as for
     imports; a shadowed copy further down the path is what Python would never load)."""
     found: dict[str, str] = {}
-    for dist in metadata.distributions():
+    for dist in metadata.distributions(path=search_path()):
         name = dist.metadata["Name"]
         if name:
             found.setdefault(normalize(name), dist.version)

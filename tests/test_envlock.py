@@ -47,6 +47,9 @@ def test_the_lock_pins_every_package_once_with_hashes():
 
 
 def test_the_installed_environment_matches_the_lock():
+    import ray  # noqa: F401 (puts its vendored ray/thirdparty_files on sys.path: not the environment's)
+
+    assert any(p.endswith("thirdparty_files") for p in sys.path)
     assert envlock.differences() == []
     done = run_check()
     assert done.returncode == 0, done.stderr
