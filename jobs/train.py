@@ -651,12 +651,15 @@ def fit_with_restarts(cfg: TrainConfig, make_trainer):
     """Run the stage; after a worker-group failure start it again from its latest checkpoint, up to
     ``checkpoint.max_failures`` times, unless a rank failed before its first step (`FirstStepError`):
     then raise `StageFailed` at once, with that rank's traceback."""
-    from ray.train import WorkerGroupError
+    from ray.train import TrainingFailedError, WorkerGroupError
 
     restarts = 0
     while True:
-        result = make_trainer().fit()
-        err = result.error
+        try:  # Ray Train 2.60 raises a failed run's error from fit() (older versions returned it)
+            result = make_trainer().fit()
+            err = result.error
+        except TrainingFailedError as failed:
+            err = failed
         if err is None:
             return result
         failures = getattr(err, "worker_failures", {}) or {}
