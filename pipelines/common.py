@@ -83,7 +83,9 @@ def atomic_write_json(path: Path, obj: Any) -> None:
     _atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n").encode())
 
 
-def write_table(path: Path, table: pa.Table, metadata: dict[str, str] | None = None) -> None:
+def write_table(
+    path: Path, table: pa.Table, metadata: dict[str, str] | None = None, row_group_size: int = 1024
+) -> None:
     """Write a Parquet file under a temporary name, then rename it into place."""
     path.parent.mkdir(parents=True, exist_ok=True)
     if metadata:
@@ -93,7 +95,7 @@ def write_table(path: Path, table: pa.Table, metadata: dict[str, str] | None = N
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     # Encoded images are already compressed: store them as is; zstd for everything else.
     codecs = {f.name: "none" if f.name == "image" else "zstd" for f in table.schema}
-    pq.write_table(table, tmp, compression=codecs, row_group_size=1024)
+    pq.write_table(table, tmp, compression=codecs, row_group_size=row_group_size)
     os.replace(tmp, path)
 
 

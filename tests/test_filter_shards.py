@@ -1,4 +1,4 @@
-"""Filter rules, perceptual hash and dedup group logic (pure functions), and the shard planner."""
+"""Filter rules, perceptual hash, the split of a shard (pure functions), and the shard planner (dedup: tests/test_dedup.py)."""
 
 from __future__ import annotations
 
@@ -71,38 +71,6 @@ def test_phash_is_robust_to_reencoding_and_resizing_but_separates_images():
     assert filt.hamming(filt.phash(a), filt.phash(a_low)) <= 3
     assert filt.hamming(filt.phash(a), filt.phash(a_small)) <= 3
     assert filt.hamming(filt.phash(a), filt.phash(b)) > 10
-
-
-def test_exact_groups_keep_the_smallest_key():
-    group = {"key": np.array(["0003", "0001", "0002"], object), "shard": np.array(["p1", "p0", "p0"], object),
-             "phash": np.array(["aa", "aa", "aa"], object), "sha256": np.array(["s"] * 3, object)}  # fmt: skip
-    out = filt.exact_groups(group).to_pylist()
-    assert [(r["key"], r["reason"]) for r in out] == [
-        ("0001", None),
-        ("0002", "duplicate"),
-        ("0003", "duplicate"),
-    ]
-    assert out[1]["detail"] == "same bytes as 0001"
-
-
-def test_near_groups_and_bands():
-    h0 = 0x0123456789ABCDEF
-    h_close = h0 ^ 0b101  # distance 2
-    h_far = h0 ^ 0xFFFF0000FFFF0000  # distance 32, still shares bands 1 and 3 with h0
-    batch = {"key": np.array(["k2", "k1", "k3"], object), "shard": np.array(["p"] * 3, object),
-             "phash": np.array([f"{h_close:016x}", f"{h0:016x}", f"{h_far:016x}"], object)}  # fmt: skip
-    banded = filt.banded(batch)
-    assert len(banded["band"]) == 3 * filt.BANDS
-    out = filt.near_groups(3)({k: np.array(v, object) for k, v in batch.items()}).to_pylist()
-    assert [(r["key"], r["reason"]) for r in out] == [("k2", "near_duplicate")]
-    assert out[0]["detail"] == "phash distance 2 to k1"
-    # A row flagged in several buckets keeps one deterministic decision.
-    dup = {"key": np.array(["k2", "k2"], object), "shard": np.array(["p", "p"], object),
-           "reason": np.array(["near_duplicate"] * 2, object),
-           "detail": np.array(["phash distance 2 to k1", "phash distance 1 to k0"], object)}  # fmt: skip
-    assert filt.first_decision(dup).to_pylist() == [
-        {"key": "k2", "shard": "p", "reason": "near_duplicate", "detail": "phash distance 1 to k0"}
-    ]
 
 
 def test_split_shard_accounts_for_every_row(tmp_path):
