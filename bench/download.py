@@ -79,7 +79,9 @@ def run(args) -> dict:
             init_ray(None, num_cpus=args.processes)
             bases, mines = [], []
             for r in range(args.repeats):  # alternate so both sides see the same machine load
-                bases.append(baseline(url_list, tmp / f"baseline{r}", args.processes, args.threads, per_shard))
+                bases.append(
+                    baseline(url_list, tmp / f"baseline{r}", args.processes, args.threads, per_shard)
+                )
                 mines.append(ours(url_list, tmp / f"ours{r}", args.processes, args.threads, per_shard))
     base, mine = max(bases), max(mines)
     return {"urls": n, "processes": args.processes, "threads": args.threads, "baseline": base, "ours": mine,
@@ -92,7 +94,9 @@ def main() -> None:
     runs = res["runs"]
     print(f"\nruns (images/s): baseline {[round(b, 1) for b in runs['baseline']]}, "
           f"ours {[round(m, 1) for m in runs['ours']]}")  # fmt: skip
-    print(f"download: {res['urls']} URLs from 127.0.0.1, {args.processes} processes x {args.threads} threads each side")
+    print(
+        f"download: {res['urls']} URLs from 127.0.0.1, {args.processes} processes x {args.threads} threads each side"
+    )
     print(f"  baseline (plain img2dataset):  {res['baseline']:8.2f} images/s")
     print(f"  ours (Ray download step):      {res['ours']:8.2f} images/s")
     print(f"  ratio ours/baseline: {res['ratio']:.3f}  (goal >= 0.95)")

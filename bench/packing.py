@@ -85,7 +85,9 @@ def run(args) -> dict:
             path, _, mb = spec.rpartition(":")
             path, micro_batch = Path(path), int(mb)
             if not path.exists():
-                raise SystemExit(f"bench.packing: {path} does not exist (run `make demo` first, or pass --data)")
+                raise SystemExit(
+                    f"bench.packing: {path} does not exist (run `make demo` first, or pass --data)"
+                )
             rows, config, field, seconds = stream(path, micro_batch, args.image_size, tok)
             w = waste(rows, config, micro_batch)
             ok = int(rows["ok"].sum())
@@ -108,7 +110,9 @@ def run(args) -> dict:
 
 def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--data", nargs="+", default=list(DEFAULT_DATA), help="DIR:MICRO_BATCH training-shard dirs")
+    ap.add_argument(
+        "--data", nargs="+", default=list(DEFAULT_DATA), help="DIR:MICRO_BATCH training-shard dirs"
+    )
     ap.add_argument("--image-size", type=int, default=672)
     ap.add_argument("--json", default=None, help="also write the result as JSON here")
     return ap

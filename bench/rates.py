@@ -1,13 +1,15 @@
 """Per-core CPU rates the capacity planner needs that no side-by-side benchmark gives: the filter's per-row
 checks and the real teacher (CLIP ViT-L/14-336, fp32) on one CPU core.
 
-- filter: `pipelines.filter.RowRules` (header check, decode, perceptual hash, caption cleaning, language
-  id) over the demo's downloaded shards in this process, one core; the language detectors are built before
-  timing (once per actor in the step). The global dedup and the split are not included (a few ms/shard).
+- filter: `pipelines.filter.RowRules` (header check, decode, perceptual hash, language id, caption rules)
+  over the demo's filter input (cleaned captions and their stored images) in this process, one core, side
+  by side with a bare loop that only decodes the same images with PIL (goal: ratio >= 0.7), and where the
+  filter's time goes; the language detectors are built before timing (once per actor in the step). The
+  global dedup and the split are not included (a few ms/shard).
 - teacher: ViT-L-14-336 with random weights (same FLOPs as the released weights), `torch` on one thread,
   decode + letterbox + forward + pooling of `--vit-images` images; model construction not timed.
 
-Run:  python -m bench.rates [--download-dir runs/demo/download] [--vit-images 2] [--no-vit-l] [--json F]
+Run:  python -m bench.rates [--out-dir runs/demo] [--vit-images 2] [--no-vit-l] [--json F]
 """
 
 from __future__ import annotations
@@ -18,24 +20,80 @@ import time
 from pathlib import Path
 
 
-def filter_rate(download_dir: Path, config: Path) -> dict:
+def _bare_decode(images: list[bytes]) -> None:
+    """The baseline: decode every stored image with the same library, nothing else."""
+    import io
+
+    from PIL import Image
+
+    for data in images:
+        with Image.open(io.BytesIO(data)) as im:
+            im.load()
+
+
+def filter_profile(rules, images: list[bytes], captions: list[str]) -> dict[str, float]:
+    """Milliseconds per row of each part of `RowRules.check` (header, decode, hash, language, rules)."""
+    from pipelines.filter import phash
+    from pipelines.guard import open_image
+
+    parts = {"open + header": 0.0, "decode": 0.0, "phash": 0.0, "language": 0.0, "rules": 0.0}
+    for data, caption in zip(images, captions, strict=True):
+        t0 = time.perf_counter()
+        im = open_image(data, rules.cfg.max_pixels)
+        t1 = time.perf_counter()
+        im.load()
+        t2 = time.perf_counter()
+        phash(im if im.mode == "RGB" else im.convert("RGB"))
+        t3 = time.perf_counter()
+        if caption:
+            rules.language(caption)
+        t4 = time.perf_counter()
+        rules.check(data, caption)
+        t5 = time.perf_counter()
+        im.close()
+        parts["open + header"] += t1 - t0
+        parts["decode"] += t2 - t1
+        parts["phash"] += t3 - t2
+        parts["language"] += t4 - t3
+        parts["rules"] += (t5 - t4) - (t4 - t0)  # check minus its measured parts: size, aspect, word rules
+    return {k: round(1000 * v / len(images), 3) for k, v in parts.items()}
+
+
+def filter_rate(out_dir: Path, config: Path, repeats: int = 3) -> dict:
+    """The filter's per-row checks (`RowRules.check`, one core, this process) side by side with a bare decode
+    loop over the same stored images; the best of `repeats` alternating runs of each."""
     import pyarrow.parquet as pq
 
     from pipelines.config import load_config
-    from pipelines.filter import RowRules, index_table
+    from pipelines.filter import RowRules, image_rows
 
-    files = sorted(download_dir.glob("part-*.parquet"))
+    files = sorted((out_dir / "captions").glob("part-*.parquet"))
     if not files:
-        raise SystemExit(f"bench.rates: no part-*.parquet in {download_dir} (run `make demo` first)")
+        raise SystemExit(f"bench.rates: no captions/part-*.parquet in {out_dir} (run `make demo` first)")
     cfg = load_config(config)
-    rules = RowRules(cfg.filter, cfg.captions)
+    rules = RowRules(cfg.filter)
     rules.language("A warm-up caption in English to build the detector.")
     rules.language("Une légende en français.")  # builds the accurate detector too
-    tables = [pq.read_table(f) for f in files]
-    t0 = time.perf_counter()
-    rows = sum(index_table(t, f.stem, rules).num_rows for t, f in zip(tables, files, strict=True))
-    seconds = time.perf_counter() - t0
-    return {"rows": rows, "seconds": seconds, "filter_rows_per_s_per_core": rows / seconds}
+    images, captions = [], []
+    for f in files:  # the filter's input: the cleaned captions and, for them, the stored images
+        t = pq.read_table(f, columns=["key", "caption"])
+        images += (
+            image_rows(out_dir / "download" / f.name, t.column("key"), ["image"]).column("image").to_pylist()
+        )
+        captions += t.column("caption").to_pylist()
+    ours, bare = [], []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        _bare_decode(images)
+        bare.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        for data, caption in zip(images, captions, strict=True):
+            rules.check(data, caption)
+        ours.append(time.perf_counter() - t0)
+    n = len(images)
+    return {"rows": n, "seconds": min(ours), "filter_rows_per_s_per_core": n / min(ours),
+            "bare_decode_rows_per_s": n / min(bare), "filter_vs_bare_decode": min(bare) / min(ours),
+            "filter_profile_ms_per_row": filter_profile(rules, images, captions)}  # fmt: skip
 
 
 def vit_l_rate(images: int) -> dict:
@@ -53,11 +111,15 @@ def vit_l_rate(images: int) -> dict:
     t0 = time.perf_counter()
     features(model, np.stack([decode(b) for b in data]), "cpu")
     seconds = time.perf_counter() - t0
-    return {"vit_l_images": images, "vit_l_seconds": seconds, "teacher_images_per_s_per_core_cpu": images / seconds}
+    return {
+        "vit_l_images": images,
+        "vit_l_seconds": seconds,
+        "teacher_images_per_s_per_core_cpu": images / seconds,
+    }
 
 
 def run(args) -> dict:
-    out = filter_rate(Path(args.download_dir), Path(args.config))
+    out = filter_rate(Path(args.out_dir), Path(args.config))
     if not args.no_vit_l:
         out |= vit_l_rate(args.vit_images)
     return out
@@ -65,7 +127,9 @@ def run(args) -> dict:
 
 def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--download-dir", default="runs/demo/download")
+    ap.add_argument(
+        "--out-dir", default="runs/demo", help="a prepared output directory (download/, captions/)"
+    )
     ap.add_argument("--config", default="pipelines/configs/demo.yaml", help="filter settings come from here")
     ap.add_argument("--vit-images", type=int, default=2)
     ap.add_argument("--no-vit-l", action="store_true", help="skip the ViT-L-14-336 CPU measurement")
@@ -77,7 +141,12 @@ def main() -> None:
     args = parser().parse_args()
     res = run(args)
     print(f"filter: {res['rows']} rows in {res['seconds']:.2f} s = {res['filter_rows_per_s_per_core']:.1f} rows/s "
-          "on one core")  # fmt: skip
+          f"on one core; bare decode of the same images {res['bare_decode_rows_per_s']:.1f} rows/s; ratio "
+          f"{res['filter_vs_bare_decode']:.2f} (goal >= 0.7)")  # fmt: skip
+    print(
+        "filter profile (ms per row): "
+        + ", ".join(f"{k} {v}" for k, v in res["filter_profile_ms_per_row"].items())
+    )
     if "vit_l_seconds" in res:
         print(f"teacher ViT-L-14-336 fp32: {res['vit_l_images']} images in {res['vit_l_seconds']:.1f} s = "
               f"{res['teacher_images_per_s_per_core_cpu']:.3f} images/s on one core")  # fmt: skip

@@ -8,6 +8,7 @@ ours side by side (see each module's docstring):
   train step      `bench.train_overhead`  Ray Train + DeepSpeed / bare torch, s/step  goal <= 1.10
   ingest          `bench.train_overhead`  ingest / consumption, samples/s             goal >= 5
   padding waste   `bench.packing`         packed (ours) vs padded, demo corpus        goal < 5%
+  filter          `bench.rates`           filter rules / bare PIL decode, rows/s      goal >= 0.7
   rates           `bench.rates`           filter rows/s and ViT-L-14-336 images/s on one core
 
 The demo corpus comes from `make demo` (runs/demo); when it is missing, its data preparation runs first.
@@ -112,6 +113,9 @@ def cpu_mode(args) -> int:
             tr["ingest_over_consumption"] >= 5),
         row("padding waste (demo corpus)", f"{pk['padded_waste']:.1%}", f"{pk['packed_waste']:.2%}",
             "", "< 5%", pk["packed_waste"] < 0.05),
+        row("filter / bare decode (rows/s)", f"{rt['bare_decode_rows_per_s']:.1f}",
+            f"{rt['filter_rows_per_s_per_core']:.1f}", f"{rt['filter_vs_bare_decode']:.3g}", ">= 0.7",
+            rt["filter_vs_bare_decode"] >= 0.7),
     ]  # fmt: skip
     rates = per_core_rates(dl, rt, pk)
     print("\n== CPU benchmarks ==")
@@ -133,7 +137,9 @@ def gpu_mode(args) -> int:
     except ImportError:
         has_gpu = False
     if not has_gpu:
-        print("GPU mode: no CUDA device is visible (torch.cuda.is_available() is False); GPU benchmarks skipped.")
+        print(
+            "GPU mode: no CUDA device is visible (torch.cuda.is_available() is False); GPU benchmarks skipped."
+        )
         return 0
     from jobs.metrics import peak_tflops
 
@@ -158,8 +164,13 @@ def gpu_mode(args) -> int:
             ts["packed"]["padding_waste"] < 0.05),
         row("padding waste (demo corpus)", f"{pk['padded_waste']:.1%}", f"{pk['packed_waste']:.2%}",
             "", "< 5%", pk["packed_waste"] < 0.05),
+        row("filter / bare decode (rows/s)", f"{rt['bare_decode_rows_per_s']:.1f}",
+            f"{rt['filter_rows_per_s_per_core']:.1f}", f"{rt['filter_vs_bare_decode']:.3g}", ">= 0.7",
+            rt["filter_vs_bare_decode"] >= 0.7),
     ]  # fmt: skip
-    print(f"\n== GPU benchmarks ({ts['device']}, peak {peak:.0f} TFLOP/s bf16, {ts['attn_implementation']}) ==")
+    print(
+        f"\n== GPU benchmarks ({ts['device']}, peak {peak:.0f} TFLOP/s bf16, {ts['attn_implementation']}) =="
+    )
     print_table(rows)
     return 0 if all(r[-1] == "ok" for r in rows) else 1
 

@@ -62,13 +62,17 @@ def baseline_child(images_file: str, cfg_file: str, batch_size: int, threads: in
 
     torch.set_num_threads(threads)
     images = pq.read_table(images_file).column("image").to_pylist()
-    model, _, _ = build_teacher(from_dict(TeacherConfig, json.loads(Path(cfg_file).read_text()), "teacher"), device)
+    model, _, _ = build_teacher(
+        from_dict(TeacherConfig, json.loads(Path(cfg_file).read_text()), "teacher"), device
+    )
     for start in range(0, len(images), batch_size):
         pix = np.stack([decode(b) for b in images[start : start + batch_size]])
         features(model, pix, device)
 
 
-def baseline(images: list[bytes], cfg, batch_size: int, threads: int, work: Path, device: str = "cpu") -> float:
+def baseline(
+    images: list[bytes], cfg, batch_size: int, threads: int, work: Path, device: str = "cpu"
+) -> float:
     """Bare loop in a fresh process: images/s over the process's wall time."""
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -89,18 +93,14 @@ def ours(
     images: list[bytes], cfg, batch_size: int, actors: int, work: Path, device: str = "cpu", cpus: int = 1
 ) -> float:
     """The teacher step on local Ray: images/s (Ray already started)."""
-    import pyarrow as pa
-
-    from pipelines import common
     from pipelines.config import PrepareConfig
+    from pipelines.synthetic import write_teacher_inputs
 
-    src = work / "captions"
     per = -(-len(images) // (actors * 2))  # 2 shards per actor
-    for s, start in enumerate(range(0, len(images), per)):
-        chunk = images[start : start + per]
-        table = pa.table({"key": [f"{start + i:06d}" for i in range(len(chunk))], "image": chunk})
-        empty = common.with_reason(table.select(["key"]).slice(0, 0), [], [])
-        common.write_shard(src, common.shard_name(s), table, empty, table.num_rows)
+    keys = [f"{i:06d}" for i in range(len(images))]
+    write_teacher_inputs(work, [[(k, "a picture", img) for k, img in zip(keys[a : a + per], images[a : a + per],
+                                                                          strict=True)]
+                                for a in range(0, len(images), per)])  # fmt: skip
     pcfg = PrepareConfig(output_dir=str(work))
     pcfg.teacher = cfg
     pcfg.teacher.batch_size = batch_size
@@ -108,6 +108,7 @@ def ours(
     # CPU: N actors x 1 thread; GPU: one actor with every CPU (its decode threads feed the GPU)
     pcfg.teacher.cpus_per_actor = 1.0 if device == "cpu" else float(cpus)
     pcfg.teacher.device = device
+    pcfg.shards.rows_per_file = per  # one training shard per input shard, as before
     from pipelines.teacher import run
 
     t0 = time.perf_counter()
@@ -159,7 +160,9 @@ def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--images", type=int, default=192)
     ap.add_argument("--batch-size", type=int, default=16)
-    ap.add_argument("--threads", type=int, default=os.cpu_count() or 2, help="total CPU threads for each side")
+    ap.add_argument(
+        "--threads", type=int, default=os.cpu_count() or 2, help="total CPU threads for each side"
+    )
     ap.add_argument("--model", default=None, help="open_clip model name (default: a mid-size ViT config)")
     ap.add_argument("--width", type=int, default=384)
     ap.add_argument("--layers", type=int, default=6)
@@ -178,7 +181,9 @@ def main() -> None:
     res = run(args)
     print(f"\nruns (images/s): baseline {[round(b, 2) for b in res['runs']['baseline']]}, "
           f"ours {[round(m, 2) for m in res['runs']['ours']]}")  # fmt: skip
-    print(f"teacher {res['model']}, {args.images} images, {args.threads} CPU threads each side, {args.device}")
+    print(
+        f"teacher {res['model']}, {args.images} images, {args.threads} CPU threads each side, {args.device}"
+    )
     print(f"  baseline (bare open_clip loop, fresh process): {res['baseline']:8.2f} images/s")
     print(f"  ours (Ray Data teacher step):                  {res['ours']:8.2f} images/s")
     print(f"  ratio ours/baseline: {res['ratio']:.3f}  (goal >= 0.95)")

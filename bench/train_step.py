@@ -33,7 +33,11 @@ def synthetic_samples(config, n: int, seed: int = 0) -> list[dict[str, np.ndarra
     s = config.image_size
     samples = []
     for _ in range(n):
-        w, h = (s, int(rng.integers(s // 4, s + 1))) if rng.random() < 0.5 else (int(rng.integers(s // 4, s + 1)), s)
+        w, h = (
+            (s, int(rng.integers(s // 4, s + 1)))
+            if rng.random() < 0.5
+            else (int(rng.integers(s // 4, s + 1)), s)
+        )
         rows, cols = config.image_token_grid(w, h)
         text = int(rng.integers(20, 120))
         ids = np.concatenate([np.full(rows * cols, IMAGE_TOKEN_ID), np.full(config.num_queries, QUERY_TOKEN_ID),
@@ -98,7 +102,9 @@ def run(args) -> dict:
     padded = [collate(g, config.pad_token_id, 8) for g in groups]
     packed = [pack(g, config.pad_token_id, 8) for g in groups]
     real = [sum(len(s["input_ids"]) for s in g) for g in groups]
-    flops = [sum(config.flops_per_token(len(s["input_ids"])) * len(s["input_ids"]) for s in g) for g in groups]
+    flops = [
+        sum(config.flops_per_token(len(s["input_ids"])) * len(s["input_ids"]) for s in g) for g in groups
+    ]
     peak = peak_tflops(None, device == "cuda") * 1e12
     result = {"preset": args.preset, "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
               "attn_implementation": attn, "micro_batch": mb, "params": config.param_counts()["stored"],

@@ -100,7 +100,9 @@ def main(argv: list[str] | None = None) -> None:
         args.model, dtype=getattr(torch, args.dtype), attn_implementation=attn
     )
     model = model.to(args.device)
-    tokenizer = AutoTokenizer.from_pretrained(args.model, config=model.config)  # no AutoConfig lookup of "breen"
+    tokenizer = AutoTokenizer.from_pretrained(
+        args.model, config=model.config
+    )  # no AutoConfig lookup of "breen"
     image = Path(args.image).read_bytes() if args.image else None
     print(answer(model, tokenizer, args.prompt, image=image, max_new_tokens=args.max_new_tokens))
 

@@ -49,7 +49,7 @@ TEXT_FIELDS = ("caption", "conversations", "auto")
 class DataSection:
     """Training shards and the CPU-side ingest (Ray Data) that feeds the workers."""
 
-    # Training-shard directories (`pipelines.shards` output: part-NNNNN.parquet + manifest.json).
+    # Training-shard directories (`pipelines.teacher` output, `breen.shard_format`: part-NNNNN.parquet + manifest.json).
     paths: list[str] = field(default_factory=list)
     # Which text column to train on: "caption" (plain layout, stages 1-2), "conversations" (chat layout,
     # stage 3), or "auto" (conversations when present and not null, else caption).
@@ -299,7 +299,9 @@ def set_field(cfg: Any, key: str, value: Any) -> None:
         if isinstance(node, dict):
             if not last:
                 raise ConfigError(f"{where}: not a section")
-            node[part] = convert_value(float, value, where, lenient=True)  # the only dict fields hold learning rates
+            node[part] = convert_value(
+                float, value, where, lenient=True
+            )  # the only dict fields hold learning rates
             return
         if not dataclasses.is_dataclass(node):
             raise ConfigError(f"{where}: not a section")

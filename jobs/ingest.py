@@ -1,13 +1,15 @@
 """Ray Data ingest: training shards -> encoded micro-batches, one deterministic stream per worker.
 
-Reads training-shard directories written by `pipelines.shards` (``part-NNNNN.parquet``: key, image bytes,
-width, height, caption | conversations, fine [64, D] / coarse [36, D] float16 tensors). Nothing here loads
-CLIP: the teacher targets are read from the shards.
+Reads training-shard directories written by `pipelines.teacher` in the `breen.shard_format` layout
+(``part-NNNNN.parquet``: key, the image inline or as a reference into the download step's image store,
+caption | conversations, fine [64, D] / coarse [36, D] float16 tensors). Nothing here loads CLIP: the
+teacher targets are read from the shards.
 
 Pipeline (all CPU, before the trainer, so accelerators never wait for decode)::
 
     from_items(plan: one item per shard file and epoch)
-      -> map_batches(ReadEncode, actor pool)   read the file with pyarrow, order its rows (seeded), decode
+      -> map_batches(ReadEncode, actor pool)   read the file with pyarrow, order its rows (seeded), read
+                                               the referenced images (only the row groups holding them), decode
                                                + letterbox the image and tokenise (breen.data.encode_sample)
       -> repartition(micro_batch_size rows per block, strict)
       -> streaming_split(num_workers, equal) via ray.train.get_dataset_shard("train")
@@ -41,6 +43,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from ray.data.collate_fn import NumpyBatchCollateFn
 
+from breen import shard_format as sf
 from breen.config import BreenConfig
 from breen.data import SampleRejected, collate, encode_sample, pack
 
@@ -50,8 +53,16 @@ REJECT_REASONS = (
     "empty_text", "no_answer_after_truncation", "bad_conversation", "placeholder_without_image",
     "targets_without_image", "other",
 )  # fmt: skip
-READ_COLUMNS = ("key", "image", "caption", "conversations", "fine", "coarse")
-TEACHER_KEYS = ("breen.teacher", "breen.teacher_weights", "breen.preprocess")
+READ_COLUMNS = (
+    sf.KEY,
+    sf.IMAGE,
+    sf.IMAGE_SHARD,
+    sf.IMAGE_ROW,
+    sf.CAPTION,
+    sf.CONVERSATIONS,
+    sf.FINE,
+    sf.COARSE,
+)
 
 
 # ----------------------------------------------------------------------------- shard files
@@ -78,13 +89,8 @@ def list_shards(paths: Sequence[str | Path]) -> list[ShardFile]:
         for p in parquet:
             meta = pq.ParquetFile(p)
             schema = meta.schema_arrow
-            dim = None
-            if "fine" in schema.names:
-                shape = getattr(schema.field("fine").type, "shape", None)
-                dim = int(shape[-1]) if shape else None
-            md = schema.metadata or {}
-            teacher = tuple(md.get(k.encode(), b"").decode() for k in TEACHER_KEYS)
-            files.append(ShardFile(str(p), meta.metadata.num_rows, dim, tuple(schema.names), teacher))
+            files.append(ShardFile(str(p), meta.metadata.num_rows, sf.tensor_dim(schema), tuple(schema.names),
+                                   sf.teacher_of(schema)))  # fmt: skip
     return files
 
 
@@ -248,24 +254,27 @@ class ReadEncode:
         n = table.num_rows
         if n != int(item["rows"]):
             raise RuntimeError(f"{item['path']}: {n} rows, the plan expected {item['rows']} (file changed?)")
-        has_image = None
-        if self.group_size:
-            has_image = ~np.asarray(table.column("image").is_null().to_numpy(zero_copy_only=False))
+        has_image = sf.has_image(table) if self.group_size else None
         order = row_order(
             n, self.seed, int(item["epoch"]), int(item["file_index"]), has_image, self.group_size
         )
         start = int(item["skip"])
-        for lo in range(start, n, self.chunk_rows):
-            idx = order[lo : lo + self.chunk_rows]
-            rows = table.take(pa.array(idx))
-            yield self.encode_rows(rows, int(item["first_pos"]) + lo)
+        rows = table.take(pa.array(order[start:], pa.int64()))
+        # Referenced images: read once per file, in one pass over the row groups that hold them.
+        images = sf.resolve_images(rows, sf.images_dir(item["path"]))
+        for lo in range(0, rows.num_rows, self.chunk_rows):
+            chunk = rows.slice(lo, self.chunk_rows)
+            yield self.encode_rows(
+                chunk, int(item["first_pos"]) + start + lo, images[lo : lo + self.chunk_rows]
+            )
 
-    def encode_rows(self, rows: pa.Table, first_pos: int) -> dict[str, np.ndarray]:
+    def encode_rows(
+        self, rows: pa.Table, first_pos: int, images: list[bytes | None]
+    ) -> dict[str, np.ndarray]:
         n = rows.num_rows
         cols = {name: rows.column(name) for name in rows.column_names}
-        fine = _tensor_rows(cols.get("fine"), n)
-        coarse = _tensor_rows(cols.get("coarse"), n)
-        images = cols["image"].to_pylist()
+        fine = sf.tensor_rows(cols.get(sf.FINE))
+        coarse = sf.tensor_rows(cols.get(sf.COARSE))
         captions = cols["caption"].to_pylist() if "caption" in cols else [None] * n
         convs = cols["conversations"].to_pylist() if "conversations" in cols else [None] * n
         out: dict[str, list] = {k: [] for k in _OUTPUT_COLUMNS}
@@ -341,21 +350,6 @@ def _column(name: str, values: list) -> np.ndarray:
     arr = np.empty(len(values), dtype=object)
     arr[:] = values
     return arr
-
-
-def _tensor_rows(column: pa.ChunkedArray | None, n: int) -> list[np.ndarray | None] | None:
-    """fixed_shape_tensor column -> one [R, D] array per row (None for null rows)."""
-    if column is None:
-        return None
-    arr = column.combine_chunks()
-    valid = ~np.asarray(arr.is_null().to_numpy(zero_copy_only=False)) if arr.null_count else np.ones(n, bool)
-    if arr.null_count:
-        shape = arr.type.shape
-        storage = arr.storage.fill_null(pa.scalar([0.0] * int(np.prod(shape)), arr.storage.type))
-        values = np.stack(storage.to_numpy(zero_copy_only=False)).reshape(-1, *shape)
-    else:
-        values = arr.to_numpy_ndarray()
-    return [values[i] if valid[i] else None for i in range(n)]
 
 
 # ----------------------------------------------------------------------------- the dataset

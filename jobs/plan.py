@@ -21,8 +21,9 @@ The model behind the numbers (all of it in the functions below, each returning p
   GPU phase takes the longer of its GPU time and samples / (ingest rate * CPUs on the GPU nodes).
 - GPU-hours and CPU-hours are *allocated* hours (devices reserved x wall time); CPU-hours of a GPU
   phase are the CPUs of its GPU nodes.
-- Storage is what each phase writes to the shared volume (every step keeps a full copy of its rows,
-  image bytes included; teacher rows add 100 x 1024 float16 features); training adds the last K
+- Storage is what each phase writes to the shared volume: image bytes once (download; the training
+  shards reference them), a few hundred bytes of text and decisions per row in the other data steps,
+  100 x 1024 float16 features per training row; training adds the last K
   ZeRO-3 checkpoints (bf16 weights + fp32 master weights and Adam moments of trainable parameters)
   and the consolidated bf16 weights.
 
@@ -53,6 +54,7 @@ from typing import Any
 # --------------------------------------------------------------------------------------- constants
 CLIP_L14_336_FLOPS_PER_IMAGE = 382e9  # forward pass at 336 px (2 FLOPs per multiply-add)
 FEATURE_BYTES_PER_IMAGE = (64 + 36) * 1024 * 2  # fine [64, 1024] + coarse [36, 1024] float16
+ROW_METADATA_BYTES = 400  # per row: key, cleaned + raw caption, language, phash, image reference (Parquet)
 N_QUERIES = 100  # 8x8 fine + 6x6 coarse learnable queries per image
 
 # Dense bf16 tensor-core peak per GPU, FLOP/s (no structured sparsity).
@@ -214,8 +216,9 @@ def download_phase(a: Assumptions) -> Phase:
 def filter_phase(a: Assumptions) -> Phase:
     rate = a.rates["filter_rows_per_s_per_core"]
     wall = a.downloaded / (rate * a.cpu_cores)
-    # filter/ and captions/ each keep a copy of the kept rows (captions is light text cleaning; not timed).
-    storage = 2 * a.pairs * a.image_kb * 1e3
+    # captions/ and filter/ write only what they add or decide, no image bytes (captions is light text
+    # cleaning; not timed).
+    storage = a.downloaded * ROW_METADATA_BYTES
     return Phase("filter", f"{_n(a.downloaded)} rows -> {_n(a.pairs)} kept (+ captions)", wall, 0, 0.0,
                  a.cpu_cores * wall / 3600, storage, "CPU")  # fmt: skip
 
@@ -231,8 +234,8 @@ def teacher_phase(a: Assumptions) -> Phase:
     # Decoding and letterboxing run on the GPU nodes' CPUs, at about the training-ingest rate.
     decode_wall = a.pairs / (a.rates["ingest_samples_per_s_per_core"] * a.gpus * a.cpus_per_gpu)
     wall = max(gpu_wall, decode_wall)
-    # teacher/ and shards/ each hold image + features per row.
-    storage = 2 * a.pairs * (a.image_kb * 1e3 + FEATURE_BYTES_PER_IMAGE)
+    # The training shards hold the features, the text and a reference to the image bytes in download/.
+    storage = a.pairs * (FEATURE_BYTES_PER_IMAGE + ROW_METADATA_BYTES)
     cpu_alt = a.pairs / a.rates["teacher_images_per_s_per_core_cpu"] / 3600
     notes = [f"GPU-bound time {_t(gpu_wall)}, CPU decode-bound time {_t(decode_wall)}",
              f"on CPUs instead the CLIP forward would take {cpu_alt:,.0f} core-hours"]  # fmt: skip
@@ -347,7 +350,8 @@ def describe(a: Assumptions) -> list[str]:
         f"CPU data steps: {a.cpu_cores} cores; ingress {a.ingress_gbps:g} Gbit/s, {a.source_image_kb:g} KB "
         f"per source image; GPU nodes: {a.cpus_per_gpu} CPUs per GPU",
         f"storage: {a.image_kb:g} KB per stored image, {FEATURE_BYTES_PER_IMAGE / 1e3:.1f} KB of teacher "
-        f"features; download/, filter/, captions/, teacher/, shards/ each keep a full copy; "
+        f"features; image bytes stored once (download/), the training shards reference them; "
+        f"{ROW_METADATA_BYTES} B of text and decisions per row in captions/, filter/ and shards/; "
         f"{a.keep_checkpoints} ZeRO-3 checkpoints per stage + the final bf16 weights",
         "phases run back to back; GPU/CPU-hours are allocated hours (devices x wall time); scaling is "
         "linear in workers (no straggler or start-up time)",

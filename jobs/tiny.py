@@ -6,7 +6,7 @@ that `jobs.train` (``--init-from DIR``) and `breen.generate` load. The tokenizer
 trained on a few fixed sentences with the Qwen special tokens ``<|endoftext|>`` (pad, id 0),
 ``<|im_start|>`` (1) and ``<|im_end|>`` (2, eos) and a ChatML chat template, so any text encodes.
 
-`write_tiny_shards` writes training shards with the exact layout of `pipelines.shards` (key, image bytes,
+`write_tiny_shards` writes training shards in the `breen.shard_format` layout, images inline (key, image bytes,
 width, height, caption | conversations, fine/coarse `fixed_shape_tensor` float16, teacher metadata,
 markers, manifest) from random images and captions, in well under a second.
 
@@ -113,7 +113,7 @@ def write_tiny_shards(
     image_sides: tuple[int, int] = (20, 120),
     seed: int = 0,
 ) -> Path:
-    """Write ``n_rows`` synthetic training rows to `out` as `pipelines.shards` would.
+    """Write ``n_rows`` synthetic training rows to `out` (`breen.shard_format`, images inline).
 
     `sft`: add a ``conversations`` column (two turns, the first with ``<image>``); `text_only_every` > 0:
     every k-th row has no image and null targets (SFT text-only samples); `corrupt_rows`: row indices
@@ -127,13 +127,16 @@ def write_tiny_shards(
     import pyarrow as pa
     from PIL import Image
 
+    from breen import shard_format as sf
     from pipelines import common
-    from pipelines.teacher import tensor_array
 
     out = Path(out)
     rng = np.random.default_rng(seed)
-    meta = {"breen.teacher": "synthetic", "breen.teacher_weights": f"random:{seed}",
-            "breen.preprocess": "none"}  # fmt: skip
+    meta = {
+        sf.META_TEACHER: "synthetic",
+        sf.META_TEACHER_WEIGHTS: f"random:{seed}",
+        sf.META_PREPROCESS: "none",
+    }
     rows = []
     for i in range(n_rows):
         text_only = text_only_every > 0 and i % text_only_every == text_only_every - 1
@@ -159,13 +162,13 @@ def write_tiny_shards(
     fine = rng.standard_normal((n_rows, 64, clip_dim)).astype(np.float16)
     coarse = rng.standard_normal((n_rows, 36, clip_dim)).astype(np.float16)
     valid = np.array([r["image"] is not None for r in rows])
-    schema = [("key", pa.string()), ("image", pa.binary()), ("width", pa.int32()), ("height", pa.int32()),
-              ("caption", pa.string())] + ([("conversations", pa.string())] if sft else [])  # fmt: skip
+    names = [sf.KEY, sf.IMAGE, sf.WIDTH, sf.HEIGHT, sf.CAPTION] + ([sf.CONVERSATIONS] if sft else [])
+    schema = [(c, sf.TYPES[c]) for c in names]
     for j, lo in enumerate(range(0, n_rows, rows_per_file)):
         hi = min(n_rows, lo + rows_per_file)
         table = pa.Table.from_pylist(rows[lo:hi], pa.schema(schema))
-        table = table.append_column("fine", tensor_array(fine[lo:hi], valid[lo:hi]))
-        table = table.append_column("coarse", tensor_array(coarse[lo:hi], valid[lo:hi]))
+        table = table.append_column(sf.FINE, sf.tensor_array(fine[lo:hi], valid[lo:hi]))
+        table = table.append_column(sf.COARSE, sf.tensor_array(coarse[lo:hi], valid[lo:hi]))
         empty = common.with_reason(table.select(["key"]).slice(0, 0), [], [])
         common.write_shard(out, common.shard_name(j), table, empty, table.num_rows, metadata=meta)
     manifest = {"step": "shards", "teacher": {"name": "synthetic"}, "counts": {"kept": n_rows}}

@@ -1,6 +1,6 @@
 """Train BREEN: one stage, or all three chained, on Ray Train + DeepSpeed ZeRO-3, fed by Ray Data.
 
-Reads:  training shards (`pipelines.shards` output: ``--data`` for stages 1-2, ``--sft-data`` for stage 3);
+Reads:  training shards (`pipelines.teacher` output, `breen.shard_format`: ``--data`` for stages 1-2, ``--sft-data`` for stage 3);
         an initial BREEN directory (``--init-from``: Hugging Face layout with tokenizer, e.g. from
         ``python -m breen.convert``; ``tiny`` builds a tiny random model offline); for stage 2/3 the
         previous stage's export by default.

@@ -1,19 +1,18 @@
-"""Captions step: `<output_dir>/filter/` -> `<output_dir>/captions/` (cleaned captions, raw kept).
+"""Captions step: `<output_dir>/download/` -> `<output_dir>/captions/` (cleaned captions; no image bytes).
 
-Reads:  `<output_dir>/filter/part-NNNNN.parquet` (key, url, caption, image, width, height,
-        original_width, original_height, sha256, language, phash, extra string columns).
-Writes: `<output_dir>/captions/part-NNNNN.parquet` with the same rows and columns, where
-        `caption` is the cleaned caption and `caption_raw` (right after it) keeps the original;
-        `rejected/part-NNNNN.parquet` (same columns without `image`, plus `reason`, `detail`) for
+Reads:  the `key` and `caption` columns of `<output_dir>/download/part-NNNNN.parquet`.
+Writes: `<output_dir>/captions/part-NNNNN.parquet` with `key`, `caption` (cleaned) and `caption_raw`
+        (the original); `rejected/part-NNNNN.parquet` (key, caption, caption_raw, reason, detail) for
         rows whose cleaned caption is shorter than `captions.min_chars` (reason `empty_caption`,
-        detail = the raw caption cut to 200 characters); per-shard stats, markers, `manifest.json`.
+        detail = the raw caption cut to 200 characters, or what a null/blank one was); per-shard stats, markers, `manifest.json`.
+        The captions are cleaned here once; the filter judges its caption rules on this output
+        (see `pipelines.graph` for why captions come first).
 
 Cleaning (`clean_caption`, pure, never raises): HTML entities unescaped (repeatedly) and tags
 removed, ftfy (mojibake, surrogates, width, NFC), URLs and e-mail addresses removed (configurable),
 control and invisible characters removed, whitespace collapsed, stock-photo / web boilerplate
 trimmed ("Stock Photo - Image 12345", "| Shutterstock", "click to enlarge", "image may contain:"
-...), then cut to `captions.max_chars` at a word boundary. The filter step imports `clean_caption`
-to evaluate its caption rules on the cleaned text, so this module must import without Ray.
+...), then cut to `captions.max_chars` at a word boundary.
 
 Run:  python -m pipelines.captions --config pipelines/configs/demo.yaml
       ray job submit --working-dir . -- python -m pipelines.captions --config my.yaml
@@ -33,10 +32,12 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from pipelines import common
+from pipelines import common, graph
 from pipelines.config import CaptionsConfig, PrepareConfig, from_dict, to_dict
 
 STEP = "captions"
+STEP_INFO = graph.step(STEP)
+READS = STEP_INFO.reads[STEP_INFO.rows_from]  # key, caption: never the image bytes
 REASON_EMPTY = "empty_caption"
 DETAIL_CHARS = 200
 # Columns left out of rejected rows (the bytes stay recoverable by `key` from the upstream step).
@@ -277,7 +278,10 @@ def clean_caption(text: str | None, cfg: CaptionsConfig) -> str:
 
 
 def _detail(raw: Any) -> str:
-    return "caption is null" if raw is None else _as_str(raw)[:DETAIL_CHARS]
+    if raw is None:
+        return "caption is null"
+    shown = _as_str(raw)[:DETAIL_CHARS]
+    return shown if shown.strip() else f"caption is blank ({len(_as_str(raw))} characters)"
 
 
 def clean_table(table: pa.Table, cfg: CaptionsConfig) -> tuple[pa.Table, pa.Table]:
@@ -319,7 +323,7 @@ def clean_table(table: pa.Table, cfg: CaptionsConfig) -> tuple[pa.Table, pa.Tabl
 
 
 class CaptionsWorker(common.ShardWorker):
-    """Cleans the captions of one filter shard (one actor holds the config and compiled patterns)."""
+    """Cleans the captions of one download shard (one actor holds the config and compiled patterns)."""
 
     def __init__(self, in_dir: str, out_dir: str, captions: dict[str, Any]) -> None:
         super().__init__(in_dir, out_dir)
@@ -327,7 +331,7 @@ class CaptionsWorker(common.ShardWorker):
 
     def process(self, name: str) -> dict[str, Any]:
         t0 = time.monotonic()
-        table = pq.read_table(self.in_dir / f"{name}.parquet")
+        table = pq.read_table(self.in_dir / f"{name}.parquet", columns=list(READS))
         kept, rejected = clean_table(table, self.cfg)
         return common.write_shard(
             self.out_dir, name, kept, rejected, table.num_rows,
@@ -337,9 +341,9 @@ class CaptionsWorker(common.ShardWorker):
 
 def run(cfg: PrepareConfig) -> dict[str, Any]:
     """Run the captions step for `cfg` on the current (or an embedded) Ray cluster."""
-    in_dir = cfg.out / "filter"
+    in_dir = cfg.out / STEP_INFO.rows_from
     out = cfg.out / STEP
-    names = common.require_dataset(in_dir, "filter")
+    names = common.require_dataset(in_dir, STEP_INFO.rows_from)
     common.init_ray(cfg.ray.address, cfg.ray.num_cpus)
     todo = [n for n in names if not common.done_marker(out, n).exists()]
     print(f"[{STEP}] {len(names)} input shards, {len(names) - len(todo)} already finished", flush=True)

@@ -271,10 +271,6 @@ class Progress:
             )
 
 
-# Every dataset directory a full prepare run writes, in pipeline order.
-DATASETS = ["download", "filter", "captions", "teacher", "shards", "sft_import", "sft_teacher", "sft_shards"]
-
-
 def finish_step(
     dataset: Path,
     step: str,

@@ -1,16 +1,18 @@
-"""Filter step: `<output_dir>/download/` -> `<output_dir>/filter/` (kept rows) + `filter/rejected/`.
+"""Filter step: captions + download -> `<output_dir>/filter/` (decisions and new columns; no image bytes).
 
-Reads:  the download step's shards (key, url, caption, image, width, height, sha256, ...).
-Writes: `filter/part-NNNNN.parquet`: the same rows plus `language` (ISO 639-1 or null) and
-        `phash` (64-bit perceptual hash, hex); `filter/rejected/part-NNNNN.parquet` with `reason`:
-        decode_error, too_small, aspect_ratio, empty_caption, caption_too_short, language,
-        duplicate (same sha256 as a row with a smaller key), near_duplicate (perceptual hash within
-        `filter.near_dup_max_distance` bits of a row with a smaller key); stats, markers, manifest.
+Reads:  the kept rows of `<output_dir>/captions/` (key, cleaned caption) and, for those keys, the
+        `image` and `sha256` columns of `<output_dir>/download/`.
+Writes: `filter/part-NNNNN.parquet`: key, `language` (ISO 639-1 or null) and `phash` (64-bit
+        perceptual hash, hex) of the kept rows; `filter/rejected/part-NNNNN.parquet` (key, language,
+        phash, `reason`, `detail`) with reason decode_error, too_small, aspect_ratio, empty_caption,
+        caption_too_short, language, duplicate (same sha256 as a row with a smaller key),
+        near_duplicate (perceptual hash within `filter.near_dup_max_distance` bits of a row with a
+        smaller key); stats, markers, manifest.
 
 Three phases, all resumable:
   1. per shard (actor pool): decode check under a pixel limit, size, aspect ratio, caption length
-     and language on the cleaned caption (`pipelines.captions.clean_caption`), perceptual hash ->
-     `filter/_index/part-NNNNN.parquet` (small: no image bytes).
+     and language on the caption the captions step cleaned, perceptual hash ->
+     `filter/_index/part-NNNNN.parquet`.
   2. global dedup (`pipelines.dedup`): exact duplicates by sha256, then near duplicates among the
      survivors, bucketed by 4 bands of 16 hash bits so only rows sharing a band are compared; equal
      hashes folded first, comparisons vectorised, big buckets split into Ray tasks of equal size. The
@@ -26,7 +28,6 @@ Run:  python -m pipelines.filter --config pipelines/configs/demo.yaml
 
 from __future__ import annotations
 
-import io
 import shutil
 import sys
 from pathlib import Path
@@ -38,12 +39,13 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from PIL import Image
 
-from pipelines import common, dedup
-from pipelines.captions import clean_caption
-from pipelines.config import CaptionsConfig, FilterConfig, PrepareConfig, from_dict, to_dict
-from pipelines.guard import check_image_header
+from breen import shard_format
+from pipelines import common, dedup, graph
+from pipelines.config import FilterConfig, PrepareConfig, from_dict, to_dict
+from pipelines.guard import open_image
 
 STEP = "filter"
+STEP_INFO = graph.step(STEP)
 INDEX = "_index"
 DEDUP = "_dedup"
 INDEX_SCHEMA = pa.schema([
@@ -85,9 +87,8 @@ def hamming(a: int, b: int) -> int:
 class RowRules:
     """The per-row rules of phase 1; pure given the config (testable without Ray)."""
 
-    def __init__(self, cfg: FilterConfig, captions: CaptionsConfig) -> None:
+    def __init__(self, cfg: FilterConfig) -> None:
         self.cfg = cfg
-        self.captions = captions
         self._detector = None
         self._accurate = None
 
@@ -118,27 +119,29 @@ class RowRules:
         return values[0].language.iso_code_639_1.name.lower(), float(values[0].value)
 
     def check(self, image: bytes | None, caption: str | None) -> dict[str, Any]:
-        """Return {reason, detail, phash, language} for one row (reason None = passes)."""
+        """{reason, detail, phash, language} for one row (reason None = passes); `caption` is the
+        caption as the captions step cleaned it."""
         out: dict[str, Any] = {"reason": None, "detail": None, "phash": None, "language": None}
         c = self.cfg
         try:
-            w, h = check_image_header(image or b"", c.max_pixels)
-            with Image.open(io.BytesIO(image)) as im:
+            with open_image(image or b"", c.max_pixels) as im:  # header checks, then one decode
+                w, h = im.size
                 im.load()
-                rgb = im.convert("RGB")
+                rgb = im if im.mode == "RGB" else im.convert("RGB")  # (download stores RGB JPEGs)
+                out["phash"] = f"{phash(rgb):016x}"
         except Exception as e:  # every decoder failure becomes a rejected row
             return {**out, "reason": "decode_error", "detail": common.error_detail(e)}
-        out["phash"] = f"{phash(rgb):016x}"
         if c.min_short_side is not None and min(w, h) < c.min_short_side:
             return {**out, "reason": "too_small", "detail": f"{w}x{h}, short side < {c.min_short_side}"}
         if c.max_aspect_ratio is not None and max(w, h) / min(w, h) > c.max_aspect_ratio:
             return {**out, "reason": "aspect_ratio", "detail": f"{w}x{h}, aspect > {c.max_aspect_ratio}"}
-        text = clean_caption(caption, self.captions)
-        if not text:
-            shown = (caption or "")[:200]
-            if not shown.strip():
-                shown = "caption is null" if caption is None else "caption is blank"
-            return {**out, "reason": "empty_caption", "detail": shown}
+        text = caption or ""
+        if not text:  # only with captions.min_chars = 0: the captions step rejects empty ones
+            return {
+                **out,
+                "reason": "empty_caption",
+                "detail": "caption is null" if caption is None else "caption is blank",
+            }
         words = len(text.split())
         if (c.min_words is not None and words < c.min_words) or (
             c.min_chars is not None and len(text) < c.min_chars
@@ -151,25 +154,25 @@ class RowRules:
         return out
 
 
-def index_table(table: pa.Table, shard: str, rules: RowRules) -> pa.Table:
-    """Phase 1 on one shard: the rule verdict, hash and language per row (no image bytes)."""
+def index_table(captions: pa.Table, images: pa.Table, shard: str, rules: RowRules) -> pa.Table:
+    """Phase 1 on one shard: the rule verdict, hash and language per row (`captions` rows, in order;
+    `images`: their image and sha256, row for row)."""
     rows = [rules.check(img, cap) for img, cap in
-            zip(table.column("image").to_pylist(), table.column("caption").to_pylist(), strict=True)]  # fmt: skip
+            zip(images.column("image").to_pylist(), captions.column("caption").to_pylist(), strict=True)]  # fmt: skip
     cols = {
-        "key": table.column("key"),
-        "shard": [shard] * table.num_rows,
-        "sha256": table.column("sha256"),
+        "key": captions.column("key"),
+        "shard": [shard] * captions.num_rows,
+        "sha256": images.column("sha256"),
         **{k: [r[k] for r in rows] for k in ("phash", "language", "reason", "detail")},
     }
     return pa.table(cols, schema=INDEX_SCHEMA)
 
 
 class IndexWorker(common.ShardWorker):
-    def __init__(self, in_dir: str, out_dir: str, cfg: dict, captions: dict) -> None:
+    def __init__(self, in_dir: str, out_dir: str, images_dir: str, cfg: dict) -> None:
         super().__init__(in_dir, out_dir)
-        self.rules = RowRules(
-            from_dict(FilterConfig, cfg, "filter"), from_dict(CaptionsConfig, captions, "captions")
-        )
+        self.images_dir = Path(images_dir)
+        self.rules = RowRules(from_dict(FilterConfig, cfg, "filter"))
 
     def __call__(self, batch: pa.Table) -> dict[str, list[str]]:
         import json
@@ -177,10 +180,13 @@ class IndexWorker(common.ShardWorker):
         out = []
         for name in batch.column("shard").to_pylist():
             if not common.done_marker(self.out_dir, name).exists():
-                table = pq.read_table(
-                    self.in_dir / f"{name}.parquet", columns=["key", "image", "caption", "sha256"]
+                captions = pq.read_table(self.in_dir / f"{name}.parquet", columns=["key", "caption"])
+                images = image_rows(
+                    self.images_dir / f"{name}.parquet", captions.column("key"), ["image", "sha256"]
                 )
-                common.write_table(self.out_dir / f"{name}.parquet", index_table(table, name, self.rules))
+                common.write_table(
+                    self.out_dir / f"{name}.parquet", index_table(captions, images, name, self.rules)
+                )
                 common.done_marker(self.out_dir, name).write_bytes(b"")
             out.append(
                 json.dumps(
@@ -188,6 +194,12 @@ class IndexWorker(common.ShardWorker):
                 )
             )
         return {"stats": out}
+
+
+def image_rows(path: Path, keys: pa.ChunkedArray, columns: list[str]) -> pa.Table:
+    """`columns` of the download rows with these keys (in this order), from the download shard `path`."""
+    pos = shard_format.row_positions(keys, pq.read_table(path, columns=["key"]).column("key"), str(path))
+    return shard_format.read_rows(path, columns, pos)
 
 
 # ----------------------------------------------------------------------------- phase 2: global dedup
@@ -275,44 +287,41 @@ class SplitWorker(common.ShardWorker):
         import time
 
         t0 = time.monotonic()
-        table = pq.read_table(self.in_dir / f"{name}.parquet")
         index = pq.read_table(self.index_dir / f"{name}.parquet")
+        rows_in = pq.read_metadata(self.in_dir / f"{name}.parquet").num_rows
         files = sorted(str(p) for p in self.dedup_dir.rglob("*.parquet"))
         dups = pq.read_table(files, filters=[("shard", "=", name)], schema=DECISION_SCHEMA) if files else None
-        return split_shard(self.out_dir, name, table, index, dups, time.monotonic() - t0)
+        return split_shard(self.out_dir, name, index, dups, rows_in, time.monotonic() - t0)
 
 
-def split_shard(out_dir: Path, name: str, table: pa.Table, index: pa.Table, dups: pa.Table | None,
+def split_shard(out_dir: Path, name: str, index: pa.Table, dups: pa.Table | None, rows_in: int,
                 seconds: float = 0.0) -> dict[str, Any]:  # fmt: skip
-    by_key = {k: i for i, k in enumerate(index.column("key").to_pylist())}
+    """Kept rows (key, language, phash) and rejected rows (+ reason, detail) of one shard's index."""
     reason = index.column("reason").to_pylist()
     detail = index.column("detail").to_pylist()
-    if dups is not None:
+    if dups is not None and dups.num_rows:
+        by_key = {k: i for i, k in enumerate(index.column("key").to_pylist())}
         for k, r, d in zip(dups.column("key").to_pylist(), dups.column("reason").to_pylist(),
                            dups.column("detail").to_pylist(), strict=True):  # fmt: skip
             i = by_key[k]
             if reason[i] is None:
                 reason[i], detail[i] = r, d
-    order = [by_key[k] for k in table.column("key").to_pylist()]
-    take = pa.array(order, pa.int64())  # typed: a shard with no rows (all rejected upstream) is fine too
-    table = table.append_column("language", index.column("language").take(take))
-    table = table.append_column("phash", index.column("phash").take(take))
-    row_reason = [reason[i] for i in order]
-    keep = pa.array([r is None for r in row_reason], pa.bool_())
+    keep = pa.array([r is None for r in reason], pa.bool_())
+    table = index.select(["key", "language", "phash"])
     kept = table.filter(keep)
-    dropped = table.filter(pc.invert(keep)).drop_columns(["image"])
-    rejected = common.with_reason(dropped, [r for r in row_reason if r is not None],
-                                  [detail[i] for i, r in zip(order, row_reason, strict=True) if r is not None])  # fmt: skip
-    return common.write_shard(out_dir, name, kept, rejected, table.num_rows, {"seconds": round(seconds, 3)})
+    rejected = common.with_reason(table.filter(pc.invert(keep)), [r for r in reason if r is not None],
+                                  [d for r, d in zip(reason, detail, strict=True) if r is not None])  # fmt: skip
+    return common.write_shard(out_dir, name, kept, rejected, rows_in, {"seconds": round(seconds, 3)})
 
 
 # ----------------------------------------------------------------------------- the step
 
 
 def run(cfg: PrepareConfig) -> dict[str, Any]:
-    in_dir = cfg.out / "download"
+    in_dir = cfg.out / STEP_INFO.rows_from
+    images_dir = cfg.out / graph.image_store(STEP)
     out = cfg.out / STEP
-    names = common.require_dataset(in_dir, "download")
+    names = common.require_dataset(in_dir, STEP_INFO.rows_from)
     todo = [n for n in names if not common.done_marker(out, n).exists()]
     if todo:
         common.init_ray(cfg.ray.address, cfg.ray.num_cpus)
@@ -321,8 +330,8 @@ def run(cfg: PrepareConfig) -> dict[str, Any]:
         pending = [n for n in names if not common.done_marker(index_dir, n).exists()]
         print(f"[{STEP}] phase 1/3: rules and hashes on {len(pending)} of {len(names)} shards", flush=True)
         common.run_shards(f"{STEP}:rules", pending, IndexWorker,
-                          {"in_dir": str(in_dir), "out_dir": str(index_dir), "cfg": to_dict(f),
-                           "captions": to_dict(cfg.captions)},
+                          {"in_dir": str(in_dir), "out_dir": str(index_dir), "images_dir": str(images_dir),
+                           "cfg": to_dict(f)},
                           num_actors=f.num_actors, num_cpus=f.cpus_per_actor)  # fmt: skip
         print(f"[{STEP}] phase 2/3: global exact and near-duplicate search", flush=True)
         global_dedup(index_dir, names, dedup_dir, f)
@@ -333,8 +342,8 @@ def run(cfg: PrepareConfig) -> dict[str, Any]:
                           num_actors=f.num_actors, num_cpus=f.cpus_per_actor)  # fmt: skip
     else:
         print(f"[{STEP}] nothing to do: all {len(names)} shards are finished", flush=True)
-    return common.finish_step(out, STEP, [common.dataset_input(in_dir)],
-                              {"filter": to_dict(cfg.filter), "captions": to_dict(cfg.captions)})  # fmt: skip
+    return common.finish_step(out, STEP, [common.dataset_input(in_dir), common.dataset_input(images_dir)],
+                              {"filter": to_dict(cfg.filter)})  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:

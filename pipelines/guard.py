@@ -339,13 +339,20 @@ def _openers() -> tuple[str, ...]:
 
 def check_image_header(data: bytes, max_pixels: int, max_bytes: int | None = None) -> tuple[int, int]:
     """Return (width, height) from the header only; raise ValueError for bombs and non-images."""
+    with open_image(data, max_pixels, max_bytes) as im:
+        return im.size
+
+
+def open_image(data: bytes, max_pixels: int, max_bytes: int | None = None) -> Image.Image:
+    """The image, opened (header read, pixels not decoded yet) after the checks of `check_image_header`:
+    the caller decodes it with `load()`, without parsing the header a second time."""
     if max_bytes is not None and len(data) > max_bytes:
         raise ValueError(f"image is {len(data)} bytes (> {max_bytes})")
     if not data:
         raise ValueError("empty payload")
     try:
-        with Image.open(io.BytesIO(data), formats=_openers()) as im:
-            w, h = im.size
+        im = Image.open(io.BytesIO(data), formats=_openers())
+        w, h = im.size
     except Image.DecompressionBombError as e:
         raise ValueError(f"decompression bomb: {e}") from None
     except Image.UnidentifiedImageError:
@@ -353,10 +360,12 @@ def check_image_header(data: bytes, max_pixels: int, max_bytes: int | None = Non
     except Exception as e:
         raise ValueError(f"not a decodable image: {type(e).__name__}") from None
     if w <= 0 or h <= 0:
+        im.close()
         raise ValueError(f"invalid image size {w}x{h}")
     if w * h > max_pixels:
+        im.close()
         raise ValueError(f"decompression bomb: {w}x{h} = {w * h} pixels > {max_pixels}")
-    return w, h
+    return im
 
 
 ORIENTATION = 0x0112  # EXIF tag

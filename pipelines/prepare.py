@@ -1,9 +1,10 @@
-"""Data preparation end to end: download -> filter -> captions -> teacher -> shards (+ SFT) -> report.
+"""Data preparation end to end: download -> captions -> filter -> teacher into shards (+ SFT) -> report.
 
 Reads:  the config file (see `pipelines/configs/demo.yaml`); with `input.synthetic` set it first
         generates a synthetic corpus under `<output_dir>/synthetic/` and serves it from 127.0.0.1
         for the duration of the run (demo and tests).
-Writes: one dataset directory per step under `output_dir` (see `pipelines/common.py`), the
+Writes: one dataset directory per step under `output_dir` (`pipelines/graph.py` lists them and what
+        each holds; `pipelines/common.py` the files of one), the
         training shards in `<output_dir>/shards/` (and `sft_shards/`), `<output_dir>/accounting.json`
         and an HTML report in `<output_dir>/report/index.html`. Prints the accounting table: every
         input row is either kept or rejected with a reason, per step and in total.
@@ -24,12 +25,8 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
-from pipelines import captions, common, download, report, sft_import, shards, teacher
-from pipelines import filter as filter_step
+from pipelines import common, graph, report
 from pipelines.config import PrepareConfig, SftInput
-
-PRETRAIN_STEPS = [("download", download.run), ("filter", filter_step.run), ("captions", captions.run),
-                  ("teacher", teacher.run), ("shards", shards.run)]  # fmt: skip
 
 
 @contextlib.contextmanager
@@ -62,21 +59,13 @@ def synthetic_input(cfg: PrepareConfig) -> Iterator[None]:
 
 
 def accounting(cfg: PrepareConfig) -> dict[str, Any]:
-    """Per-step counts from the manifests and the end-to-end check: input = kept + all rejected."""
+    """Per-step counts from the manifests and, per chain (`graph.accounting`), input = kept + all rejected."""
     steps = {}
-    for name in common.DATASETS:
+    for name in graph.DATASETS:
         m = cfg.out / name / "manifest.json"
         if m.exists():
             steps[name] = json.loads(m.read_text())["counts"]
-    out: dict[str, Any] = {"steps": steps}
-    if "download" in steps and "teacher" in steps:
-        rejected = sum(
-            steps[s]["rejected_total"] for s in ("download", "filter", "captions", "teacher") if s in steps
-        )
-        out["pretrain"] = {"input_rows": steps["download"]["rows_in"], "kept": steps["teacher"]["kept"],
-                           "rejected": rejected,
-                           "balanced": steps["download"]["rows_in"] == steps["teacher"]["kept"] + rejected}  # fmt: skip
-    return out
+    return {"steps": steps, **graph.accounting(steps)}
 
 
 def print_table(acc: dict[str, Any]) -> None:
@@ -86,22 +75,22 @@ def print_table(acc: dict[str, Any]) -> None:
         reasons = ", ".join(f"{r}={n}" for r, n in c["rejected"].items()) or "-"
         ok = "ok" if c["rows_in"] == c["kept"] + c["rejected_total"] else "MISMATCH"
         print(f"{name:<12} {c['rows_in']:>8} {c['kept']:>8} {c['rejected_total']:>9}  {reasons}  [{ok}]")
-    if "pretrain" in acc:
-        p = acc["pretrain"]
-        print(f"total: {p['input_rows']} input URLs = {p['kept']} training rows + {p['rejected']} rejected "
-              f"[{'ok' if p['balanced'] else 'MISMATCH'}]")  # fmt: skip
+    for chain, what in (("pretrain", "input URLs"), ("sft", "SFT records")):
+        if chain in acc:
+            p = acc[chain]
+            print(f"total: {p['input_rows']} {what} = {p['kept']} training rows + {p['rejected']} rejected "
+                  f"[{'ok' if p['balanced'] else 'MISMATCH'}]")  # fmt: skip
 
 
 def run(cfg: PrepareConfig) -> dict[str, Any]:
     t0 = time.monotonic()
     common.init_ray(cfg.ray.address, cfg.ray.num_cpus)
     with synthetic_input(cfg):
-        for name, step in PRETRAIN_STEPS:
-            print(f"\n[prepare] === {name} ===", flush=True)
-            step(cfg)
-        if cfg.input.sft is not None:
-            print("\n[prepare] === sft import ===", flush=True)
-            sft_import.run(cfg)
+        for step in graph.STEPS:
+            if step.chain == "sft" and cfg.input.sft is None:
+                continue
+            print(f"\n[prepare] === {step.name} ===", flush=True)
+            graph.runner(step)(cfg)
     acc = accounting(cfg)
     common.atomic_write_json(cfg.out / "accounting.json", acc)
     html = report.write_report(cfg.out)
@@ -109,7 +98,8 @@ def run(cfg: PrepareConfig) -> dict[str, Any]:
     print(
         f"\n[prepare] done in {time.monotonic() - t0:.0f}s; training shards in {cfg.out / 'shards'}; report {html}"
     )
-    if not all(c["rows_in"] == c["kept"] + c["rejected_total"] for c in acc["steps"].values()):
+    balanced = all(c["rows_in"] == c["kept"] + c["rejected_total"] for c in acc["steps"].values())
+    if not balanced or not all(acc[chain]["balanced"] for chain in ("pretrain", "sft") if chain in acc):
         raise common.AccountingError("row accounting does not balance; see the table above")
     return acc
 

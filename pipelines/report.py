@@ -1,6 +1,6 @@
 """Report: one HTML page with the accounting and the data plots of a pipeline output directory.
 
-Reads:  the step datasets found in DIR (any of download, filter, captions, teacher, shards, sft):
+Reads:  the step datasets found in DIR (those of `pipelines.graph`, and any other step folder):
         per-shard stats JSON (rows in / kept / rejected by reason / seconds), `manifest.json`, and
         a few columns of sampled rows of the kept and rejected Parquet shards (never image bytes).
 Writes: `DIR/report/index.html` and the PNG plots it embeds next to it:
@@ -36,27 +36,18 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from pipelines import common
+from breen import shard_format
+from pipelines import common, graph
 
-# Known step datasets, in pipeline order; any other folder of DIR with shard markers or a manifest is
-# reported too (after these). The pre-training steps are named in the page when they are missing.
-STEPS = (
-    "download",
-    "filter",
-    "captions",
-    "teacher",
-    "shards",
-    "sft",
-    "sft_import",
-    "sft_teacher",
-    "sft_shards",
-)
-CORE_STEPS = ("download", "filter", "captions", "teacher", "shards")
+# Known step datasets, in pipeline order (`pipelines.graph`); any other folder of DIR with shard markers or
+# a manifest is reported too (after these). The pre-training steps are named in the page when missing.
+STEPS = tuple(graph.DATASETS)
+CORE_STEPS = tuple(s.name for s in graph.chain("pretrain"))
 # Which step each step reads its rows from (for the "input = upstream kept" column).
-UPSTREAM = {"filter": "download", "captions": "filter", "teacher": "captions", "shards": "teacher",
-            "sft_teacher": "sft_import", "sft_shards": "sft_teacher"}  # fmt: skip
-# Steps whose kept rows carry width/height, latest first (the sizes are read from the first found).
-IMAGE_STEPS = ("shards", "teacher", "captions", "filter", "download")
+UPSTREAM = {s.name: s.rows_from for s in graph.STEPS if s.rows_from}
+# Pre-training steps whose kept rows carry width/height, latest first (sizes come from the first found).
+IMAGE_STEPS = tuple(s.name for s in reversed(graph.chain("pretrain")) if "width" in s.writes)
+FEATURES_STEP = graph.TRAINING["pretrain"]  # where the teacher features are
 PLOTS = ("rows_per_step", "rejected_reasons", "image_size", "aspect_ratio", "caption_length", "language",
          "teacher_norms", "throughput")  # fmt: skip
 REPORT_DIR = "report"
@@ -392,16 +383,8 @@ def plot_throughput(rates: list[tuple[str, float]], path: Path) -> str:
 
 def _tensor_batch(col: pa.ChunkedArray | pa.Array) -> tuple[np.ndarray, int]:
     """(array [n, tokens, D] of the non-null rows, number of null rows) of a tensor column."""
-    arr = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
-    nulls = arr.null_count
-    if nulls:
-        arr = arr.filter(arr.is_valid())
-    if isinstance(arr.type, pa.FixedShapeTensorType):
-        return arr.to_numpy_ndarray(), nulls
-    if pa.types.is_fixed_size_list(arr.type) and pa.types.is_fixed_size_list(arr.type.value_type):
-        tokens, dim = arr.type.list_size, arr.type.value_type.list_size
-        return arr.flatten().flatten().to_numpy(zero_copy_only=False).reshape(len(arr), tokens, dim), nulls
-    raise TypeError(f"unsupported feature column type {arr.type}")
+    values, valid = shard_format.tensor_values(col)
+    return values, int((~valid).sum())
 
 
 def teacher_norms(files: list[Path], columns: list[str], max_rows: int, max_files: int) -> dict[str, Any]:
@@ -661,18 +644,18 @@ def _section_language(r: _Report, by_name: dict[str, StepData]) -> None:
 def _section_teacher(r: _Report, by_name: dict[str, StepData]) -> None:
     page = r.page
     page.h2("Teacher features")
-    step = by_name.get("teacher")
+    step = by_name.get(FEATURES_STEP)
     if step is None:
-        page.note("no teacher step: feature norms skipped")
+        page.note(f"no {FEATURES_STEP} step (teacher features): feature norms skipped")
         return
     files = step.files()
     cols = [c for c in ("fine", "coarse") if _has_columns(files, [c])]
     if not cols:
-        page.note("teacher: kept rows have no fine/coarse columns: feature norms skipped")
+        page.note(f"{FEATURES_STEP}: kept rows have no fine/coarse columns: feature norms skipped")
         return
     info = teacher_norms(files, cols, r.teacher_rows, r.max_files)
     if not info["rows"]:
-        page.note("teacher: no rows to sample")
+        page.note(f"{FEATURES_STEP}: no rows to sample")
         return
     r.img("teacher_norms", "teacher feature norms", plot_norms, info["norms"], info["rows"])
     rows = []
@@ -689,7 +672,7 @@ def _section_teacher(r: _Report, by_name: dict[str, StepData]) -> None:
     page.p(f"{info['rows']:,} sampled rows of {step.kept:,}.")
     for c in cols:
         if info["nonfinite"][c]:
-            page.note(f"teacher: {c} has non-finite values (float16 overflow?)")
+            page.note(f"{FEATURES_STEP}: {c} has non-finite values (float16 overflow?)")
     teacher_cfg = (step.manifest or {}).get("config", {}).get("teacher")
     if teacher_cfg:
         page.raw(f"<details><summary>teacher config</summary><pre>{_e(json.dumps(teacher_cfg, indent=2))}"

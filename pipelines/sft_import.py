@@ -6,9 +6,10 @@ Reads:  `input.sft.json`, a JSON array of records
         (records without "image" are text-only), and the images under `input.sft.image_folder`.
 Writes: `<output_dir>/sft_import/` (key, id, image bytes with long side <= download.image_size,
         width, height, sha256, caption (first answer, for reports), conversations (JSON string));
-        rejected rows (missing_image, decode_error, bad_conversations) with reasons; then
-        `sft_teacher/` (the teacher step on those rows; text-only rows get null features) and
-        `sft_shards/` (training shards with `conversations`).
+        rejected rows (missing_image, decode_error, bad_conversations) with reasons. The image
+        bytes are stored here once: `python -m pipelines.teacher --sft` then writes `sft_shards/`
+        (training shards with `conversations`, referencing these images; text-only rows get null
+        features), as `pipelines.prepare` does after this step.
 
 Conversations are checked: a non-empty list of {"from", "value"} turns, human/gpt (or "Answer")
 roles alternating from human, string values, `<image>` only in records with an image. A record
@@ -31,7 +32,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.ipc as ipc
 
-from pipelines import common, shards, teacher
+from pipelines import common
 from pipelines.config import ConfigError, PrepareConfig
 from pipelines.guard import check_image_header, normalise_image
 
@@ -177,7 +178,7 @@ def split_records(json_path: Path, rows_per_shard: int, dest: Path) -> list[str]
 
 
 def run(cfg: PrepareConfig) -> dict[str, Any]:
-    """Import the SFT records, then run the teacher and the shards step on them."""
+    """Import the SFT records (the training shards are the next step, `pipelines.teacher.run_sft`)."""
     import ray
 
     if cfg.input.sft is None:
@@ -197,10 +198,7 @@ def run(cfg: PrepareConfig) -> dict[str, Any]:
             progress.update(ray.get(ready[0])["rows_in"])
     inputs = [{"path": cfg.input.sft.json, "sha256": common.sha256_file(cfg.input.sft.json)},
               {"path": cfg.input.sft.image_folder}]  # fmt: skip
-    manifest = common.finish_step(out, STEP, inputs, {"sft": common_dict(cfg)})
-    teacher.run_teacher(cfg, out, cfg.out / "sft_teacher", STEP)
-    shards.run_shards_step(cfg, cfg.out / "sft_teacher", cfg.out / "sft_shards", "teacher", "sft_shards")
-    return manifest
+    return common.finish_step(out, STEP, inputs, {"sft": common_dict(cfg)})
 
 
 def common_dict(cfg: PrepareConfig) -> dict[str, Any]:

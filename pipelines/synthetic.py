@@ -751,6 +751,38 @@ def make_sft_corpus(out_dir: Path, corpus: Corpus, n: int = 40, seed: int = 0) -
 # ----------------------------------------------------------------------------- CLI
 
 
+def write_teacher_inputs(out_dir: Path, shards: list[list[tuple[str, str, bytes]]]) -> None:
+    """The datasets the teacher step reads, from (key, caption, image bytes) rows per shard: the images
+    (and their sizes, from the header; none for bytes that are not an image) in `download/`, the
+    captions in `captions/`, every key kept in `filter/` (tests and benchmarks of the teacher alone)."""
+    import pyarrow as pa
+
+    from pipelines import common
+
+    def size(data: bytes) -> tuple[int | None, int | None]:
+        try:
+            with Image.open(io.BytesIO(data)) as im:
+                return im.size
+        except Exception:
+            return None, None
+
+    for s, rows in enumerate(shards):
+        sizes = [size(img) for _, _, img in rows]
+        table = pa.table({
+            "key": [k for k, _, _ in rows], "caption": [c for _, c, _ in rows],
+            "image": pa.array([img for _, _, img in rows], pa.binary()),
+            "width": pa.array([w for w, _ in sizes], pa.int32()), "height": pa.array([h for _, h in sizes], pa.int32()),
+        })  # fmt: skip
+        for step, columns in (
+            ("download", table.column_names),
+            ("captions", ["key", "caption"]),
+            ("filter", ["key"]),
+        ):
+            kept = table.select(columns)
+            empty = common.with_reason(kept.slice(0, 0), [], [])
+            common.write_shard(out_dir / step, common.shard_name(s), kept, empty, kept.num_rows)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         prog="python -m pipelines.synthetic",

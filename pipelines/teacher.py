@@ -1,12 +1,19 @@
-"""Teacher step: CLIP ViT-L/14-336 targets for every kept image, computed once and cached.
+"""Teacher step: CLIP ViT-L/14-336 targets for every kept image, written straight into the training shards.
 
-Reads:  `<output_dir>/captions/` (or any dataset dir with `key` and `image` bytes; rows with a
-        null image, e.g. text-only SFT records, pass through with null features).
-Writes: `<output_dir>/teacher/part-NNNNN.parquet`: the input rows plus `fine` (64 x D) and `coarse`
-        (36 x D) float16 tensors as Arrow `fixed_shape_tensor` columns (readable by plain pyarrow:
-        `col.combine_chunks().to_numpy_ndarray()`); rows whose image cannot be decoded go to
-        `rejected/` with reason decode_error. Parquet metadata and `manifest.json` record the
-        teacher name, the weights sha256 and the preprocessing version.
+Reads:  the kept rows of `<output_dir>/filter/` (their keys), for those keys the `image`, `width` and
+        `height` of `<output_dir>/download/` and the cleaned `caption` of `<output_dir>/captions/`
+        (`pipelines.graph` declares it; with `--sft`, the rows of `sft_import/`, text-only ones included).
+Writes: `<output_dir>/shards/` (`sft_shards/`): training shards in the `breen.shard_format` layout,
+        `part-NNNNN.parquet` with `shards.rows_per_file` rows each (the last file, and a file with a
+        row the teacher could not decode, hold fewer): key, image_shard + image_row (a reference to the
+        image bytes in `download/`, which are never copied), width, height, caption | conversations,
+        fine (64 x D) and coarse (36 x D) float16 `fixed_shape_tensor` (null for text-only rows);
+        `rejected/` with reason decode_error; Parquet metadata and `manifest.json` record the teacher
+        name, the weights sha256, the preprocessing version and the image dataset.
+
+Order is deterministic: upstream shard order, then key order within each shard. Output file j holds
+the upstream rows [j*R, (j+1)*R); each file is one actor call that reads only its slices. If the
+upstream row counts change, the plan changes and the old files are removed.
 
 Targets (see `breen/teacher.py`): image letterboxed to 336x336 on the CLIP-mean colour, output of
 the last transformer block before the final LayerNorm with CLS dropped ([D, 24, 24]), average
@@ -23,7 +30,8 @@ pretrained tag already in the local cache) or `teacher.random_init_seed` (tests 
 `teacher.model_config` registers a custom open_clip JSON config (e.g. a tiny ViT); the model
 name is then the file's stem.
 
-Run:  python -m pipelines.teacher --config pipelines/configs/demo.yaml
+Run:  python -m pipelines.teacher --config pipelines/configs/demo.yaml           (pre-training shards)
+      python -m pipelines.teacher --sft --config pipelines/configs/demo.yaml     (SFT shards)
       ray job submit --working-dir . -- python -m pipelines.teacher --config my.yaml
 """
 
@@ -31,7 +39,9 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import os
+import shutil
 import sys
 import time
 from collections import deque
@@ -45,34 +55,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from breen import shard_format as sf
 from breen.teacher import PREPROCESS_VERSION, last_block_grid, letterbox, pool_targets
-from pipelines import common
+from pipelines import common, graph
 from pipelines.config import ConfigError, PrepareConfig, TeacherConfig, from_dict, to_dict
-
-STEP = "teacher"
-
-
-# ----------------------------------------------------------------------------- Arrow tensors
-
-
-def tensor_array(values: np.ndarray, valid: np.ndarray | None = None) -> pa.Array:
-    """[N, R, D] array -> Arrow `fixed_shape_tensor` (float16) with optional nulls."""
-    _, r, d = values.shape
-    flat = pa.array(values.astype(np.float16, copy=False).reshape(-1))
-    mask = None if valid is None else pa.array(~valid, pa.bool_())
-    storage = pa.FixedSizeListArray.from_arrays(flat, r * d, mask=mask)
-    return pa.ExtensionArray.from_storage(pa.fixed_shape_tensor(pa.float16(), [r, d]), storage)
-
-
-def tensor_numpy(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
-    """Arrow `fixed_shape_tensor` column -> numpy [N, R, D] (null rows come back as NaN)."""
-    arr = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
-    if arr.null_count:
-        shape = arr.type.shape
-        storage = arr.storage.fill_null(pa.scalar([np.nan] * int(np.prod(shape)), arr.storage.type))
-        return np.stack(storage.to_numpy(zero_copy_only=False)).reshape(-1, *shape).astype(np.float16)
-    return arr.to_numpy_ndarray()
-
 
 # ----------------------------------------------------------------------------- the teacher model
 
@@ -170,11 +156,13 @@ def features(model, pixels: np.ndarray, device: str) -> tuple[np.ndarray, np.nda
 
 
 class TeacherWorker(common.ShardWorker):
-    """One actor = one model replica; processes whole shards in fixed-size batches."""
+    """One actor = one model replica; builds whole training-shard files in fixed-size batches."""
 
-    def __init__(self, in_dir: str, out_dir: str, cfg: dict, identity: tuple[str, str]) -> None:
+    def __init__(self, in_dir: str, out_dir: str, step: str, cfg: dict, identity: tuple[str, str]) -> None:
         super().__init__(in_dir, out_dir)
         self.cfg: TeacherConfig = from_dict(TeacherConfig, cfg, "teacher")
+        self.sources = Sources(Path(in_dir).parent, step)
+        self.plan = json.loads((self.out_dir / PLAN).read_text())["files"]
         self.device = resolve_device(self.cfg)
         self.model, self.name, self.weights_id = build_teacher(self.cfg, self.device, tuple(identity))
         self.dim = self.model.visual.transformer.width
@@ -184,16 +172,58 @@ class TeacherWorker(common.ShardWorker):
 
     def process(self, name: str) -> dict[str, Any]:
         t0 = time.monotonic()
-        table = pq.read_table(self.in_dir / f"{name}.parquet")
+        table = self.sources.rows(self.plan[name])
         kept, rejected = teacher_table(
             table, self.model, self.dim, self.cfg.batch_size, self.device, self.decode_threads,
             self.cfg.prefetch_batches,
         )  # fmt: skip
-        meta = {"breen.teacher": self.name, "breen.teacher_weights": self.weights_id,
-                "breen.preprocess": PREPROCESS_VERSION}  # fmt: skip
+        kept = kept.drop_columns([sf.IMAGE])
+        meta = {sf.META_TEACHER: self.name, sf.META_TEACHER_WEIGHTS: self.weights_id,
+                sf.META_PREPROCESS: PREPROCESS_VERSION, sf.META_IMAGES: self.sources.images_rel}  # fmt: skip
         seconds = time.monotonic() - t0
         return common.write_shard(self.out_dir, name, kept, rejected, table.num_rows,
                                   {"seconds": round(seconds, 3), "device": self.device}, metadata=meta)  # fmt: skip
+
+
+class Sources:
+    """The upstream columns of a training-shard step, gathered by key (see `pipelines.graph`)."""
+
+    def __init__(self, root: Path, step: str) -> None:
+        info = graph.step(step)
+        self.rows_dir = root / info.rows_from
+        self.images_dir = root / graph.image_store(step)
+        self.text_dir, self.text_columns = graph.text_source(step)
+        self.text_dir = root / self.text_dir
+        self.images_rel = os.path.relpath(self.images_dir, root / step)
+
+    def rows(self, slices: list[tuple[str, int, int]]) -> pa.Table:
+        """key, image (bytes, to compute features; not written), image_shard, image_row, width, height and
+        the text columns of the upstream rows in `slices` ((shard, offset, length), in order)."""
+        parts = []
+        for shard, offset, length in slices:
+            keys = pq.read_table(self.rows_dir / f"{shard}.parquet", columns=[sf.KEY]).column(sf.KEY)
+            keys = keys.slice(offset, length)
+            path = self.images_dir / f"{shard}.parquet"
+            pos = sf.row_positions(keys, pq.read_table(path, columns=[sf.KEY]).column(sf.KEY), str(path))
+            images = sf.read_rows(path, [sf.IMAGE, sf.WIDTH, sf.HEIGHT], pos)
+            if self.text_dir == self.images_dir:
+                text = sf.read_rows(path, list(self.text_columns), pos)
+            else:
+                tpath = self.text_dir / f"{shard}.parquet"
+                tkeys = pq.read_table(tpath, columns=[sf.KEY]).column(sf.KEY)
+                text = sf.read_rows(tpath, list(self.text_columns), sf.row_positions(keys, tkeys, str(tpath)))
+            has = images.column(sf.IMAGE).is_valid()
+            cols = {
+                sf.KEY: keys,
+                sf.IMAGE: images.column(sf.IMAGE),
+                sf.IMAGE_SHARD: pc.if_else(has, shard, pa.scalar(None, pa.string())),
+                sf.IMAGE_ROW: pc.if_else(has, pa.array(pos, pa.int32()), pa.scalar(None, pa.int32())),
+                sf.WIDTH: images.column(sf.WIDTH).cast(pa.int32()),
+                sf.HEIGHT: images.column(sf.HEIGHT).cast(pa.int32()),
+                **{c: text.column(c) for c in self.text_columns},
+            }
+            parts.append(pa.table({k: cols[k] for k in sf.COLUMNS if k in cols}))
+        return common.concat(parts)
 
 
 def _decode_or_error(image: bytes) -> np.ndarray | str:
@@ -256,8 +286,8 @@ def teacher_table(
     bad = np.zeros(n, bool)
     bad[list(errors)] = True
     ok = pa.array(~bad, pa.bool_())
-    out = table.append_column("fine", tensor_array(fine, has_image)).append_column(
-        "coarse", tensor_array(coarse, has_image)
+    out = table.append_column(sf.FINE, sf.tensor_array(fine, has_image)).append_column(
+        sf.COARSE, sf.tensor_array(coarse, has_image)
     )
     kept = out.filter(ok)
     rejected = common.with_reason(
@@ -270,42 +300,99 @@ def teacher_table(
 
 # ----------------------------------------------------------------------------- the step
 
+PLAN = "_plan.json"
 
-def run_teacher(cfg: PrepareConfig, in_dir: Path, out: Path, produced_by: str) -> dict[str, Any]:
-    """Run the teacher over one dataset dir (captions for pre-training, sft_import for SFT)."""
+
+def plan(counts: list[tuple[str, int]], rows_per_file: int) -> list[list[tuple[str, int, int]]]:
+    """Upstream (shard, rows) -> per output file a list of (shard, offset, length) slices."""
+    files: list[list[tuple[str, int, int]]] = []
+    current: list[tuple[str, int, int]] = []
+    room = rows_per_file
+    for name, n in counts:
+        offset = 0
+        while offset < n:
+            take = min(room, n - offset)
+            current.append((name, offset, take))
+            offset += take
+            room -= take
+            if room == 0:
+                files.append(current)
+                current, room = [], rows_per_file
+    if current:
+        files.append(current)
+    return files
+
+
+def write_plan(out: Path, step: str, counts: list[list[Any]], rows_per_file: int) -> dict[str, list]:
+    """The file plan (`_plan.json`); a plan that changed (upstream counts, rows_per_file) clears `out`."""
+    files = {common.shard_name(j): s for j, s in enumerate(plan(counts, rows_per_file))}
+    record = {"upstream": counts, "rows_per_file": rows_per_file, "files": files}
+    path = out / PLAN
+    if path.exists() and json.loads(path.read_text()) != json.loads(json.dumps(record)):
+        print(f"[{step}] upstream changed since the last run: rebuilding all training shards", flush=True)
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    if not path.exists():
+        common.atomic_write_json(path, record)
+    return files
+
+
+def run_training_shards(cfg: PrepareConfig, step: str) -> dict[str, Any]:
+    """Teacher features for the rows of `step`'s upstream, written as training shards."""
     import ray
 
-    names = common.require_dataset(in_dir, produced_by)
-    todo = [n for n in names if not common.done_marker(out, n).exists()]
+    info = graph.step(step)
+    rows_dir, out = cfg.out / info.rows_from, cfg.out / step
+    names = common.require_dataset(rows_dir, info.rows_from)
     t = cfg.teacher
-    if todo and t.weights:
-        check_weights(t.weights)  # before hashing it and before any actor starts
+    if t.weights:
+        check_weights(t.weights)  # first: before hashing it and before any actor starts
+    counts = [[s["shard"], s["kept"]] for s in common.read_stats(rows_dir, names)]
+    files = write_plan(out, step, counts, cfg.shards.rows_per_file)
+    todo = [n for n in files if not common.done_marker(out, n).exists()]
     name, weights_id = teacher_identity(t)
     if todo:
         common.init_ray(cfg.ray.address, cfg.ray.num_cpus)
         gpus = ray.cluster_resources().get("GPU", 0) if t.device != "cpu" else 0
         num_gpus = t.num_gpus_per_actor if gpus else 0.0
-        print(f"[{STEP}] {len(todo)} of {len(names)} shards to do, {t.num_actors} actor(s), "
+        print(f"[{step}] teacher on {len(todo)} of {len(files)} files, {t.num_actors} actor(s), "
               f"{'GPU' if num_gpus else 'CPU'}", flush=True)  # fmt: skip
-        kwargs = {"in_dir": str(in_dir), "out_dir": str(out), "cfg": to_dict(t), "identity": (name, weights_id)}
-        common.run_shards(STEP, todo, TeacherWorker, kwargs,
+        kwargs = {"in_dir": str(rows_dir), "out_dir": str(out), "step": step, "cfg": to_dict(t),
+                  "identity": (name, weights_id)}  # fmt: skip
+        common.run_shards(step, todo, TeacherWorker, kwargs,
                           num_actors=t.num_actors, num_cpus=t.cpus_per_actor, num_gpus=num_gpus)  # fmt: skip
-    if t.random_init_seed is not None and names:
-        weights_id = pq.read_schema(out / f"{names[0]}.parquet").metadata[b"breen.teacher_weights"].decode()
-    manifest = common.finish_step(
-        out, STEP, [common.dataset_input(in_dir)], {"teacher": to_dict(t)},
-        extra={"teacher": {"name": name, "weights": weights_id, "preprocess": PREPROCESS_VERSION}},
+    else:
+        print(f"[{step}] nothing to do: all {len(files)} files are finished", flush=True)
+    schema = pq.read_schema(out / f"{common.shard_name(0)}.parquet") if files else None
+    if t.random_init_seed is not None and schema is not None:
+        weights_id = schema.metadata[sf.META_TEACHER_WEIGHTS.encode()].decode()
+    sources = Sources(cfg.out, step)
+    inputs = [
+        common.dataset_input(d) for d in dict.fromkeys([rows_dir, sources.images_dir, sources.text_dir])
+    ]
+    return common.finish_step(
+        out, step, inputs, {"teacher": to_dict(t), "shards": to_dict(cfg.shards)},
+        extra={"teacher": {"name": name, "weights": weights_id, "preprocess": PREPROCESS_VERSION},
+               "images": sources.images_rel,
+               "schema": {f.name: str(f.type) for f in schema} if schema else {}},
     )  # fmt: skip
-    return manifest
 
 
 def run(cfg: PrepareConfig) -> dict[str, Any]:
-    return run_teacher(cfg, cfg.out / "captions", cfg.out / STEP, "captions")
+    """The pre-training shards (`shards/`)."""
+    return run_training_shards(cfg, graph.TRAINING["pretrain"])
+
+
+def run_sft(cfg: PrepareConfig) -> dict[str, Any]:
+    """The SFT shards (`sft_shards/`)."""
+    return run_training_shards(cfg, graph.TRAINING["sft"])
 
 
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
-    return common.step_main(__doc__, run, argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    sft = "--sft" in argv
+    return common.step_main(__doc__, run_sft if sft else run, [a for a in argv if a != "--sft"])
 
 
 if __name__ == "__main__":

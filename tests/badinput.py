@@ -51,7 +51,7 @@ from PIL import Image
 from pipelines.synthetic import _NOT_IMAGE_HTML, _bomb_png, _draw, closed_port_url
 
 KEPT = ("kept", None)
-D, F = "download", "filter"  # steps that reject rows
+D, C, F = "download", "captions", "filter"  # steps that reject rows
 TINY = 2 * 1024 * 1024  # max_response_bytes used with this corpus (the tiff is ~700 KB)
 
 
@@ -155,10 +155,17 @@ def _png16(arr: np.ndarray) -> bytes:
     raw = b"".join(b"\x00" + arr[y].astype(">u2").tobytes() for y in range(h))
 
     def chunk(kind: bytes, body: bytes) -> bytes:
-        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body) & 0xFFFFFFFF)
+        return (
+            struct.pack(">I", len(body))
+            + kind
+            + body
+            + struct.pack(">I", zlib.crc32(kind + body) & 0xFFFFFFFF)
+        )
 
     ihdr = struct.pack(">IIBBBBB", w, h, 16, colour, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b"")
+    return (
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b"")
+    )
 
 
 def _frames(seed: int) -> list[Image.Image]:
@@ -182,11 +189,25 @@ def image_payloads() -> dict[str, tuple[bytes, str, set, str | None, Callable | 
     jpeg = encode(picture(1, 640, 480), "JPEG", quality=90)
     png = encode(picture(2, 320, 240), "PNG")
     out["corrupt_random_bytes"] = (rng.bytes(5000), "image/jpeg", dec, "not a decodable image", None, "")
-    out["corrupt_after_jpeg_marker"] = (b"\xff\xd8\xff\xe0" + rng.bytes(5000), "image/jpeg", dec, None, None, "")
+    out["corrupt_after_jpeg_marker"] = (
+        b"\xff\xd8\xff\xe0" + rng.bytes(5000),
+        "image/jpeg",
+        dec,
+        None,
+        None,
+        "",
+    )
     out["truncated_jpeg"] = (jpeg[: len(jpeg) // 2], "image/jpeg", dec, None, None, "half of a valid JPEG")
     out["truncated_png"] = (png[: len(png) * 6 // 10], "image/png", dec, None, None, "60 % of a valid PNG")
     out["zero_byte"] = (b"", "image/jpeg", dec, "empty", None, "")
-    out["html_served_as_jpeg"] = (_NOT_IMAGE_HTML.encode(), "image/jpeg", dec, "not a decodable image", None, "")
+    out["html_served_as_jpeg"] = (
+        _NOT_IMAGE_HTML.encode(),
+        "image/jpeg",
+        dec,
+        "not a decodable image",
+        None,
+        "",
+    )
     out["json_served_as_png"] = (json.dumps({"error": "gone"}).encode(), "image/png", dec, None, None, "")
     # Formats Pillow could open but the decode guard never hands to a decoder: EPS (Pillow renders it
     # with Ghostscript) and exotic rasters (TGA here); refused from the first bytes, no decoder runs.
@@ -262,7 +283,14 @@ def format_payloads() -> dict[str, tuple[bytes, str, set, str | None, Callable |
         out[kind] = (encode(pic, "JPEG", quality=95, exif=exif.tobytes()), "image/jpeg", {KEPT}, None,
                      looks_like(pic.transpose(op)), f"orientation {tag}: stored upright")  # fmt: skip
     grey = picture(next(seed)).convert("L")
-    out["greyscale_jpeg"] = (encode(grey, "JPEG", quality=95), "image/jpeg", {KEPT}, None, looks_like(grey), "")
+    out["greyscale_jpeg"] = (
+        encode(grey, "JPEG", quality=95),
+        "image/jpeg",
+        {KEPT},
+        None,
+        looks_like(grey),
+        "",
+    )
     prog = picture(next(seed))
     out["progressive_jpeg"] = (encode(prog, "JPEG", quality=95, progressive=True), "image/jpeg", {KEPT}, None,
                                looks_like(prog), "")  # fmt: skip
@@ -270,7 +298,14 @@ def format_payloads() -> dict[str, tuple[bytes, str, set, str | None, Callable |
     out["bmp"] = (encode(bmp, "BMP"), "image/bmp", {KEPT}, None, looks_like(bmp), "")
     # Degenerate geometry: decoded fine, dropped by the size and aspect-ratio rules.
     small = {(F, "too_small"), (F, "aspect_ratio"), (D, "decode_error")}
-    out["one_by_one"] = (encode(Image.new("RGB", (1, 1), (9, 9, 9)), "PNG"), "image/png", small, None, None, "")
+    out["one_by_one"] = (
+        encode(Image.new("RGB", (1, 1), (9, 9, 9)), "PNG"),
+        "image/png",
+        small,
+        None,
+        None,
+        "",
+    )
     line = np.random.default_rng(5).integers(0, 255, (1, 100000, 3), np.uint8)
     out["wide_100000x1"] = (encode(Image.fromarray(line), "PNG"), "image/png", small, None, None, "")
     out["tall_1x100000"] = (encode(Image.fromarray(line.reshape(100000, 1, 3)), "PNG"), "image/png", small,
@@ -283,14 +318,18 @@ def format_payloads() -> dict[str, tuple[bytes, str, set, str | None, Callable |
 
 def caption_cases() -> list[tuple[str, Any, set, Callable | None, str]]:
     """(kind, caption, expected outcomes, kept check, note); each goes with its own valid picture."""
-    empty = {(F, "empty_caption")}
+    empty = {(C, "empty_caption")}
 
     def clean(fates: list[Fate]) -> str | None:
         for f in fates:
             if f.row is None:
                 continue
             c = f.row["caption"]
-            if not isinstance(c, str) or "\ufffd" in c or any(ord(ch) < 32 or 0x7F <= ord(ch) < 0xA0 for ch in c):
+            if (
+                not isinstance(c, str)
+                or "\ufffd" in c
+                or any(ord(ch) < 32 or 0x7F <= ord(ch) < 0xA0 for ch in c)
+            ):
                 return f"kept caption still has control or replacement characters: {c[:80]!r}"
             if "\u202e" in c or "\ufeff" in c or "\u200b" in c:
                 return f"kept caption still has invisible format characters: {c[:80]!r}"
@@ -300,7 +339,7 @@ def caption_cases() -> list[tuple[str, Any, set, Callable | None, str]]:
         bad = [len(f.row["caption"]) for f in fates if f.row is not None and len(f.row["caption"]) > 1000]
         return f"kept caption of {bad[0]} chars > captions.max_chars" if bad else None
 
-    long_text = ("A quiet wooden house stands near the river under a grey sky while children play. " * 13000)
+    long_text = "A quiet wooden house stands near the river under a grey sky while children play. " * 13000
     return [
         ("caption_invalid_utf8", b"A red bicycle parked outside the caf\xe9 on the corner \xff\xfe today", {KEPT},
          clean, "invalid bytes replaced, then removed by the captions step"),
@@ -577,7 +616,9 @@ def bad_cases(server: HostileServer) -> list[BadCase]:
     for group, payloads in (("payload", image_payloads()), ("image", format_payloads())):
         for kind, (data, ctype, expect, detail, check, note) in payloads.items():
             url = server.add(kind, data, ctype)
-            cases.append(BadCase(kind, group, [{"url": url, "caption": next(cap)}], expect, detail, check, note))
+            cases.append(
+                BadCase(kind, group, [{"url": url, "caption": next(cap)}], expect, detail, check, note)
+            )
 
     for i, (kind, caption, expect, check, note) in enumerate(caption_cases()):
         url = server.add(kind, encode(picture(2000 + i), "JPEG", quality=92))
@@ -657,7 +698,9 @@ def url_rows(cases: list[BadCase]) -> list[dict[str, Any]]:
 def write_url_list(cases: list[BadCase], path: Path) -> int:
     """Parquet URL list; captions as *binary* so invalid UTF-8 survives to the download step."""
     rows = url_rows(cases)
-    caps = [c.encode("utf-8", "surrogatepass") if isinstance(c, str) else c for c in (r["caption"] for r in rows)]
+    caps = [
+        c.encode("utf-8", "surrogatepass") if isinstance(c, str) else c for c in (r["caption"] for r in rows)
+    ]
     table = pa.table({
         "url": pa.array([r["url"] for r in rows], pa.string()),
         "caption": pa.array(caps, pa.binary()),
@@ -681,20 +724,46 @@ def file_cases(tmp: Path) -> list[tuple[str, Path, str]]:
         p.write_bytes(data if isinstance(data, bytes) else data.encode())
         return p
 
-    out.append(("url_list_without_url_column", put("nourl.csv", "link,caption\nhttp://127.0.0.1/a.jpg,a cat\n"),
-                "no 'url' column"))
-    out.append(("url_list_without_caption_column", put("nocap.jsonl", '{"url": "http://127.0.0.1/a.jpg"}\n'),
-                "no 'caption' column"))
-    out.append(("url_list_with_key_column", put("key.tsv", "url\tcaption\tkey\nhttp://127.0.0.1/a.jpg\tc\t7\n"),
-                "'key'"))
+    out.append(
+        (
+            "url_list_without_url_column",
+            put("nourl.csv", "link,caption\nhttp://127.0.0.1/a.jpg,a cat\n"),
+            "no 'url' column",
+        )
+    )
+    out.append(
+        (
+            "url_list_without_caption_column",
+            put("nocap.jsonl", '{"url": "http://127.0.0.1/a.jpg"}\n'),
+            "no 'caption' column",
+        )
+    )
+    out.append(
+        (
+            "url_list_with_key_column",
+            put("key.tsv", "url\tcaption\tkey\nhttp://127.0.0.1/a.jpg\tc\t7\n"),
+            "'key'",
+        )
+    )
     nested = tmp / "nested.parquet"
-    pq.write_table(pa.table({"url": ["http://127.0.0.1/a.jpg"], "caption": ["c"], "tags": [["a", "b"]]}), nested)
+    pq.write_table(
+        pa.table({"url": ["http://127.0.0.1/a.jpg"], "caption": ["c"], "tags": [["a", "b"]]}), nested
+    )
     out.append(("url_list_with_nested_column", nested, "column 'tags'"))
     out.append(("url_list_empty_file", put("empty.csv", b""), "cannot read as csv"))
-    out.append(("url_list_not_parquet", put("junk.parquet", b"PAR1 this is not parquet"), "cannot read as parquet"))
-    out.append(("url_list_unknown_extension", put("urls.txt", "http://127.0.0.1/a.jpg\n"), "unknown URL-list format"))
-    out.append(("url_list_invalid_json", put("bad.jsonl", '{"url": "http://127.0.0.1/a.jpg", "caption": \n'),
-                "cannot read as jsonl"))
+    out.append(
+        ("url_list_not_parquet", put("junk.parquet", b"PAR1 this is not parquet"), "cannot read as parquet")
+    )
+    out.append(
+        ("url_list_unknown_extension", put("urls.txt", "http://127.0.0.1/a.jpg\n"), "unknown URL-list format")
+    )
+    out.append(
+        (
+            "url_list_invalid_json",
+            put("bad.jsonl", '{"url": "http://127.0.0.1/a.jpg", "caption": \n'),
+            "cannot read as jsonl",
+        )
+    )
     return out  # fmt: skip
 
 
@@ -715,7 +784,9 @@ def _local_addresses() -> set[str]:
         import psutil
 
         for addrs in psutil.net_if_addrs().values():
-            out.update(a.address.split("%")[0] for a in addrs if a.family in (socket.AF_INET, socket.AF_INET6))
+            out.update(
+                a.address.split("%")[0] for a in addrs if a.family in (socket.AF_INET, socket.AF_INET6)
+            )
     except Exception:
         pass
     out.discard("::1")

@@ -177,7 +177,8 @@ def test_clean_table_accounts_for_every_row():
     assert kept.column("image").to_pylist() == [table.column("image")[i].as_py() for i in (0, 1, 7)]
     assert set(rejected.column("reason").to_pylist()) == {"empty_caption"}
     assert rejected.column("caption_raw").to_pylist() == CAPTIONS[2:7]
-    assert rejected.column("detail").to_pylist() == ["", "caption is null", "<p></p>", "   ",
+    assert rejected.column("detail").to_pylist() == ["caption is blank (0 characters)", "caption is null", "<p></p>",
+                                                     "caption is blank (3 characters)",
                                                      "Stock Photo - Image 12345"]  # fmt: skip
     assert "image" not in rejected.column_names
 
@@ -243,8 +244,8 @@ def test_run_on_local_ray(tmp_path, ray_local):
 
     cfg = PrepareConfig(output_dir=str(tmp_path))
     cfg.captions.num_actors = 2
-    _write_input(tmp_path / "filter", "part-00000", CAPTIONS)
-    _write_input(tmp_path / "filter", "part-00001", ["a dog", None, "a cat | Shutterstock"])
+    _write_input(tmp_path / "download", "part-00000", CAPTIONS)
+    _write_input(tmp_path / "download", "part-00001", ["a dog", None, "a cat | Shutterstock"])
     manifest = captions.run(cfg)
     counts = manifest["counts"]
     assert counts == {"shards": 2, "rows_in": 11, "kept": 5, "rejected": {"empty_caption": 6},
@@ -252,11 +253,12 @@ def test_run_on_local_ray(tmp_path, ray_local):
     assert manifest["config"]["captions"]["max_chars"] == CFG.max_chars
     kept = pq.read_table(tmp_path / "captions" / "part-00001.parquet")
     assert kept.column("caption").to_pylist() == ["a dog", "a cat"]
+    assert kept.column_names == ["key", "caption", "caption_raw"]  # only what the step adds: no image bytes
 
 
-def test_run_without_filter_output_fails_clearly(tmp_path):
+def test_run_without_download_output_fails_clearly(tmp_path):
     from pipelines import captions
     from pipelines.config import PrepareConfig
 
-    with pytest.raises(FileNotFoundError, match="filter"):
+    with pytest.raises(FileNotFoundError, match="download"):
         captions.run(PrepareConfig(output_dir=str(tmp_path)))

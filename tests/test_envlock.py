@@ -77,7 +77,9 @@ def test_a_drifted_environment_fails_the_check(tmp_path):
             check=True, capture_output=True, timeout=300,
         )  # fmt: skip
     lock = tmp_path / "requirements.lock"
-    lock.write_text(envlock.LOCK.read_text() + "zzz-never-installed==1.0 \\\n    --hash=sha256:" + "0" * 64 + "\n")
+    lock.write_text(
+        envlock.LOCK.read_text() + "zzz-never-installed==1.0 \\\n    --hash=sha256:" + "0" * 64 + "\n"
+    )
 
     env = {"PYTHONPATH": str(target), "PATH": "/usr/bin:/bin"}
     done = run_check("--lock", str(lock), env=env)

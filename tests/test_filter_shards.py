@@ -6,12 +6,15 @@ import io
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
+from pipelines import common
 from pipelines import filter as filt
+from pipelines.captions import clean_caption
 from pipelines.config import PRESETS, CaptionsConfig, FilterConfig, apply_preset
-from pipelines.shards import plan
+from pipelines.teacher import plan
 
 
 def jpeg(w: int, h: int, seed: int = 0, quality: int = 90) -> bytes:
@@ -25,7 +28,7 @@ def jpeg(w: int, h: int, seed: int = 0, quality: int = 90) -> bytes:
 
 @pytest.fixture(scope="module")
 def rules():
-    return filt.RowRules(apply_preset(FilterConfig(preset="datacomp-basic")), CaptionsConfig())
+    return filt.RowRules(apply_preset(FilterConfig(preset="datacomp-basic")))
 
 
 def test_datacomp_basic_preset_values():
@@ -52,14 +55,14 @@ def test_datacomp_basic_preset_values():
     ],
 )
 def test_row_rules(rules, image, caption, reason):
-    out = rules.check(image, caption)
+    out = rules.check(image, clean_caption(caption, CaptionsConfig()))  # the filter sees cleaned captions
     assert out["reason"] == reason, out
     if reason is None:
         assert out["language"] == "en" and len(out["phash"]) == 16
 
 
 def test_language_keeps_all_when_unset():
-    r = filt.RowRules(FilterConfig(), CaptionsConfig())
+    r = filt.RowRules(FilterConfig())
     assert r.check(jpeg(400, 300), "Ein kleiner brauner Hund rennt über die grüne Wiese")["reason"] is None
 
 
@@ -74,15 +77,18 @@ def test_phash_is_robust_to_reencoding_and_resizing_but_separates_images():
 
 
 def test_split_shard_accounts_for_every_row(tmp_path):
-    table = pa.table({"key": ["a", "b", "c", "d"], "caption": ["x"] * 4, "image": [b"i"] * 4})
     index = pa.table({"key": ["a", "b", "c", "d"], "shard": ["p"] * 4, "sha256": ["1", "2", "3", "4"],
                       "phash": ["0" * 16] * 4, "language": ["en", "en", None, "en"],
                       "reason": [None, None, "too_small", None], "detail": [None, None, "10x10", None]},
                      schema=filt.INDEX_SCHEMA)  # fmt: skip
     dups = pa.table({"key": ["d"], "shard": ["p"], "reason": ["duplicate"], "detail": ["same bytes as a"]})
-    stats = filt.split_shard(tmp_path, "part-00000", table, index, dups)
+    stats = filt.split_shard(tmp_path, "part-00000", index, dups, rows_in=4)
     assert stats["rows_in"] == 4 and stats["kept"] == 2
     assert stats["rejected"] == {"duplicate": 1, "too_small": 1}
+    kept = pq.read_table(tmp_path / "part-00000.parquet")
+    assert kept.column_names == ["key", "language", "phash"]  # decisions and new columns, no image bytes
+    with pytest.raises(common.AccountingError):
+        filt.split_shard(tmp_path, "part-00001", index, dups, rows_in=5)
 
 
 @pytest.mark.parametrize(("counts", "rows"), [([("a", 5), ("b", 0), ("c", 7)], 4), ([("a", 8)], 4), ([], 3)])

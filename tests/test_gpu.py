@@ -12,8 +12,9 @@ from _tiny_models import png_bytes, tiny_config, tiny_samples
 from breen.attention import default_attn_implementation
 from breen.data import collate, pack
 from breen.model import BreenForCausalLM
+from breen.shard_format import tensor_values
 from pipelines.config import TeacherConfig
-from pipelines.teacher import build_teacher, teacher_table, tensor_numpy
+from pipelines.teacher import build_teacher, teacher_table
 from tests.conftest import CONFIGS
 
 pytestmark = pytest.mark.gpu
@@ -37,10 +38,15 @@ def test_teacher_gpu_path_matches_cpu():
     cfg = TeacherConfig(model_config=str(CONFIGS / "tiny-vit.json"), random_init_seed=0)
     cpu_model, _, _ = build_teacher(cfg, "cpu")
     gpu_model, _, _ = build_teacher(cfg, "cuda")
-    table = pa.table({"key": [str(i) for i in range(6)], "image": [png_bytes(50 + 9 * i, 70, i) for i in range(6)]})
+    table = pa.table(
+        {"key": [str(i) for i in range(6)], "image": [png_bytes(50 + 9 * i, 70, i) for i in range(6)]}
+    )
     dim = cpu_model.visual.transformer.width
     ref, _ = teacher_table(table, cpu_model, dim, 4, "cpu")
     got, _ = teacher_table(table, gpu_model, dim, 4, "cuda", decode_threads=3, prefetch=2)
-    a, b = tensor_numpy(got.column("fine")).astype("float32"), tensor_numpy(ref.column("fine")).astype("float32")
+    a, b = (
+        tensor_values(got.column("fine"))[0].astype("float32"),
+        tensor_values(ref.column("fine"))[0].astype("float32"),
+    )
     scale = abs(b).mean()
     assert abs(a - b).mean() < 0.05 * scale  # bf16 autocast vs fp32

@@ -74,10 +74,13 @@ def test_ingest_bound_is_reported():
     assert p.bound == "CPU ingest" and any("WARNING" in n for n in p.notes)
 
 
-def test_storage_counts_copies_features_and_checkpoints():
+def test_storage_counts_images_once_features_and_checkpoints():
     a = Assumptions(pairs=1e6, image_kb=100)
     p = {x.name: x for x in plan.plan(a)}
-    assert p["teacher"].storage_bytes == pytest.approx(2 * 1e6 * (100e3 + 100 * 1024 * 2))
+    # images are stored once, by download; the training shards hold features + text + the image reference
+    assert p["download"].storage_bytes == pytest.approx(a.downloaded * 100e3)
+    assert p["teacher"].storage_bytes == pytest.approx(1e6 * (100 * 1024 * 2 + plan.ROW_METADATA_BYTES))
+    assert p["filter"].storage_bytes < 0.01 * p["download"].storage_bytes
     counts = BreenConfig.preset("qwen2.5-7b").param_counts()
     full = 2 * counts["stored"] + 12 * (counts["stored"] - counts["align_head"])
     assert plan.checkpoint_bytes(a, "stage2") == pytest.approx(full)

@@ -21,12 +21,13 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from pipelines import common, prepare
+from breen import shard_format as sf
+from pipelines import common, graph, prepare
 from pipelines.config import load_config
-from pipelines.teacher import tensor_numpy
 from tests.conftest import CONFIGS
 
 pytestmark = pytest.mark.slow
+PRETRAIN = [s.name for s in graph.chain("pretrain")]  # steps that reject rows
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +46,7 @@ def all_rows(dataset: Path, columns: list[str], rejected: bool = False) -> list[
 
 def test_every_shard_and_the_total_balance(prepared):
     cfg, acc, _, _ = prepared
-    for step in common.DATASETS:
+    for step in graph.DATASETS:
         stats = common.read_stats(cfg.out / step)
         assert stats, step
         for s in stats:
@@ -58,21 +59,19 @@ def test_every_shard_and_the_total_balance(prepared):
     assert p["input_rows"] == urls.num_rows == p["kept"] + p["rejected"]
     # Keys: no row is lost or duplicated between the URL list and kept + rejected of all steps.
     keys = Counter()
-    for step in ["download", "filter", "captions", "teacher"]:
+    for step in PRETRAIN:
         keys.update(r["key"] for r in all_rows(cfg.out / step, ["key"], rejected=True))
-    keys.update(r["key"] for r in all_rows(cfg.out / "teacher", ["key"]))
+    keys.update(r["key"] for r in all_rows(cfg.out / "shards", ["key"]))
     assert len(keys) == urls.num_rows and set(keys.values()) == {1}
 
 
 def test_bad_inputs_are_rejected_with_the_right_reason(prepared):
     cfg, _, _, _ = prepared
     fate: dict[str, tuple[str, str]] = {}
-    for step in ["download", "filter", "captions", "teacher"]:
-        for r in all_rows(cfg.out / step, ["key", "reason", "expect", "dup_group"], rejected=True):
+    for step in PRETRAIN:
+        for r in all_rows(cfg.out / step, ["key", "reason"], rejected=True):
             fate[r["key"]] = (step, r["reason"])
-    kept = {
-        r["key"]: r for r in all_rows(cfg.out / "teacher", ["key", "expect", "dup_group", "width", "height"])
-    }
+    kept = {r["key"]: r for r in all_rows(cfg.out / "shards", ["key", "width", "height"])}
     by_tag: dict[str, list] = defaultdict(list)
     groups: dict[str, list] = defaultdict(list)
     src = [r for f in sorted((cfg.out / "download" / "_input").glob("*.arrow"))
@@ -93,10 +92,10 @@ def test_bad_inputs_are_rejected_with_the_right_reason(prepared):
         "tiny": {("filter", "too_small")},
         "wide": {("filter", "too_small"), ("filter", "aspect_ratio")},
         "non_english": {("filter", "language"), ("filter", "caption_too_short")},  # zh: no spaces, 1 "word"
-        "empty_caption": {("filter", "empty_caption")},
-        "whitespace_caption": {("filter", "empty_caption")},
+        "empty_caption": {("captions", "empty_caption")},
+        "whitespace_caption": {("captions", "empty_caption")},
         "one_word_caption": {("filter", "caption_too_short")},
-        "boilerplate_caption": {("filter", "empty_caption"), ("filter", "caption_too_short")},
+        "boilerplate_caption": {("captions", "empty_caption"), ("filter", "caption_too_short")},
         "large": {("kept", None)},
         "small": {("kept", None)},
         "html_caption": {("kept", None)},
@@ -159,8 +158,9 @@ def _reference_features(weights: Path, image: bytes) -> tuple[np.ndarray, np.nda
 
 def test_teacher_features_equal_a_direct_open_clip_forward(prepared):
     cfg, _, _, weights = prepared
-    f = sorted((cfg.out / "teacher").glob("part-*.parquet"))[0]
+    f = sorted((cfg.out / "shards").glob("part-*.parquet"))[0]
     table = pq.read_table(f)  # plain pyarrow, no Ray
+    images = sf.resolve_images(table, sf.images_dir(f))  # the bytes the download step stored
     meta = table.schema.metadata
     assert meta[b"breen.teacher"] == b"tiny-vit"
     assert (
@@ -168,14 +168,18 @@ def test_teacher_features_equal_a_direct_open_clip_forward(prepared):
         == "sha256:" + hashlib.sha256(weights.read_bytes()).hexdigest()
     )
     assert meta[b"breen.preprocess"].startswith(b"letterbox-336")
-    fine, coarse = tensor_numpy(table.column("fine")), tensor_numpy(table.column("coarse"))
+    (fine, valid), (coarse, _) = (
+        sf.tensor_values(table.column("fine")),
+        sf.tensor_values(table.column("coarse")),
+    )
+    assert valid.all()
     assert fine.dtype == np.float16 and fine.shape[1:] == (64, 64) and coarse.shape[1:] == (36, 64)
     for i in [0, table.num_rows // 2, table.num_rows - 1]:
-        ref_f, ref_c = _reference_features(weights, table.column("image")[i].as_py())
+        ref_f, ref_c = _reference_features(weights, images[i])
         for got, ref in [(fine[i], ref_f), (coarse[i], ref_c)]:
             # float16 rounding: relative 2^-11, plus fp32 noise from a different code path.
             np.testing.assert_allclose(got.astype(np.float32), ref, rtol=2**-10, atol=2e-3)
-    manifest = json.loads((cfg.out / "teacher" / "manifest.json").read_text())
+    manifest = json.loads((cfg.out / "shards" / "manifest.json").read_text())
     assert manifest["teacher"]["weights"] == meta[b"breen.teacher_weights"].decode()
 
 
@@ -184,17 +188,18 @@ def test_training_shards_layout(prepared):
     files = sorted((cfg.out / "shards").glob("part-*.parquet"))
     sizes = [pq.read_metadata(f).num_rows for f in files]
     assert all(s == 16 for s in sizes[:-1]) and 0 < sizes[-1] <= 16
-    assert sum(sizes) == acc["steps"]["teacher"]["kept"]
+    assert sum(sizes) == acc["steps"]["shards"]["kept"]
     keys = [k for f in files for k in pq.read_table(f, columns=["key"]).column("key").to_pylist()]
     assert keys == sorted(keys) and len(set(keys)) == len(keys)
     t = pq.read_table(files[0])
-    assert {"key", "image", "caption", "fine", "coarse"} <= set(t.column_names)
+    assert {"key", "image_shard", "image_row", "caption", "fine", "coarse"} <= set(t.column_names)
+    assert "image" not in t.column_names  # referenced in download/, never copied
     assert t.schema.metadata[b"breen.teacher"] == b"tiny-vit"
     sft = pq.read_table(sorted((cfg.out / "sft_shards").glob("part-*.parquet"))[0])
     assert "conversations" in sft.column_names
     convs = [json.loads(c) for c in sft.column("conversations").to_pylist()]
     assert all(c[0]["from"] == "human" for c in convs)
-    text_only = [i for i, img in enumerate(sft.column("image").to_pylist()) if img is None]
+    text_only = [i for i, row in enumerate(sft.column("image_row").to_pylist()) if row is None]
     assert text_only, "the SFT corpus has text-only records"
     assert all(sft.column("fine")[i].as_py() is None for i in text_only)
 
@@ -224,6 +229,6 @@ def test_rerun_skips_every_shard_and_changes_no_byte(prepared, capsys):
     shard_files = [k for k in before if k.endswith(".parquet") and "synthetic" not in k]
     rewritten = [k for k in shard_files if before[k][1] != after[k][1]]
     assert not rewritten, rewritten  # skipped, not recomputed
-    for step in ["download", "filter", "captions", "teacher", "shards"]:
+    for step in graph.DATASETS:
         assert f"[{step}]" in out
-    assert "shards to do" not in out and "phase 1/3" not in out
+    assert "teacher on" not in out and "phase 1/3" not in out

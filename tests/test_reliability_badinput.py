@@ -2,7 +2,7 @@
 and nothing but 127.0.0.1 is ever contacted.
 
 The bad-input corpus (`tests/badinput.py`: 100+ kinds) runs through the real download (img2dataset
-Ray tasks, one per input shard), filter, captions, teacher and shards steps on the session's local Ray, served by a
+Ray tasks, one per input shard), captions, filter and teacher (into the training shards) steps on the session's local Ray, served by a
 hostile HTTP server on 127.0.0.1 with `download.allow_private: ["127.0.0.1"]`. The download tasks run
 under a tripwire: a connection to any non-public address or a lookup of the corpus' host names
 raises and is logged, so a guard regression cannot reach the network and is reported.
@@ -26,7 +26,8 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from pipelines import captions, common, download, shards, teacher
+from breen import shard_format
+from pipelines import common, download, graph, teacher
 from pipelines import filter as filter_step
 from pipelines.config import ConfigError, load_config, to_dict
 from pipelines.guard import URL_REFUSED_MARK, AddressPolicy, Limits, RefusedURL, install_guarded_opener
@@ -46,7 +47,7 @@ from tests.badinput import (
 )
 
 pytestmark = pytest.mark.reliability
-STEPS = ("download", "filter", "captions", "teacher")  # steps that reject rows
+STEPS = tuple(s.name for s in graph.chain("pretrain"))  # steps that reject rows
 CONFIGS = Path(__file__).resolve().parent.parent / "pipelines" / "configs"
 
 
@@ -86,7 +87,7 @@ def rows_of(dataset: Path, columns: list[str], rejected: bool) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def corpus_run(tmp_path_factory, ray_local):
-    """The bad corpus through download (under the tripwire), filter and captions."""
+    """The bad corpus through download (under the tripwire), captions, filter and the teacher."""
     ray = ray_local
     root = tmp_path_factory.mktemp("badinput")
     trip_log = root / "tripwire.log"
@@ -100,8 +101,9 @@ def corpus_run(tmp_path_factory, ray_local):
         cfg = load_config(corpus_config(root, urls))
         out = cfg.out / "download"
         names = download.make_input_shards(cfg.input.urls, cfg.download.rows_per_shard, out / "_input")
-        task = ray.remote(download_shard_under_tripwire).options(num_cpus=cfg.download.cpus_per_shard,
-                                                                 max_retries=0)
+        task = ray.remote(download_shard_under_tripwire).options(
+            num_cpus=cfg.download.cpus_per_shard, max_retries=0
+        )
         refs = {task.remote(str(trip_log), n, str(out / "_input"), str(out), to_dict(cfg.download),
                             cfg.filter.max_pixels): n for n in names}  # fmt: skip
         for ref, name in refs.items():
@@ -112,22 +114,11 @@ def corpus_run(tmp_path_factory, ray_local):
         common.finish_step(out, "download", [{"path": str(urls), "sha256": common.sha256_file(urls)}],
                            {"download": to_dict(cfg.download)})  # fmt: skip
         download_s = time.monotonic() - t0
-        # ~40 rows: the filter's global dedup shuffles (3 hash shuffles) into 4 partitions held by one
-        # aggregator actor each, not Ray Data's default 200 partitions over one actor per CPU (same
-        # results; on 2 shared cores starting those actors dominates the filter step).
-        from ray.data import DataContext
-
-        data_ctx = DataContext.get_current()
-        saved = (data_ctx.default_hash_shuffle_parallelism, data_ctx.max_hash_shuffle_aggregators)
-        data_ctx.default_hash_shuffle_parallelism, data_ctx.max_hash_shuffle_aggregators = 4, 1
-        try:
-            for step in (filter_step.run, captions.run, teacher.run, shards.run):
-                try:
-                    step(cfg)
-                except Exception as e:
-                    crashes.append(f"{step.__module__}: {common.error_detail(e)}")
-        finally:
-            data_ctx.default_hash_shuffle_parallelism, data_ctx.max_hash_shuffle_aggregators = saved
+        for step in graph.chain("pretrain")[1:]:  # captions, filter, teacher into shards
+            try:
+                graph.runner(step)(cfg)
+            except Exception as e:
+                crashes.append(f"{step.entry}: {common.error_detail(e)}")
         requests = server.requests
     return {"cases": cases, "cfg": cfg, "rows": n_rows, "crashes": crashes, "requests": requests,
             "trip_log": trip_log.read_text(), "download_s": download_s, "seconds": time.monotonic() - t0}  # fmt: skip
@@ -143,9 +134,12 @@ def fates_by_case(cfg) -> tuple[dict[str, list[Fate]], Counter]:
         for r in rows_of(cfg.out / step, ["key", "reason", "detail"], rejected=True):
             seen[r["key"]] += 1
             fate[r["key"]] = Fate(step, r["reason"], r["detail"])
-    for r in rows_of(cfg.out / "teacher", ["key", "caption", "image", "width", "height"], rejected=False):
-        seen[r["key"]] += 1
-        fate[r["key"]] = Fate("kept", None, None, r)
+    for f in sorted((cfg.out / "shards").glob("part-*.parquet")):
+        table = pq.read_table(f, columns=["key", "caption", "width", "height", "image_shard", "image_row"])
+        images = shard_format.resolve_images(table, shard_format.images_dir(f))  # stored by download
+        for r, image in zip(table.to_pylist(), images, strict=True):
+            seen[r["key"]] += 1
+            fate[r["key"]] = Fate("kept", None, None, {**r, "image": image})
     by_case: dict[str, list[Fate]] = defaultdict(list)
     for r in source:
         by_case[r["case"]].append(fate.get(r["key"], Fate("lost", None)))
@@ -174,7 +168,7 @@ def test_bad_corpus_every_row_accounted_for_and_rejected_with_a_reason(corpus_ru
         groups[c.group]["kept_correctly"] += ok and not rejected
         groups[c.group]["wrong"] += not ok
     total = sum((g for g in groups.values()), Counter())
-    lines = ["", "== reliability: bad inputs (download -> filter -> captions -> teacher -> shards) ==",
+    lines = ["", "== reliability: bad inputs (download -> captions -> filter -> teacher into shards) ==",
              f"{'group':<10} {'kinds':>6} {'rows':>5} {'rejected+reason':>16} {'kept correctly':>15} {'wrong':>6}"]  # fmt: skip
     for name, g in [*sorted(groups.items()), ("TOTAL", total)]:
         lines.append(f"{name:<10} {g['kinds']:>6} {g['rows']:>5} {g['rejected_with_reason']:>16} "
@@ -430,8 +424,8 @@ def test_a_pickled_teacher_checkpoint_is_refused_without_running_code(tmp_path, 
     cfg = _cfg(tmp_path, "")
     cfg.write_text(cfg.read_text().replace("random_init_seed: 0",
                                            f"weights: {evil}, model_config: {CONFIGS / 'tiny-vit.json'}"))  # fmt: skip
-    (tmp_path / "out" / "captions").mkdir(parents=True)
-    (tmp_path / "out" / "captions" / "part-00000.done").touch()  # upstream present: reach the model load
+    (tmp_path / "out" / "filter").mkdir(parents=True)
+    (tmp_path / "out" / "filter" / "part-00000.done").touch()  # upstream present: reach the model load
 
     assert teacher.main(["--config", str(cfg)]) == 2
     err = capsys.readouterr().err

@@ -39,7 +39,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from pipelines import common
+from pipelines import common, synthetic
 from tests.badinput import HostileServer, encode, picture, wait_for
 from tests.conftest import free_port
 from tests.procs import alive, cmdline, process_tree
@@ -225,7 +225,9 @@ def dataset_rows(dataset: Path, drop: tuple[str, ...] = ()) -> tuple[list[dict],
     return sorted(kept, key=lambda r: r["key"]), sorted(rejected, key=lambda r: r["key"])
 
 
-def compare(name: str, clean: Path, faulted: Path, rows_in: int, note: str, drop: tuple[str, ...] = ()) -> None:
+def compare(
+    name: str, clean: Path, faulted: Path, rows_in: int, note: str, drop: tuple[str, ...] = ()
+) -> None:
     """Record and assert: same kept rows (every column), same rejected rows, none lost or duplicated."""
     ck, cr = dataset_rows(clean, drop)
     fk, fr = dataset_rows(faulted, drop)
@@ -233,7 +235,13 @@ def compare(name: str, clean: Path, faulted: Path, rows_in: int, note: str, drop
     duplicated = sum(n - 1 for n in seen.values() if n > 1)
     lost = rows_in - len(seen)
     identical = ck == fk and cr == fr
-    RESULTS[name] = {"rows": rows_in, "lost": lost, "duplicated": duplicated, "identical": identical, "note": note}
+    RESULTS[name] = {
+        "rows": rows_in,
+        "lost": lost,
+        "duplicated": duplicated,
+        "identical": identical,
+        "note": note,
+    }
     assert len(ck) + len(cr) == rows_in
     assert (lost, duplicated) == (0, 0), RESULTS[name]
     assert [r["key"] for r in fk] == [r["key"] for r in ck]
@@ -306,6 +314,7 @@ download: {{rows_per_shard: {ROWS_PER_SHARD}, threads_per_shard: 2, timeout_s: 5
             cpus_per_shard: 1, max_shard_retries: 3}}
 teacher: {{model_config: {CONFIGS / "tiny-vit.json"}, random_init_seed: 0, batch_size: 8, num_actors: 3,
            cpus_per_actor: 0.8}}  # 2 actors fit on the head: the third must live on the second node
+shards: {{rows_per_file: {T_ROWS}}}  # one training shard per teacher-input shard
 """)
     return cfg
 
@@ -359,13 +368,13 @@ T_SHARDS, T_ROWS = 12, 32  # teacher input: 3 actors take ~1.5 s per shard once 
 
 
 @pytest.fixture(scope="module")
-def captions_input(url_list):
-    """A captions-step output (T_SHARDS shards x T_ROWS images, 1 in 200 undecodable) for the teacher step."""
-    import pyarrow as pa
-
+def teacher_input(url_list):
+    """The datasets the teacher step reads (T_SHARDS shards x T_ROWS images, 1 in 200 undecodable): the
+    images in download/, the captions in captions/, the kept keys in filter/."""
     root, _ = url_list
-    src = root / "teacher-input" / "captions"
+    src = root / "teacher-input"
     rng = np.random.default_rng(0)
+    shards = []
     for s in range(T_SHARDS):
         rows = []
         for i in range(T_ROWS):
@@ -374,23 +383,24 @@ def captions_input(url_list):
                 img = b"\xff\xd8 broken"
             else:
                 arr = rng.integers(0, 255, (24, 32, 3), np.uint8)
-                img = encode(Image.fromarray(arr).resize((320, 240), Image.Resampling.BILINEAR), "JPEG", quality=85)
-            rows.append({"key": key, "caption": f"caption {key}", "image": img})
-        t = pa.Table.from_pylist(rows, pa.schema([("key", pa.string()), ("caption", pa.string()),
-                                                   ("image", pa.binary())]))  # fmt: skip
-        common.write_shard(src, common.shard_name(s), t, common.with_reason(t.slice(0, 0), []), t.num_rows)
+                img = encode(
+                    Image.fromarray(arr).resize((320, 240), Image.Resampling.BILINEAR), "JPEG", quality=85
+                )
+            rows.append((key, f"caption {key}", img))
+        shards.append(rows)
+    synthetic.write_teacher_inputs(src, shards)
     return src, T_SHARDS * T_ROWS
 
 
 def _teacher_dir(root: Path, name: str, src: Path) -> Path:
     out = root / name
-    shutil.copytree(src, out / "captions")
+    shutil.copytree(src, out)
     return out
 
 
-def test_node_lost_during_teacher(cluster, url_list, captions_input):
+def test_node_lost_during_teacher(cluster, url_list, teacher_input):
     root, urls = url_list
-    src, rows_in = captions_input
+    src, rows_in = teacher_input
     clean = _teacher_dir(root, "teacher-clean", src)
     if cluster.node2 is None:
         cluster.start_node2()
@@ -401,9 +411,9 @@ def test_node_lost_during_teacher(cluster, url_list, captions_input):
     if cluster.node2 is None:
         cluster.start_node2()
     step = Step(cluster, "teacher", cfg, root / "teacher-node-loss.log")
-    hit = wait_for(lambda: common.finished_shards(out / "teacher") and cluster.node2_running("TeacherWorker"),
+    hit = wait_for(lambda: common.finished_shards(out / "shards") and cluster.node2_running("TeacherWorker"),
                    180, every=0.02)  # fmt: skip
-    done_at_kill = len(common.finished_shards(out / "teacher"))
+    done_at_kill = len(common.finished_shards(out / "shards"))
     assert hit, f"the second node never hosted a teacher actor\n{step.output()}"
     killed = cluster.kill_node2()
     rc = step.wait()
@@ -414,10 +424,10 @@ def test_node_lost_during_teacher(cluster, url_list, captions_input):
     else:
         note += "; job completed"
     assert done_at_kill < T_SHARDS, "the kill came after the step had finished"
-    compare("node killed mid-teacher", clean / "teacher", out / "teacher", rows_in, note)
-    for name in common.finished_shards(out / "teacher"):  # same teacher identity in every file
-        a = pq.read_schema(clean / "teacher" / f"{name}.parquet").metadata
-        b = pq.read_schema(out / "teacher" / f"{name}.parquet").metadata
+    compare("node killed mid-teacher", clean / "shards", out / "shards", rows_in, note)
+    for name in common.finished_shards(out / "shards"):  # same teacher identity in every file
+        a = pq.read_schema(clean / "shards" / f"{name}.parquet").metadata
+        b = pq.read_schema(out / "shards" / f"{name}.parquet").metadata
         assert a == b
 
 
@@ -481,4 +491,3 @@ def test_fault_table_goals(cluster):
     assert RESULTS, "no fault test ran"
     for name, r in RESULTS.items():
         assert (r["lost"], r["duplicated"], r["identical"]) == (0, 0, True), (name, r)
-

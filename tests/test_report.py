@@ -42,7 +42,7 @@ def _tensor(a: np.ndarray, null_rows: tuple[int, ...] = ()) -> pa.ExtensionArray
 
 
 def build_output_dir(root: Path, n_shards: int = 2, rows: int = 30) -> dict[str, dict[str, int]]:
-    """download -> filter -> captions -> teacher, two shards each, written with common.write_shard."""
+    """download -> captions -> filter -> shards, two shards each, written with common.write_shard."""
     rng = np.random.default_rng(0)
     expect: dict[str, dict[str, int]] = {}
 
@@ -60,10 +60,17 @@ def build_output_dir(root: Path, n_shards: int = 2, rows: int = 30) -> dict[str,
         bad = common.with_reason(bad.select(["key", "url", "caption"]), "download_error", "HTTP 404")
         common.write_shard(root / "download", name, kept, bad, rows, {"seconds": 2.0})
         add("download", rows, kept.num_rows, bad.num_rows)
+        # captions: one caption is only markup
+        captions = kept.column("caption").to_pylist()
+        captions[0] = "<p></p>"
+        kept = kept.set_column(2, "caption", pa.array(captions))
+        ckept, crejected = clean_table(kept, CaptionsConfig())
+        common.write_shard(root / "captions", name, ckept, crejected, kept.num_rows, {"seconds": 0.5})
+        add("captions", kept.num_rows, ckept.num_rows, crejected.num_rows)
         # filter: 4 too small, 5 wrong language; languages (some undetected) on kept rows
-        n = kept.num_rows
+        n = ckept.num_rows
         langs = pa.array((["en", "en", "de", None, "fr"] * n)[:n], pa.string())
-        with_lang = kept.append_column("language", langs).append_column("phash", pa.array(["0" * 16] * n))
+        with_lang = ckept.append_column("language", langs).append_column("phash", pa.array(["0" * 16] * n))
         small = common.with_reason(with_lang.slice(0, 4).drop_columns(["image"]), "too_small", "64x40")
         lang = with_lang.slice(4, 5).drop_columns(["language", "image"])
         lang = lang.append_column("language", pa.array(["ru", "zh", "ru", None, "ja"]))
@@ -72,13 +79,7 @@ def build_output_dir(root: Path, n_shards: int = 2, rows: int = 30) -> dict[str,
         frejected = common.concat([small, lang])
         common.write_shard(root / "filter", name, fkept, frejected, n, {"seconds": 1.0})
         add("filter", n, fkept.num_rows, frejected.num_rows)
-        # captions: one caption is only markup
-        captions = fkept.column("caption").to_pylist()
-        captions[0] = "<p></p>"
-        fkept = fkept.set_column(2, "caption", pa.array(captions))
-        ckept, crejected = clean_table(fkept, CaptionsConfig())
-        common.write_shard(root / "captions", name, ckept, crejected, fkept.num_rows, {"seconds": 0.5})
-        add("captions", fkept.num_rows, ckept.num_rows, crejected.num_rows)
+        ckept = fkept
         # teacher: features for every kept row, one null row in the first shard
         m = ckept.num_rows
         fine = rng.normal(0, 1, (m, 64, D)).astype(np.float16)
@@ -88,8 +89,8 @@ def build_output_dir(root: Path, n_shards: int = 2, rows: int = 30) -> dict[str,
         )
         tkept = tkept.append_column("coarse", _tensor(coarse))
         empty = common.with_reason(ckept.select(["key"]).slice(0, 0), [], [])
-        common.write_shard(root / "teacher", name, tkept, empty, m, {"seconds": 4.0})
-        add("teacher", m, m, 0)
+        common.write_shard(root / "shards", name, tkept, empty, m, {"seconds": 4.0})
+        add("shards", m, m, 0)
     for step in expect:
         common.write_manifest(root / step, step, [], {step: {"example": 1}})
     return expect
@@ -112,8 +113,8 @@ def test_report_on_synthetic_run(tmp_path):
         assert 'class="ok">✓' in cells[5]
     assert "download_error: 6" in page and "too_small: 8" in page and "language: 10" in page
     assert "empty_caption: 2" in page
-    # steps that do not exist are named, not fatal
-    assert "steps not found" in page and "shards" in page
+    # every pre-training step is there (a missing one is named: test_missing_steps_and_columns_do_not_crash)
+    assert "steps not found" not in page
     # language table: kept languages and rejected ones
     assert "<td>ru</td>" in page and "<td>unknown</td>" in page
     # teacher: shapes and the null row were seen
@@ -138,17 +139,17 @@ def test_missing_steps_and_columns_do_not_crash(tmp_path):
     t = _images(10, 0, np.random.default_rng(1)).drop_columns(["original_width", "original_height"])
     empty = common.with_reason(t.select(["key"]).slice(0, 0), [], [])
     common.write_shard(tmp_path / "download", "part-00000", t, empty, 10)
-    (tmp_path / "teacher").mkdir()  # a step folder without finished shards
+    (tmp_path / "shards").mkdir()  # a step folder without finished shards
     page = report.write_report(tmp_path).read_text()
     assert (tmp_path / "report" / "image_size.png").is_file()
     assert (tmp_path / "report" / "aspect_ratio.png").is_file()
     assert not (tmp_path / "report" / "teacher_norms.png").exists()
-    assert "no captions step" in page and "no filter step" in page and "no teacher step" in page
-    assert "teacher (no finished shards)" in page
+    assert "no captions step" in page and "no filter step" in page and "no shards step" in page
+    assert "shards (no finished shards)" in page
     assert "no <code>seconds</code>" in page and "no rejected rows" in page
 
-    # a teacher step whose features are not there, captions without caption_raw
-    common.write_shard(tmp_path / "teacher", "part-00000", t.select(["key"]), empty, 10)
+    # a shards step whose features are not there, captions without caption_raw
+    common.write_shard(tmp_path / "shards", "part-00000", t.select(["key"]), empty, 10)
     common.write_shard(tmp_path / "captions", "part-00000", t.select(["key", "caption"]), empty, 10)
     page = report.write_report(tmp_path).read_text()
     assert "no fine/coarse columns" in page and "no caption/caption_raw columns" in page
@@ -164,7 +165,7 @@ def test_discover_steps(tmp_path):
     assert report.discover_steps(tmp_path) == ["captions", "sft_import", "sft_shards", "custom_step"]
     page = report.write_report(tmp_path).read_text()
     assert "<td>custom_step</td>" in page and "<td>sft_import</td>" in page
-    assert "download, filter, teacher, shards" in page
+    assert "download, filter, shards" in page  # the missing pre-training steps
 
 
 def test_empty_and_missing_directory(tmp_path, capsys):

@@ -41,7 +41,9 @@ def losses(run_dir: Path) -> dict[int, float]:
     out: dict[int, float] = {}
     for line in (run_dir / "metrics.jsonl").read_text().splitlines():
         rec = json.loads(line)
-        assert out.setdefault(rec["step"], rec["loss"]) == rec["loss"], f"step {rec['step']} redone differently"
+        assert out.setdefault(rec["step"], rec["loss"]) == rec["loss"], (
+            f"step {rec['step']} redone differently"
+        )
     return out
 
 
@@ -117,14 +119,18 @@ def test_stage1_changes_exactly_the_trainable_set(chained):
     init = Path(config["model"]["init_from"])
     model = BreenForCausalLM.from_pretrained(init, attn_implementation="sdpa")
     chosen = set(trainable_components(model.config, "stage1"))
-    trainable = {name for comp, params in model.component_params().items() if comp in chosen for name, _ in params}
+    trainable = {
+        name for comp, params in model.component_params().items() if comp in chosen for name, _ in params
+    }
     before, after = weights(init), weights(chained / "stage1" / "export")
     assert before.keys() == after.keys() and trainable and trainable < set(before)
     unchanged = sorted(k for k in trainable if torch.equal(before[k], after[k]))
     moved = sorted(k for k in set(before) - trainable if not torch.equal(before[k], after[k]))
     assert not unchanged, f"trainable parameters that did not change: {unchanged[:5]}"
     assert not moved, f"frozen parameters that changed: {moved[:5]}"
-    print(f"\nstage 1: {len(trainable)} trainable tensors changed, {len(before) - len(trainable)} frozen unchanged")
+    print(
+        f"\nstage 1: {len(trainable)} trainable tensors changed, {len(before) - len(trainable)} frozen unchanged"
+    )
 
 
 # ----------------------------------------------------------------------------- resume and failures
@@ -198,10 +204,14 @@ def test_killed_worker_restarts_from_the_latest_checkpoint(shards, uninterrupted
     back = [i for i in range(1, len(steps)) if steps[i] <= steps[i - 1]]
     assert back, f"no step ran twice: the run did not restart ({steps})"
     resumed_at = steps[back[0]] - 1
-    assert resumed_at >= registered[0] > 0, f"restarted from step {resumed_at}, not from a checkpoint ({steps})"
+    assert resumed_at >= registered[0] > 0, (
+        f"restarted from step {resumed_at}, not from a checkpoint ({steps})"
+    )
     assert losses(run) == losses(uninterrupted)
     assert_same_weights(weights(uninterrupted / "export"), weights(run / "export"))
-    print(f"\nworker {killed[0]} killed (checkpoint step {registered[0]} registered); restarted at step {resumed_at}; steps logged: {steps}")
+    print(
+        f"\nworker {killed[0]} killed (checkpoint step {registered[0]} registered); restarted at step {resumed_at}; steps logged: {steps}"
+    )
 
 
 def test_a_deterministic_first_step_error_stops_at_once_without_restarts(shards, tmp_path, capsys):
