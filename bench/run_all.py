@@ -164,9 +164,6 @@ def gpu_mode(args) -> int:
             ts["packed"]["padding_waste"] < 0.05),
         row("padding waste (demo corpus)", f"{pk['padded_waste']:.1%}", f"{pk['packed_waste']:.2%}",
             "", "< 5%", pk["packed_waste"] < 0.05),
-        row("filter / bare decode (rows/s)", f"{rt['bare_decode_rows_per_s']:.1f}",
-            f"{rt['filter_rows_per_s_per_core']:.1f}", f"{rt['filter_vs_bare_decode']:.3g}", ">= 0.7",
-            rt["filter_vs_bare_decode"] >= 0.7),
     ]  # fmt: skip
     print(
         f"\n== GPU benchmarks ({ts['device']}, peak {peak:.0f} TFLOP/s bf16, {ts['attn_implementation']}) =="

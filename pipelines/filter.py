@@ -91,8 +91,21 @@ class RowRules:
         self.cfg = cfg
         self._detector = None
         self._accurate = None
+        self._cache: dict[str, tuple[str | None, float]] = {}
+
+    LANGUAGE_CACHE = 65536  # captions repeat on web data ("image", product titles): detect each once
 
     def language(self, text: str) -> tuple[str | None, float]:
+        """`detect_language` through a bounded cache keyed by the caption (lingua's confidences vary in
+        their last bits from call to call; the cache also makes a caption's verdict the same everywhere)."""
+        hit = self._cache.get(text)
+        if hit is None:
+            if len(self._cache) >= self.LANGUAGE_CACHE:
+                self._cache.clear()
+            hit = self._cache[text] = self.detect_language(text)
+        return hit
+
+    def detect_language(self, text: str) -> tuple[str | None, float]:
         """Top language (ISO 639-1) and its confidence.
 
         The fast low-accuracy detector decides first; when its answer would drop the row, the

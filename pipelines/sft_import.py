@@ -7,9 +7,9 @@ Reads:  `input.sft.json`, a JSON array of records
 Writes: `<output_dir>/sft_import/` (key, id, image bytes with long side <= download.image_size,
         width, height, sha256, caption (first answer, for reports), conversations (JSON string));
         rejected rows (missing_image, decode_error, bad_conversations) with reasons. The image
-        bytes are stored here once: `python -m pipelines.teacher --sft` then writes `sft_shards/`
-        (training shards with `conversations`, referencing these images; text-only rows get null
-        features), as `pipelines.prepare` does after this step.
+        bytes are stored here once. Then (`python -m pipelines.sft_import`, or `pipelines.prepare`
+        as its next step) the teacher writes `sft_shards/`: training shards with `conversations`
+        that reference these images; text-only rows get null features.
 
 Conversations are checked: a non-empty list of {"from", "value"} turns, human/gpt (or "Answer")
 roles alternating from human, string values, `<image>` only in records with an image. A record
@@ -206,8 +206,16 @@ def common_dict(cfg: PrepareConfig) -> dict[str, Any]:
             "rows_per_shard": cfg.download.rows_per_shard}  # fmt: skip
 
 
+def run_chain(cfg: PrepareConfig) -> dict[str, Any]:
+    """The SFT chain of `pipelines.graph`: the import, then the teacher into `sft_shards/`."""
+    from pipelines import teacher
+
+    run(cfg)
+    return teacher.run_sft(cfg)
+
+
 def main(argv: list[str] | None = None) -> int:
-    return common.step_main(__doc__, run, argv)
+    return common.step_main(__doc__, run_chain, argv)
 
 
 if __name__ == "__main__":

@@ -2,7 +2,8 @@
 
 Reads:  the kept rows of `<output_dir>/filter/` (their keys), for those keys the `image`, `width` and
         `height` of `<output_dir>/download/` and the cleaned `caption` of `<output_dir>/captions/`
-        (`pipelines.graph` declares it; with `--sft`, the rows of `sft_import/`, text-only ones included).
+        (`pipelines.graph` declares it; `run_sft`, which `python -m pipelines.sft_import` runs after
+        the import: the rows of `sft_import/`, text-only ones included).
 Writes: `<output_dir>/shards/` (`sft_shards/`): training shards in the `breen.shard_format` layout,
         `part-NNNNN.parquet` with `shards.rows_per_file` rows each (the last file, and a file with a
         row the teacher could not decode, hold fewer): key, image_shard + image_row (a reference to the
@@ -31,7 +32,6 @@ pretrained tag already in the local cache) or `teacher.random_init_seed` (tests 
 name is then the file's stem.
 
 Run:  python -m pipelines.teacher --config pipelines/configs/demo.yaml           (pre-training shards)
-      python -m pipelines.teacher --sft --config pipelines/configs/demo.yaml     (SFT shards)
       ray job submit --working-dir . -- python -m pipelines.teacher --config my.yaml
 """
 
@@ -390,9 +390,7 @@ def run_sft(cfg: PrepareConfig) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
-    argv = list(sys.argv[1:] if argv is None else argv)
-    sft = "--sft" in argv
-    return common.step_main(__doc__, run_sft if sft else run, [a for a in argv if a != "--sft"])
+    return common.step_main(__doc__, run, argv)
 
 
 if __name__ == "__main__":

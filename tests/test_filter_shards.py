@@ -100,3 +100,20 @@ def test_shard_plan_has_fixed_rows_per_file(counts, rows):
     assert all(s == rows for s in sizes[:-1]) and (not sizes or 0 < sizes[-1] <= rows)
     flat = [(name, o + i) for f in files for name, o, n in f for i in range(n)]
     assert flat == [(name, i) for name, n in counts for i in range(n)]  # order preserved, nothing twice
+
+
+def test_language_cache_is_exact_and_bounded(monkeypatch):
+    r = filt.RowRules(FilterConfig(languages=["en"]))
+    monkeypatch.setattr(filt.RowRules, "LANGUAGE_CACHE", 2)
+    texts = [
+        "A small brown dog runs in the park",
+        "Ein kleiner Hund rennt im Park",
+        "Un petit chien court",
+        "A small brown dog runs in the park",
+    ]
+    got, ref = [r.language(t) for t in texts], [r.detect_language(t) for t in texts]
+    assert [g[0] for g in got] == [x[0] for x in ref]
+    assert np.allclose([g[1] for g in got], [x[1] for x in ref], rtol=0, atol=1e-9)  # lingua's last bits vary
+    assert len(r._cache) <= 2
+    fresh = filt.RowRules(FilterConfig())
+    assert fresh.language(texts[0]) is fresh.language(texts[0])  # one verdict per caption
