@@ -232,7 +232,11 @@ def run(args) -> dict:
 
     work = Path(args.work_dir or tempfile.mkdtemp(prefix="bench-train-"))
     data = args.data or [
-        str(write_tiny_shards(work / "shards", 256, clip_dim=64, rows_per_file=64, image_sides=(256, 672)))
+        str(
+            write_tiny_shards(
+                work / "shards", 256, clip_dim=64, rows_per_file=64, image_sides=(256, 672), referenced=True
+            )
+        )  # images referenced in a store, as data preparation writes
     ]
     files = ingest.list_shards(data)
     clip_dim = files[0].clip_dim or 64

@@ -112,19 +112,23 @@ def write_tiny_shards(
     corrupt_rows: tuple[int, ...] = (),
     image_sides: tuple[int, int] = (20, 120),
     seed: int = 0,
+    referenced: bool = False,
 ) -> Path:
     """Write ``n_rows`` synthetic training rows to `out` (`breen.shard_format`, images inline).
 
     `sft`: add a ``conversations`` column (two turns, the first with ``<image>``); `text_only_every` > 0:
     every k-th row has no image and null targets (SFT text-only samples); `corrupt_rows`: row indices
     whose image bytes are garbage (the ingest must reject them with ``decode_error``); `image_sides`:
-    range of image width/height (small images are random-noise PNGs, larger ones smooth JPEGs).
+    range of image width/height (small images are random-noise PNGs, larger ones smooth JPEGs);
+    `referenced`: store the images once in ``<out>-images/`` and reference them from the shards, as the data
+    preparation does (default: inline ``image`` bytes).
     """
     import io
     import json
 
     import numpy as np
     import pyarrow as pa
+    import pyarrow.compute as pc
     from PIL import Image
 
     from breen import shard_format as sf
@@ -169,8 +173,19 @@ def write_tiny_shards(
         table = pa.Table.from_pylist(rows[lo:hi], pa.schema(schema))
         table = table.append_column(sf.FINE, sf.tensor_array(fine[lo:hi], valid[lo:hi]))
         table = table.append_column(sf.COARSE, sf.tensor_array(coarse[lo:hi], valid[lo:hi]))
+        name = common.shard_name(j)
+        file_meta = meta
+        if referenced:
+            store = out.parent / f"{out.name}-images"
+            common.write_table(store / f"{name}.parquet", table.select([sf.KEY, sf.IMAGE]))
+            has = table.column(sf.IMAGE).is_valid()
+            positions = pa.array(np.arange(hi - lo, dtype=np.int32))
+            table = table.drop_columns([sf.IMAGE])
+            table = table.add_column(1, sf.IMAGE_SHARD, pc.if_else(has, name, pa.scalar(None, pa.string())))
+            table = table.add_column(2, sf.IMAGE_ROW, pc.if_else(has, positions, pa.scalar(None, pa.int32())))
+            file_meta = {**meta, sf.META_IMAGES: f"../{store.name}"}
         empty = common.with_reason(table.select(["key"]).slice(0, 0), [], [])
-        common.write_shard(out, common.shard_name(j), table, empty, table.num_rows, metadata=meta)
+        common.write_shard(out, name, table, empty, table.num_rows, metadata=file_meta)
     manifest = {"step": "shards", "teacher": {"name": "synthetic"}, "counts": {"kept": n_rows}}
     common.atomic_write_json(out / "manifest.json", manifest)
     return out

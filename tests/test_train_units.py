@@ -689,3 +689,31 @@ def test_first_step_error_survives_pickling_with_its_traceback():
     back = pickle.loads(pickle.dumps(err))
     assert isinstance(back, train.FirstStepError) and str(back) == "rank 0: TypeError: boom"
     assert back.trace.startswith("Traceback")
+
+
+def test_referenced_images_encode_exactly_like_inline_ones(tmp_path, init_dir, model_config):
+    """The layout data preparation writes (images stored once, shards reference them) feeds the model the
+    same samples as inline image bytes, resumed mid-file too."""
+    kw = {"clip_dim": CLIP_DIM, "rows_per_file": 8, "sft": True, "text_only_every": 3, "corrupt_rows": (1,)}
+    inline = write_tiny_shards(tmp_path / "inline", 20, **kw)
+    ref = write_tiny_shards(tmp_path / "ref", 20, referenced=True, **kw)
+    assert "image" not in pq.read_schema(ref / "part-00000.parquet").names
+    enc = ingest.ReadEncode(
+        str(init_dir), model_config.to_dict(), "auto", 512, seed=0, group_size=4, chunk_rows=3
+    )
+
+    def encoded(d: Path, skip: int) -> list[dict]:
+        rows = []
+        for item in ingest.epoch_plan(ingest.list_shards([d]), seed=0, epochs=1, skip=skip):
+            for chunk in enc.encode_file(item):
+                rows += [{k: v[i] for k, v in chunk.items()} for i in range(len(chunk["pos"]))]
+        return rows
+
+    for skip in (0, 11):
+        a, b = encoded(inline, skip), encoded(ref, skip)
+        assert len(a) == len(b) == 20 - skip
+        if skip == 0:  # the corrupt image is rejected the same way through the reference
+            assert [r["key"] for r in b if not r["ok"]] == [f"{1:012d}"]
+        for x, y in zip(a, b, strict=True):
+            assert x.keys() == y.keys()
+            assert all(np.array_equal(x[k], y[k]) for k in x), x["key"]
