@@ -1,5 +1,5 @@
 """Per-core CPU rates the capacity planner needs that no side-by-side benchmark gives: the filter's per-row
-checks and the real teacher (CLIP ViT-L/14-336, fp32) on one CPU core.
+checks, the captions step's cleaning and the real teacher (CLIP ViT-L/14-336, fp32) on one CPU core.
 
 - filter: `pipelines.filter.RowRules` (header check, decode, perceptual hash, language id, caption rules)
   over the demo's filter input (cleaned captions and their stored images) in this process, one core, side
@@ -99,6 +99,31 @@ def filter_rate(out_dir: Path, config: Path, repeats: int = 3) -> dict:
             "filter_profile_ms_per_row": filter_profile(rules, images, captions)}  # fmt: skip
 
 
+def captions_rate(out_dir: Path, config: Path, repeats: int = 3) -> dict:
+    """The captions step's cleaning (`clean_table`) over the demo's downloaded captions, one core, best of
+    `repeats` (the corpus is small: it is cleaned 20 times per run)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from pipelines.captions import clean_table
+    from pipelines.config import load_config
+
+    cfg = load_config(config)
+    table = pa.concat_tables(
+        [
+            pq.read_table(f, columns=["key", "caption"])
+            for f in sorted((out_dir / "download").glob("part-*.parquet"))
+        ]
+    )
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        for _ in range(20):
+            clean_table(table, cfg.captions)
+        best = min(best, time.perf_counter() - t0)
+    return {"captions_rows_per_s_per_core": 20 * table.num_rows / best}
+
+
 def vit_l_rate(images: int) -> dict:
     import numpy as np
     import torch
@@ -122,7 +147,9 @@ def vit_l_rate(images: int) -> dict:
 
 
 def run(args) -> dict:
-    out = filter_rate(Path(args.out_dir), Path(args.config))
+    out = filter_rate(Path(args.out_dir), Path(args.config)) | captions_rate(
+        Path(args.out_dir), Path(args.config)
+    )
     if not args.no_vit_l:
         out |= vit_l_rate(args.vit_images)
     return out

@@ -84,6 +84,7 @@ def per_core_rates(download: dict, rates: dict, packing: dict) -> dict[str, floa
     out = {
         "download_images_per_s_per_core": round(download["ours"] / download["processes"], 2),
         "filter_rows_per_s_per_core": round(rates["filter_rows_per_s_per_core"], 1),
+        "captions_rows_per_s_per_core": round(rates["captions_rows_per_s_per_core"], 1),
         "ingest_samples_per_s_per_core": round(packing["ingest_samples_per_s_per_core"], 1),
     }
     if "teacher_images_per_s_per_core_cpu" in rates:  # absent with --quick (no ViT-L run)

@@ -69,12 +69,14 @@ GPU_PEAK_FLOPS: dict[str, float] = {
 DEFAULT_RATES: dict[str, float] = {
     "download_images_per_s_per_core": 50.0,
     "filter_rows_per_s_per_core": 100.0,
+    "captions_rows_per_s_per_core": 500.0,
     "teacher_images_per_s_per_core_cpu": 0.1,
     "ingest_samples_per_s_per_core": 50.0,
 }
 RATE_NOTES: dict[str, str] = {
     "download_images_per_s_per_core": "assumed: img2dataset-style fetch + resize + encode on a well-connected node",
     "filter_rows_per_s_per_core": "assumed: header check, decode, perceptual hash, language id per row",
+    "captions_rows_per_s_per_core": "assumed: caption cleaning (HTML, ftfy, URLs, boilerplate), text only",
     "teacher_images_per_s_per_core_cpu": "RECIPES.md: ViT-L/14-336 fp32 takes about 5 s per image on 2 cores",
     "ingest_samples_per_s_per_core": "assumed: JPEG decode (<= 672 px) + letterbox + tokenise + collate",
 }
@@ -214,13 +216,15 @@ def download_phase(a: Assumptions) -> Phase:
 
 
 def filter_phase(a: Assumptions) -> Phase:
-    rate = a.rates["filter_rows_per_s_per_core"]
-    wall = a.downloaded / (rate * a.cpu_cores)
-    # captions/ and filter/ write only what they add or decide, no image bytes (captions is light text
-    # cleaning; not timed).
+    """Captions (text only, every downloaded row) then the filter (image checks, language, dedup)."""
+    captions_wall = a.downloaded / (a.rates["captions_rows_per_s_per_core"] * a.cpu_cores)
+    filter_wall = a.downloaded / (a.rates["filter_rows_per_s_per_core"] * a.cpu_cores)
+    wall = captions_wall + filter_wall
+    # captions/ and filter/ write only what they add or decide, no image bytes.
     storage = a.downloaded * ROW_METADATA_BYTES
-    return Phase("filter", f"{_n(a.downloaded)} rows -> {_n(a.pairs)} kept (+ captions)", wall, 0, 0.0,
-                 a.cpu_cores * wall / 3600, storage, "CPU")  # fmt: skip
+    return Phase("filter", f"{_n(a.downloaded)} rows -> {_n(a.pairs)} kept (captions, then filter)", wall, 0, 0.0,
+                 a.cpu_cores * wall / 3600, storage, "CPU",
+                 [f"captions {_t(captions_wall)}, filter {_t(filter_wall)}"])  # fmt: skip
 
 
 def teacher_gpu_seconds(a: Assumptions) -> float:

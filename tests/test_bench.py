@@ -45,7 +45,8 @@ def test_packing_bench_on_training_shards(tmp_path):
 
 def test_rates_written_by_run_all_are_read_by_the_planner(tmp_path):
     rates = run_all.per_core_rates(
-        {"ours": 120.0, "processes": 2}, {"filter_rows_per_s_per_core": 32.5, "teacher_images_per_s_per_core_cpu": 0.2},
+        {"ours": 120.0, "processes": 2},
+        {"filter_rows_per_s_per_core": 32.5, "captions_rows_per_s_per_core": 800.0, "teacher_images_per_s_per_core_cpu": 0.2},
         {"ingest_samples_per_s_per_core": 118.8},
     )  # fmt: skip
     assert set(rates) == set(plan.DEFAULT_RATES)
