@@ -205,7 +205,7 @@ def test_data_preparation_job(prepared):
     rows = sum(pq.read_metadata(s).num_rows for s in shards)
     assert rows == acc["steps"]["shards"]["kept"] == acc["pretrain"]["kept"] > 0
     table = pq.read_table(shards[0])
-    assert {"key", "image", "caption", "fine", "coarse"} <= set(table.column_names)
+    assert {"key", "image_shard", "image_row", "caption", "fine", "coarse"} <= set(table.column_names)
     assert sorted((out / "sft_shards").glob("part-*.parquet")), "no SFT shards"
     assert "accounting" in log
 
