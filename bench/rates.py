@@ -66,8 +66,9 @@ def filter_rate(out_dir: Path, config: Path, repeats: int = 3) -> dict:
     loop over the same stored images; the best of `repeats` alternating runs of each."""
     import pyarrow.parquet as pq
 
+    from breen.shard_format import read_by_key
     from pipelines.config import load_config
-    from pipelines.filter import RowRules, image_rows
+    from pipelines.filter import RowRules
 
     files = sorted((out_dir / "captions").glob("part-*.parquet"))
     if not files:
@@ -80,7 +81,9 @@ def filter_rate(out_dir: Path, config: Path, repeats: int = 3) -> dict:
     for f in files:  # the filter's input: the cleaned captions and, for them, the stored images
         t = pq.read_table(f, columns=["key", "caption"])
         images += (
-            image_rows(out_dir / "download" / f.name, t.column("key"), ["image"]).column("image").to_pylist()
+            read_by_key(out_dir / "download" / f.name, t.column("key"), ["image"])[0]
+            .column("image")
+            .to_pylist()
         )
         captions += t.column("caption").to_pylist()
     ours, bare = [], []

@@ -142,6 +142,15 @@ def read_rows(path: str | Path, columns: Sequence[str], rows: np.ndarray) -> pa.
     return table.take(pa.array(local))
 
 
+def read_by_key(
+    path: str | Path, keys: pa.Array | pa.ChunkedArray, columns: Sequence[str]
+) -> tuple[pa.Table, np.ndarray]:
+    """`columns` of the rows of the Parquet file `path` with these keys (in this order), and those rows'
+    positions in the file; a key the file does not hold is an error naming it."""
+    pos = row_positions(keys, pq.read_table(path, columns=[KEY]).column(KEY), str(path))
+    return read_rows(path, columns, pos), pos
+
+
 def images_dir(shard_path: str | Path) -> Path | None:
     """The image dataset folder a shard's references point into (None for inline images)."""
     rel = metadata(pq.read_schema(shard_path)).get(META_IMAGES)

@@ -240,7 +240,7 @@ def near_duplicates(
     best_rank = np.full(n, 255, np.int64)
     best_row = np.full(n, n, np.int64)
     best_d = np.zeros(n, np.uint8)
-    copies = np.flatnonzero(first[inverse] != np.arange(n))  # rows that are not their value's first row
+    is_copy = first[inverse] != np.arange(n)  # rows that are not their value's first row
     for band in range(BANDS):
         values = band_values(uniq, band)
         order = np.lexsort((first, values))  # by band value, then key order
@@ -254,10 +254,7 @@ def near_duplicates(
         # This band's partner of every row: its value's partner, else (for a copy) the value's first row.
         partner = rep_partner[inverse]
         d = rep_d[inverse]
-        lone = partner < 0
-        at_first = np.zeros(n, bool)
-        at_first[copies] = True
-        use_first = lone & at_first
+        use_first = (partner < 0) & is_copy
         partner[use_first] = first[inverse[use_first]]
         d[use_first] = 0
         has = partner >= 0

@@ -194,7 +194,7 @@ class IndexWorker(common.ShardWorker):
         for name in batch.column("shard").to_pylist():
             if not common.done_marker(self.out_dir, name).exists():
                 captions = pq.read_table(self.in_dir / f"{name}.parquet", columns=["key", "caption"])
-                images = image_rows(
+                images, _ = shard_format.read_by_key(
                     self.images_dir / f"{name}.parquet", captions.column("key"), ["image", "sha256"]
                 )
                 common.write_table(
@@ -207,12 +207,6 @@ class IndexWorker(common.ShardWorker):
                 )
             )
         return {"stats": out}
-
-
-def image_rows(path: Path, keys: pa.ChunkedArray, columns: list[str]) -> pa.Table:
-    """`columns` of the download rows with these keys (in this order), from the download shard `path`."""
-    pos = shard_format.row_positions(keys, pq.read_table(path, columns=["key"]).column("key"), str(path))
-    return shard_format.read_rows(path, columns, pos)
 
 
 # ----------------------------------------------------------------------------- phase 2: global dedup

@@ -204,14 +204,16 @@ class Sources:
             keys = pq.read_table(self.rows_dir / f"{shard}.parquet", columns=[sf.KEY]).column(sf.KEY)
             keys = keys.slice(offset, length)
             path = self.images_dir / f"{shard}.parquet"
-            pos = sf.row_positions(keys, pq.read_table(path, columns=[sf.KEY]).column(sf.KEY), str(path))
-            images = sf.read_rows(path, [sf.IMAGE, sf.WIDTH, sf.HEIGHT], pos)
-            if self.text_dir == self.images_dir:
-                text = sf.read_rows(path, list(self.text_columns), pos)
-            else:
-                tpath = self.text_dir / f"{shard}.parquet"
-                tkeys = pq.read_table(tpath, columns=[sf.KEY]).column(sf.KEY)
-                text = sf.read_rows(tpath, list(self.text_columns), sf.row_positions(keys, tkeys, str(tpath)))
+            image_columns = [sf.IMAGE, sf.WIDTH, sf.HEIGHT]
+            same = self.text_dir == self.images_dir  # SFT: text and images in one dataset, read once
+            images, pos = sf.read_by_key(
+                path, keys, image_columns + (list(self.text_columns) if same else [])
+            )
+            text = (
+                images
+                if same
+                else sf.read_by_key(self.text_dir / f"{shard}.parquet", keys, self.text_columns)[0]
+            )
             has = images.column(sf.IMAGE).is_valid()
             cols = {
                 sf.KEY: keys,
