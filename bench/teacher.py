@@ -1,6 +1,6 @@
 """Teacher throughput: our Ray Data teacher step vs a bare open_clip inference loop, side by side.
 
-Both compute the same targets (CLIP-mean letterbox to 336, last-block patch grid, 8x8/6x6 pooling)
+Both compute the same targets (letterbox to 336, last-block patch grid, 8x8/6x6 pooling)
 over the same images in the same run, with the same total CPU threads, and both are timed from a cold
 Python process to the last feature:
   baseline  a fresh `python` process running a plain PyTorch loop (import torch + open_clip, build the

@@ -1,28 +1,43 @@
 """CLIP teacher-target math: letterbox preprocessing and pooling of the last-block patch grid.
 
 The targets BREEN aligns its learnable queries to (reference §1.5):
-  image -> long side resized to 336, short side rounded up to a multiple of 14, centred on a
-  336x336 canvas of the CLIP mean colour -> CLIP ViT-L/14-336 last transformer block output
+  image -> long side resized to 336 (bicubic), short side scaled and rounded up to a multiple of 14
+  (the short side gains up to 13 px: a 1.59:1 photo, 336x211, becomes 336x224, stretched 6.2%), placed
+  on a 336x336 canvas (`PREPROCESS_RELEASED`) -> CLIP ViT-L/14-336 last transformer block output
   (before the final LayerNorm, CLS dropped): [D=1024, 24, 24] -> average-pooled with
   kernel = stride = 3 (`fine`, 8x8 = 64 vectors) and 4 (`coarse`, 6x6 = 36 vectors), raster order.
 
-Plain PyTorch/PIL; the data pipeline (`pipelines/teacher.py`) runs this once and caches the result,
+Plain PyTorch/PIL (torch imported where it is used: the config validation reads the canvas rules without
+it); the data pipeline (`pipelines/teacher.py`) runs this once and caches the result,
 so training never loads CLIP.
 """
 
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 from PIL import Image
+
+if TYPE_CHECKING:
+    import torch
 
 # open_clip.constants.OPENAI_DATASET_MEAN / STD (copied as numbers so `import breen` needs no open_clip).
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-PREPROCESS_VERSION = "letterbox-336-mean-bicubic-v1"
+# The canvas rules, by the version string `breen.preprocess` records in every training shard.
+#   released (default): as the released BREEN code (the CLIP-side `compute_basehw`/`resize2require` of its
+#     dataset class): the padding before the image is rounded down to whole 14-px patches, the canvas
+#     filled with int(255 * mean) = (122, 116, 104), which normalises to about (-0.011, -0.011, -0.001);
+#     pixels normalised as Hugging Face's CLIPImageProcessor does (x * (1/255) in float64, then float32).
+#   centred-v1: the image centred to the pixel ((336 - h) // 2: half a patch off the released code when the
+#     number of padding patches is odd) on a float canvas of exactly the mean colour (normalises to 0);
+#     kept for datasets made with it.
+PREPROCESS_RELEASED = "letterbox-336-released-v2"
+PREPROCESS_CENTRED_V1 = "letterbox-336-mean-bicubic-v1"
+PREPROCESS_RULES = (PREPROCESS_RELEASED, PREPROCESS_CENTRED_V1)
+PREPROCESS_VERSION = PREPROCESS_RELEASED  # the default
 FINE_GRID = 8  # 24 / 3
 COARSE_GRID = 6  # 24 / 4
 
@@ -36,22 +51,53 @@ def letterbox_size(width: int, height: int, size: int = 336, multiple: int = 14)
     return min(size, max(multiple, short)), size
 
 
-def letterbox(img: Image.Image, size: int = 336, multiple: int = 14) -> np.ndarray:
-    """PIL image -> normalised float32 [3, size, size], image centred on a CLIP-mean canvas."""
+def fill_colour(mean: tuple[float, ...] = CLIP_MEAN) -> tuple[int, ...]:
+    """The released code's canvas colour: `tuple(int(x * 255) for x in image_mean)`."""
+    return tuple(int(x * 255) for x in mean)
+
+
+def released_canvas(img: Image.Image, size: int = 336, multiple: int = 14) -> Image.Image:
+    """RGB image -> the released code's uint8 size x size canvas: resized by `letterbox_size`, placed
+    after a padding of whole `multiple`-px patches, (size / multiple - patches) // 2 of them."""
     img = img.convert("RGB")
     w, h = letterbox_size(img.width, img.height, size, multiple)
-    img = img.resize((w, h), Image.Resampling.BICUBIC)
-    mean = np.asarray(CLIP_MEAN, np.float32)
-    canvas = np.empty((size, size, 3), np.float32)
-    canvas[:] = mean  # the mean colour normalises to exactly 0
-    top, left = (size - h) // 2, (size - w) // 2
-    canvas[top : top + h, left : left + w] = np.asarray(img, np.float32) / 255.0
-    canvas = (canvas - mean) / np.asarray(CLIP_STD, np.float32)
+    resized = img.resize((w, h), Image.Resampling.BICUBIC)
+    if w == h:
+        return resized
+    pad = (size // multiple - min(w, h) // multiple) // 2 * multiple  # whole patches before the image
+    canvas = Image.new("RGB", (size, size), fill_colour())
+    canvas.paste(resized, (0, pad) if w > h else (pad, 0))
+    return canvas
+
+
+def letterbox(
+    img: Image.Image, preprocess: str = PREPROCESS_VERSION, size: int = 336, multiple: int = 14
+) -> np.ndarray:
+    """PIL image -> normalised float32 [3, size, size] by the canvas rule `preprocess` (`PREPROCESS_RULES`)."""
+    mean, std = np.asarray(CLIP_MEAN, np.float32), np.asarray(CLIP_STD, np.float32)
+    if preprocess == PREPROCESS_RELEASED:
+        rgb = np.asarray(released_canvas(img, size, multiple))
+        canvas = (rgb.astype(np.float64) * (1 / 255)).astype(np.float32)  # as CLIPImageProcessor.rescale
+    elif preprocess == PREPROCESS_CENTRED_V1:
+        img = img.convert("RGB")
+        w, h = letterbox_size(img.width, img.height, size, multiple)
+        img = img.resize((w, h), Image.Resampling.BICUBIC)
+        canvas = np.empty((size, size, 3), np.float32)
+        canvas[:] = mean  # the mean colour normalises to exactly 0
+        top, left = (size - h) // 2, (size - w) // 2
+        canvas[top : top + h, left : left + w] = np.asarray(img, np.float32) / 255.0
+    else:
+        raise ValueError(
+            f"unknown teacher preprocessing {preprocess!r} (known: {', '.join(PREPROCESS_RULES)})"
+        )
+    canvas = (canvas - mean) / std
     return np.ascontiguousarray(canvas.transpose(2, 0, 1))  # [H, W, 3] -> [3, H, W]
 
 
 def pool_targets(grid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Patch grid [B, D, 24, 24] -> (fine [B, 64, D], coarse [B, 36, D]), raster order."""
+    import torch.nn.functional as F
+
     gh, gw = grid.shape[-2:]
     assert gh == gw == 24, f"expected a 24x24 patch grid, got {gh}x{gw}"
     fine = F.avg_pool2d(grid.float(), kernel_size=3, stride=3)  # [B, D, 8, 8]

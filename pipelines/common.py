@@ -426,10 +426,14 @@ class ShardWorker:
         return {"stats": out}
 
 
-def step_main(doc: str, run: Callable[[Any], Any], argv: list[str] | None = None) -> int:
-    """Shared CLI for a step: `python -m pipelines.<step> --config FILE [--set key=value ...]`."""
+def step_main(doc: str, run: Callable[[Any], Any], steps: Callable[[Any], Any] | tuple[str, ...],
+              argv: list[str] | None = None) -> int:  # fmt: skip
+    """Shared CLI for a step: `python -m pipelines.<step> --config FILE [--set key=value ...]`. The
+    config and the inputs of `steps` (names of `pipelines.graph.STEPS`, or a function of the config
+    giving them) are checked before `run` starts Ray (`pipelines.preflight`): exit code 2 on a bad one."""
     import argparse
 
+    from pipelines import preflight
     from pipelines.config import ConfigError, load_config
 
     parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -442,6 +446,7 @@ def step_main(doc: str, run: Callable[[Any], Any], argv: list[str] | None = None
     args = parser.parse_args(argv)
     try:
         cfg = load_config(args.config, args.set)
+        preflight.check(cfg, steps(cfg) if callable(steps) else steps)
         run(cfg)
     except (ConfigError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -124,6 +124,9 @@ class TeacherConfig:
     # (cpus_per_actor on GPU, where decode must keep up with the GPU; 0 on CPU: decode inline).
     decode_threads: int = -1
     prefetch_batches: int = 2  # batches decoded ahead of the one in the model (with decode threads)
+    # canvas rule (`breen.teacher.PREPROCESS_RULES`): the released BREEN code's by default;
+    # "letterbox-336-mean-bicubic-v1" reproduces datasets made before it
+    preprocess: str = "letterbox-336-released-v2"
 
 
 @dataclass
@@ -366,3 +369,6 @@ def validate(cfg: PrepareConfig, where: str = "config") -> None:
     if cfg.filter.max_aspect_ratio is not None:
         need(cfg.filter.max_aspect_ratio >= 1, "filter.max_aspect_ratio", "must be >= 1")
     need(0 < cfg.filter.language_min_ratio <= 1, "filter.language_min_ratio", "must be in (0, 1]")
+    from breen.teacher import PREPROCESS_RULES  # numpy and PIL only
+
+    need(cfg.teacher.preprocess in PREPROCESS_RULES, "teacher.preprocess", " or ".join(PREPROCESS_RULES))

@@ -67,6 +67,46 @@ def _format_of(path: Path) -> str:
     raise ConfigError(f"input.urls: {path}: unknown URL-list format (use .parquet, .csv, .tsv or .jsonl)")
 
 
+def _csv_options(fmt: str) -> pcsv.ParseOptions:
+    return pcsv.ParseOptions(delimiter="," if fmt == "csv" else "\t", newlines_in_values=True)
+
+
+def url_list_columns(path: str | Path) -> list[str]:
+    """The column names of one URL list from its schema, header or first record (nothing else is read),
+    checked like `read_url_list` checks them: what the checks before Ray start use."""
+    path = Path(path)
+    fmt = _format_of(path)
+    try:
+        if fmt == "parquet":
+            names = pq.read_schema(path).names
+        elif fmt in ("csv", "tsv"):
+            with pcsv.open_csv(path, parse_options=_csv_options(fmt)) as reader:
+                names = reader.schema.names
+        else:
+            with path.open("rb") as f:
+                first = next((line for line in f if line.strip()), b"{}")
+            record = json.loads(first)
+            if not isinstance(record, dict):
+                raise ConfigError(f"{path}: the first JSON line is a {type(record).__name__}, not an object")
+            names = list(record)
+    except (pa.ArrowInvalid, OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path}: cannot read as {fmt}: {e}") from None
+    check_url_columns(path, names)
+    return names
+
+
+def check_url_columns(path: Path, names: list[str]) -> None:
+    missing = [c for c in ("url", "caption") if c not in names]
+    if missing:
+        raise ConfigError(f"{path}: URL list has no {' or '.join(repr(c) for c in missing)} column "
+                          f"(columns: {names})")  # fmt: skip
+    clash = sorted(OUTPUT_COLUMNS & set(names))
+    if clash:
+        raise ConfigError(
+            f"{path}: column(s) {clash} clash with columns the download step writes; rename them"
+        )
+
+
 def read_url_list(path: str | Path) -> pa.Table:
     """Read one URL list as a table of strings; fail fast naming the file on bad structure."""
     path = Path(path)
@@ -77,22 +117,13 @@ def read_url_list(path: str | Path) -> pa.Table:
         if fmt == "parquet":
             table = pq.read_table(path)
         elif fmt in ("csv", "tsv"):
-            opts = pcsv.ParseOptions(delimiter="," if fmt == "csv" else "\t", newlines_in_values=True)
-            table = pcsv.read_csv(path, parse_options=opts,
+            table = pcsv.read_csv(path, parse_options=_csv_options(fmt),
                                   convert_options=pcsv.ConvertOptions(strings_can_be_null=False))  # fmt: skip
         else:
             table = pjson.read_json(path)
     except (pa.ArrowInvalid, OSError) as e:
         raise ConfigError(f"{path}: cannot read as {fmt}: {e}") from None
-    missing = [c for c in ("url", "caption") if c not in table.column_names]
-    if missing:
-        raise ConfigError(f"{path}: URL list has no {' or '.join(repr(c) for c in missing)} column "
-                          f"(columns: {table.column_names})")  # fmt: skip
-    clash = sorted(OUTPUT_COLUMNS & set(table.column_names))
-    if clash:
-        raise ConfigError(
-            f"{path}: column(s) {clash} clash with columns the download step writes; rename them"
-        )
+    check_url_columns(path, table.column_names)
     # Everything as strings: extra columns are carried through untouched.
     return pa.table({n: _as_strings(path, n, table.column(n)) for n in table.column_names})
 
@@ -117,10 +148,10 @@ def make_input_shards(urls: list[str], rows_per_shard: int, dest: Path) -> list[
     fingerprint = {"inputs": [common.sha256_file(u) for u in urls], "rows_per_shard": rows_per_shard}
     if success.exists() and json.loads(success.read_text()).get("fingerprint") == fingerprint:
         return json.loads(success.read_text())["shards"]
+    tables = [read_url_list(u) for u in urls]  # first: a bad list fails before anything is written
     if dest.exists():
         shutil.rmtree(dest)
     dest.mkdir(parents=True)
-    tables = [read_url_list(u) for u in urls]
     table = common.concat(tables) if tables else pa.table({"url": [], "caption": []})
     n = table.num_rows
     keys = pa.array([f"{i:0{KEY_DIGITS}d}" for i in range(n)], pa.string())
@@ -348,7 +379,7 @@ def run(cfg: PrepareConfig) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return common.step_main(__doc__, run, argv)
+    return common.step_main(__doc__, run, ("download",), argv)
 
 
 if __name__ == "__main__":

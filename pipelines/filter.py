@@ -365,7 +365,7 @@ def run(cfg: PrepareConfig) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return common.step_main(__doc__, run, argv)
+    return common.step_main(__doc__, run, ("filter",), argv)
 
 
 if __name__ == "__main__":

@@ -25,7 +25,7 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
-from pipelines import common, graph, report
+from pipelines import common, graph, preflight, report
 from pipelines.config import PrepareConfig, SftInput
 
 
@@ -84,10 +84,11 @@ def print_table(acc: dict[str, Any]) -> None:
 
 def run(cfg: PrepareConfig) -> dict[str, Any]:
     t0 = time.monotonic()
-    common.init_ray(cfg.ray.address, cfg.ray.num_cpus)
+    steps = preflight.steps_of(cfg)
     with synthetic_input(cfg):
+        common.init_ray(cfg.ray.address, cfg.ray.num_cpus)
         for step in graph.STEPS:
-            if step.chain == "sft" and cfg.input.sft is None:
+            if step.name not in steps:
                 continue
             print(f"\n[prepare] === {step.name} ===", flush=True)
             graph.runner(step)(cfg)
@@ -105,7 +106,7 @@ def run(cfg: PrepareConfig) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return common.step_main(__doc__, run, argv)
+    return common.step_main(__doc__, run, preflight.steps_of, argv)
 
 
 if __name__ == "__main__":

@@ -215,7 +215,7 @@ def run_chain(cfg: PrepareConfig) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return common.step_main(__doc__, run_chain, argv)
+    return common.step_main(__doc__, run_chain, ("sft_import", "sft_shards"), argv)
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ Order is deterministic: upstream shard order, then key order within each shard. 
 the upstream rows [j*R, (j+1)*R); each file is one actor call that reads only its slices. If the
 upstream row counts change, the plan changes and the old files are removed.
 
-Targets (see `breen/teacher.py`): image letterboxed to 336x336 on the CLIP-mean colour, output of
+Targets (see `breen/teacher.py`): image letterboxed to 336x336 (`teacher.preprocess`), output of
 the last transformer block before the final LayerNorm with CLS dropped ([D, 24, 24]), average
 pooled to 8x8 (`fine`) and 6x6 (`coarse`). A fixed pool of actors (one per GPU when the cluster
 has GPUs) runs in bf16 autocast on GPU and fp32 on CPU; batches are fixed per shard so reruns
@@ -132,11 +132,11 @@ def resolve_device(cfg: TeacherConfig) -> str:
     return cfg.device
 
 
-def decode(image: bytes) -> np.ndarray:
+def decode(image: bytes, preprocess: str = PREPROCESS_VERSION) -> np.ndarray:
     from PIL import Image
 
     with Image.open(io.BytesIO(image)) as im:
-        return letterbox(im)
+        return letterbox(im, preprocess)
 
 
 def features(model, pixels: np.ndarray, device: str) -> tuple[np.ndarray, np.ndarray]:
@@ -175,11 +175,11 @@ class TeacherWorker(common.ShardWorker):
         table = self.sources.rows(self.plan[name])
         kept, rejected = teacher_table(
             table, self.model, self.dim, self.cfg.batch_size, self.device, self.decode_threads,
-            self.cfg.prefetch_batches,
+            self.cfg.prefetch_batches, self.cfg.preprocess,
         )  # fmt: skip
         kept = kept.drop_columns([sf.IMAGE])
         meta = {sf.META_TEACHER: self.name, sf.META_TEACHER_WEIGHTS: self.weights_id,
-                sf.META_PREPROCESS: PREPROCESS_VERSION, sf.META_IMAGES: self.sources.images_rel}  # fmt: skip
+                sf.META_PREPROCESS: self.cfg.preprocess, sf.META_IMAGES: self.sources.images_rel}  # fmt: skip
         seconds = time.monotonic() - t0
         return common.write_shard(self.out_dir, name, kept, rejected, table.num_rows,
                                   {"seconds": round(seconds, 3), "device": self.device}, metadata=meta)  # fmt: skip
@@ -228,16 +228,17 @@ class Sources:
         return common.concat(parts)
 
 
-def _decode_or_error(image: bytes) -> np.ndarray | str:
+def _decode_or_error(image: bytes, preprocess: str) -> np.ndarray | str:
     try:
-        return decode(image)
+        return decode(image, preprocess)
     except Exception as e:
         return common.error_detail(e)
 
 
 def decoded_batches(
-    images: list, todo: list[int], batch_size: int, threads: int = 0, prefetch: int = 2
-) -> Iterator[tuple[list[int], list[np.ndarray], dict[int, str]]]:
+    images: list, todo: list[int], batch_size: int, threads: int = 0, prefetch: int = 2,
+    preprocess: str = PREPROCESS_VERSION,
+) -> Iterator[tuple[list[int], list[np.ndarray], dict[int, str]]]:  # fmt: skip
     """(row indices, letterboxed pixels, {row: decode error}) per batch of `todo`, in order.
 
     With `threads` > 0 a thread pool decodes the images of the next `prefetch` batches while the caller
@@ -257,12 +258,12 @@ def decoded_batches(
 
     if threads <= 0:
         for rows in batches:
-            yield gather(rows, [_decode_or_error(images[i]) for i in rows])
+            yield gather(rows, [_decode_or_error(images[i], preprocess) for i in rows])
         return
     with ThreadPoolExecutor(threads, thread_name_prefix="teacher-decode") as pool:
         pending: deque = deque()
         for n, rows in enumerate(batches, start=1):
-            pending.append((rows, [pool.submit(_decode_or_error, images[i]) for i in rows]))
+            pending.append((rows, [pool.submit(_decode_or_error, images[i], preprocess) for i in rows]))
             while pending and (len(pending) > prefetch or n == len(batches)):  # drain after the last
                 rows0, futures = pending.popleft()
                 yield gather(rows0, [f.result() for f in futures])
@@ -270,7 +271,7 @@ def decoded_batches(
 
 def teacher_table(
     table: pa.Table, model, dim: int, batch_size: int, device: str, decode_threads: int = 0,
-    prefetch: int = 2,
+    prefetch: int = 2, preprocess: str = PREPROCESS_VERSION,
 ) -> tuple[pa.Table, pa.Table]:  # fmt: skip
     """Append `fine`/`coarse` to every row with a decodable image (null image -> null features)."""
     images = table.column("image").to_pylist()
@@ -280,7 +281,7 @@ def teacher_table(
     has_image = np.array([img is not None for img in images], bool)
     errors: dict[int, str] = {}
     todo = [i for i in range(n) if has_image[i]]
-    for idx, pix, errs in decoded_batches(images, todo, batch_size, decode_threads, prefetch):
+    for idx, pix, errs in decoded_batches(images, todo, batch_size, decode_threads, prefetch, preprocess):
         errors.update(errs)
         if idx:
             f, c = features(model, np.stack(pix), device)
@@ -339,6 +340,19 @@ def write_plan(out: Path, step: str, counts: list[list[Any]], rows_per_file: int
     return files
 
 
+def check_preprocess(out: Path, finished: list[str], preprocess: str) -> None:
+    """Finished files made with another canvas rule cannot be resumed with this one: fail, naming both."""
+    for name in finished[:1] + finished[-1:]:
+        meta = pq.read_schema(out / f"{name}.parquet").metadata or {}
+        made = meta.get(sf.META_PREPROCESS.encode(), b"").decode()
+        if made != preprocess:
+            raise ConfigError(
+                f"teacher.preprocess: {out / name}.parquet was made with {sf.META_PREPROCESS}={made!r}, the "
+                f"config asks for {preprocess!r}; set teacher.preprocess: {made} to finish that dataset, or "
+                "prepare into a new output_dir"
+            )
+
+
 def run_training_shards(cfg: PrepareConfig, step: str) -> dict[str, Any]:
     """Teacher features for the rows of `step`'s upstream, written as training shards."""
     import ray
@@ -352,6 +366,7 @@ def run_training_shards(cfg: PrepareConfig, step: str) -> dict[str, Any]:
     counts = [[s["shard"], s["kept"]] for s in common.read_stats(rows_dir, names)]
     files = write_plan(out, step, counts, cfg.shards.rows_per_file)
     todo = [n for n in files if not common.done_marker(out, n).exists()]
+    check_preprocess(out, [n for n in files if n not in todo], t.preprocess)
     name, weights_id = teacher_identity(t)
     if todo:
         common.init_ray(cfg.ray.address, cfg.ray.num_cpus)
@@ -374,7 +389,7 @@ def run_training_shards(cfg: PrepareConfig, step: str) -> dict[str, Any]:
     ]
     return common.finish_step(
         out, step, inputs, {"teacher": to_dict(t), "shards": to_dict(cfg.shards)},
-        extra={"teacher": {"name": name, "weights": weights_id, "preprocess": PREPROCESS_VERSION},
+        extra={"teacher": {"name": name, "weights": weights_id, "preprocess": t.preprocess},
                "images": sources.images_rel,
                "schema": {f.name: str(f.type) for f in schema} if schema else {}},
     )  # fmt: skip
@@ -392,7 +407,7 @@ def run_sft(cfg: PrepareConfig) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
-    return common.step_main(__doc__, run, argv)
+    return common.step_main(__doc__, run, ("shards",), argv)
 
 
 if __name__ == "__main__":

@@ -127,7 +127,8 @@ def test_images_are_downscaled_never_upscaled(prepared):
 
 
 def _reference_features(weights: Path, image: bytes) -> tuple[np.ndarray, np.ndarray]:
-    """Independent path: own letterbox, a forward hook on the last block, reshape-mean pooling."""
+    """Independent path: own canvas (the released BREEN code's rule), a forward hook on the last block,
+    reshape-mean pooling."""
     import open_clip
     import torch
 
@@ -135,15 +136,19 @@ def _reference_features(weights: Path, image: bytes) -> tuple[np.ndarray, np.nda
     model = open_clip.create_model("tiny-vit", pretrained=str(weights)).eval()
     img = Image.open(io.BytesIO(image)).convert("RGB")
     w, h = img.size
-    short = min(336, math.ceil(336 * min(w, h) / max(w, h) / 14) * 14)  # rounded up to a multiple of 14
-    nw, nh = (336, short) if w >= h else (short, 336)
-    x = torch.tensor(np.asarray(img.resize((nw, nh), Image.Resampling.BICUBIC)), dtype=torch.float32) / 255
+    patches = math.ceil(336 * min(w, h) / max(w, h) / 14)  # short side rounded up to whole 14-px patches
+    nw, nh = (336, 14 * patches) if w >= h else (14 * patches, 336)
     mean = torch.tensor(open_clip.constants.OPENAI_DATASET_MEAN)
     std = torch.tensor(open_clip.constants.OPENAI_DATASET_STD)
-    x = ((x - mean) / std).permute(2, 0, 1)  # [3, nh, nw]
-    canvas = torch.zeros(3, 336, 336)  # the mean colour normalises to 0
-    top, left = (336 - nh) // 2, (336 - nw) // 2
-    canvas[:, top : top + nh, left : left + nw] = x
+    rgb = torch.tensor([int(255 * m) for m in open_clip.constants.OPENAI_DATASET_MEAN], dtype=torch.uint8)
+    canvas = rgb.repeat(336, 336, 1)  # [336, 336, 3] of (122, 116, 104)
+    pad = (24 - patches) // 2 * 14  # whole patches before the image
+    top, left = (pad, 0) if w > h else (0, pad)
+    canvas[top : top + nh, left : left + nw] = torch.tensor(
+        np.asarray(img.resize((nw, nh), Image.Resampling.BICUBIC))
+    )
+    x = ((canvas.double() / 255).float() - mean) / std
+    canvas = x.permute(2, 0, 1)  # [3, 336, 336]
     grabbed = {}
     hook = model.visual.transformer.resblocks[-1].register_forward_hook(lambda m, i, o: grabbed.update(out=o))
     with torch.no_grad():
@@ -167,7 +172,7 @@ def test_teacher_features_equal_a_direct_open_clip_forward(prepared):
         meta[b"breen.teacher_weights"].decode()
         == "sha256:" + hashlib.sha256(weights.read_bytes()).hexdigest()
     )
-    assert meta[b"breen.preprocess"].startswith(b"letterbox-336")
+    assert meta[b"breen.preprocess"] == b"letterbox-336-released-v2"
     (fine, valid), (coarse, _) = (
         sf.tensor_values(table.column("fine")),
         sf.tensor_values(table.column("coarse")),

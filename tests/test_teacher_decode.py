@@ -51,3 +51,18 @@ def test_decoded_batches_keep_order_and_size():
     batches = list(decoded_batches(images, list(range(9)), batch_size=4, threads=2, prefetch=1))
     assert [b[0] for b in batches] == [[0, 1, 2, 3], [5, 6, 7], [8]]
     assert list(batches[1][2]) == [4] and all(p.shape == (3, 336, 336) for b in batches for p in b[1])
+
+
+def test_finished_shards_of_another_canvas_rule_are_not_resumed(tmp_path):
+    import pyarrow.parquet as pq
+
+    from breen.teacher import PREPROCESS_CENTRED_V1, PREPROCESS_RELEASED
+    from pipelines.config import ConfigError
+    from pipelines.teacher import check_preprocess
+
+    table = pa.table({"key": ["a"]}).replace_schema_metadata({"breen.preprocess": PREPROCESS_CENTRED_V1})
+    pq.write_table(table, tmp_path / "part-00000.parquet")
+    check_preprocess(tmp_path, ["part-00000"], PREPROCESS_CENTRED_V1)  # same rule: resumes
+    check_preprocess(tmp_path, [], PREPROCESS_RELEASED)  # nothing finished yet: nothing to compare
+    with pytest.raises(ConfigError, match=r"teacher\.preprocess: .*part-00000\.parquet was made with"):
+        check_preprocess(tmp_path, ["part-00000"], PREPROCESS_RELEASED)

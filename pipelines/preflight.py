@@ -1,0 +1,78 @@
+"""Checks before Ray starts: the output folder and every input the steps about to run will read.
+
+`check(cfg, steps)` runs in every step's CLI (`pipelines.common.step_main`) after the config is loaded
+(types, ranges and that configured files exist: `pipelines.config.load_config`) and before anything
+starts or writes: a failure is a `ConfigError` naming the config field and the file (exit code 2), and
+nothing is left on disk. It reads headers only: a URL list's schema, header line or first record, the
+first bytes of the SFT JSON, the header of the teacher weights.
+"""
+
+from __future__ import annotations
+
+import codecs
+import os
+from collections.abc import Iterable
+from pathlib import Path
+
+from pipelines import graph
+from pipelines.config import ConfigError, PrepareConfig
+
+
+def output_dir(path: Path, field: str = "output_dir") -> None:
+    """`path` is a folder we can write, or can be created as one (nothing is created here)."""
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"{field}: {path} is a file, not a folder")
+    existing = path
+    while not existing.exists():  # the nearest existing ancestor decides whether we can create it
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ConfigError(f"{field}: {path} cannot be created: {existing} is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"{field}: {path} cannot be written: no write permission on {existing}")
+
+
+def sft_json(path: Path, field: str = "input.sft.json") -> None:
+    """The SFT JSON is readable UTF-8 text starting with a JSON array (the import parses the rest)."""
+    try:
+        with path.open("rb") as f:
+            head = f.read(4096)
+        text = codecs.getincrementaldecoder("utf-8-sig")().decode(
+            head, final=False
+        )  # a cut character is fine
+    except OSError as e:
+        raise ConfigError(f"{field}: {path}: cannot be read: {e}") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{field}: {path}: not UTF-8 text: {e}") from None
+    if not text.lstrip().startswith("["):
+        start = text.lstrip()[:40]
+        raise ConfigError(
+            f"{field}: {path}: expected a JSON array of records, the file starts with {start!r}"
+        )
+
+
+def check(cfg: PrepareConfig, steps: Iterable[str]) -> None:
+    """Everything `steps` (names of `pipelines.graph.STEPS`) need that can be checked without Ray."""
+    steps = set(steps)
+    output_dir(cfg.out)
+    if "download" in steps and cfg.input.synthetic is None:
+        from pipelines.download import url_list_columns
+
+        if not cfg.input.urls:
+            raise ConfigError("input.urls: no URL list given")
+        for i, url_list in enumerate(cfg.input.urls):
+            try:
+                url_list_columns(url_list)
+            except ConfigError as e:
+                raise ConfigError(f"input.urls[{i}]: {e}") from None
+    if "sft_import" in steps and cfg.input.sft is not None:
+        sft_json(Path(cfg.input.sft.json))
+    if cfg.teacher.weights and steps & set(graph.TRAINING.values()):
+        from pipelines.teacher import check_weights
+
+        check_weights(cfg.teacher.weights)
+
+
+def steps_of(cfg: PrepareConfig) -> list[str]:
+    """The steps `pipelines.prepare` runs for `cfg` (the SFT chain only with an SFT input)."""
+    has_sft = cfg.input.sft is not None or cfg.input.synthetic is not None
+    return [s.name for s in graph.STEPS if s.chain != "sft" or has_sft]
