@@ -18,6 +18,7 @@ import torch
 
 from breen.data import encode_prompt
 from breen.model import BreenForCausalLM
+from breen.storage import require_local
 
 
 @torch.no_grad()
@@ -94,6 +95,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args(argv)
+    try:  # every input checked before the model loads (minutes for 7B)
+        args.model = require_local(args.model, "--model")
+    except ValueError as e:
+        parser.error(str(e))
+    if not (Path(args.model) / "config.json").is_file():
+        parser.error(f"--model: {args.model}: not a BREEN directory (no config.json there)")
+    if args.image and not Path(args.image).is_file():
+        parser.error(f"--image: {args.image}: file not found")
     # flash attention needs CUDA and half precision; anything else uses SDPA
     attn = None if args.device.startswith("cuda") and args.dtype != "float32" else "sdpa"
     model = BreenForCausalLM.from_pretrained(

@@ -517,18 +517,23 @@ def resolve_init(cfg: TrainConfig, files: list[ingest.ShardFile]) -> tuple[Path,
 
 
 def absolute_paths(cfg: TrainConfig) -> None:
-    """Make every local path absolute: Ray Train workers do not run in the driver's directory.
-    URIs (``s3://``, ``gs://``...) are left alone."""
+    """Make every local path absolute: Ray Train workers do not run in the driver's directory. A URI
+    (``s3://``, ``gs://``...) is refused, naming the field (`breen.storage.require_local`)."""
+    from breen.storage import require_local
 
-    def fix(p: str | None) -> str | None:
-        if p is None or p == TINY_INIT or "://" in p:
+    def fix(p: str | None, field: str) -> str | None:
+        try:
+            p = require_local(p, field)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        if p is None or p == TINY_INIT:
             return p
         return str(Path(p).expanduser().resolve())
 
-    cfg.output_dir = fix(cfg.output_dir)
-    cfg.data.paths = [fix(p) for p in cfg.data.paths]
-    cfg.model.init_from = fix(cfg.model.init_from)
-    cfg.model.tokenizer = fix(cfg.model.tokenizer)
+    cfg.output_dir = fix(cfg.output_dir, "output_dir")
+    cfg.data.paths = [fix(p, f"data.paths[{i}]") for i, p in enumerate(cfg.data.paths)]
+    cfg.model.init_from = fix(cfg.model.init_from, "model.init_from")
+    cfg.model.tokenizer = fix(cfg.model.tokenizer, "model.tokenizer")
 
 
 def check_inputs(cfg: TrainConfig) -> list[ingest.ShardFile]:

@@ -286,6 +286,22 @@ def _apply_override(data: dict[str, Any], item: str) -> None:
     node[parts[-1]] = value
 
 
+def local_paths(cfg: PrepareConfig, where: str) -> None:
+    """Every path field a local path (`breen.storage.require_local`): a URI fails here, naming the field."""
+    from breen.storage import require_local
+
+    try:
+        cfg.output_dir = require_local(cfg.output_dir, "output_dir")
+        cfg.input.urls = [require_local(u, f"input.urls[{i}]") for i, u in enumerate(cfg.input.urls)]
+        if cfg.input.sft is not None:
+            cfg.input.sft.json = require_local(cfg.input.sft.json, "input.sft.json")
+            cfg.input.sft.image_folder = require_local(cfg.input.sft.image_folder, "input.sft.image_folder")
+        for name in ("weights", "model_config"):
+            setattr(cfg.teacher, name, require_local(getattr(cfg.teacher, name), f"teacher.{name}"))
+    except ValueError as e:
+        raise ConfigError(f"{where}: {e}") from None
+
+
 def load_config(path: str | Path, overrides: list[str] | None = None) -> PrepareConfig:
     """Load, override (dotted KEY=VALUE), validate and resolve a pipeline config file."""
     path = Path(path)
@@ -305,6 +321,7 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Prepare
         raise ConfigError(f"{path}: {e}") from None
     cfg.source = str(path)
     base = path.parent.resolve()
+    local_paths(cfg, str(path))
 
     def resolve(p: str) -> str:
         # Paths in a config file are relative to the current directory if they exist there,
