@@ -1,15 +1,46 @@
-"""Where paths may point: today local (or mounted) file systems only.
+"""One storage layer for local disk and object stores, on `pyarrow.fs` (what Ray Data and Ray Train use).
 
-Object storage (`s3://`, `gs://`, ...) is not supported yet (issue 16): every path a user gives is checked
-here first, so a URI fails at once naming the field instead of being written to a local folder called
-`s3:`. Users on clusters mount the bucket or use a ReadWriteMany volume (`docs/cluster.md`).
+`Store.at(uri)` resolves a location from what the user wrote:
+- a local path or `file://` URI -> `pyarrow.fs.LocalFileSystem`, absolute path;
+- `s3://bucket/prefix` -> `pyarrow.fs.S3FileSystem`; S3-compatible stores (MinIO, Ceph, R2) through
+  `endpoint_override` ("host:port" or "http(s)://host:port"), or the standard `AWS_ENDPOINT_URL_S3` /
+  `AWS_ENDPOINT_URL` variables;
+- `gs://bucket/prefix` -> `pyarrow.fs.GcsFileSystem`.
+A `Store` behaves like a `pathlib.Path` for the few things the project does (`/`, `exists`, `read_bytes`,
+`write_bytes`, `read_json`, `write_json`, `names`, `delete`), and hands `fs` and `path` to pyarrow and Ray.
+
+Completion semantics: on local disk a write goes to a temporary name and is renamed (readers never see a
+partial file); on an object store one PUT is all or nothing, so objects are written in place.
+
+Credentials come only from the standard places (environment variables, credentials files, instance or
+workload identity): a URI carrying keys is refused, and `uri` (what logs and manifests record) never
+holds a query string. Unknown schemes and missing buckets fail at once with `StorageError`, naming the
+config field and the URI (`check_readable`, `check_writable` run before Ray starts).
+
+Object storage is wired into the project step by step (issue 16); `require_local` guards every path that
+is not yet, so a URI fails naming the field instead of being written to a local folder called `s3:`.
 """
 
 from __future__ import annotations
 
+import json
+import os
 import re
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+import pyarrow.fs as pafs
 
 _SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
+OBJECT_STORES = ("s3", "gs")
+_SECRET_PARAMS = ("access_key", "secret_key", "session_token")
+
+
+class StorageError(ValueError):
+    """A location that cannot be used, naming the config field and the URI."""
 
 
 def scheme(path: str) -> str | None:
@@ -20,7 +51,7 @@ def scheme(path: str) -> str | None:
 
 def require_local(path: str | None, field: str) -> str | None:
     """`path` unchanged when it is a local path (a `file://` URI becomes its path); a ValueError naming
-    `field` for any other URI."""
+    `field` for any other URI (for the paths not yet on this layer)."""
     if path is None:
         return None
     kind = scheme(path)
@@ -32,3 +63,177 @@ def require_local(path: str | None, field: str) -> str | None:
         f"{field}: {path}: {kind}:// is not supported yet, only local or mounted paths (mount the bucket, "
         "or use a ReadWriteMany volume: docs/cluster.md)"
     )
+
+
+def _endpoint(value: str | None) -> tuple[str | None, str | None]:
+    """("host:port", "http"|"https") of an endpoint given as host:port or a URL; (None, None) if unset."""
+    value = value or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    if not value:
+        return None, None
+    if "://" in value:
+        parts = urlsplit(value)
+        return parts.netloc, parts.scheme
+    return value, "https"
+
+
+@dataclass(frozen=True)
+class Store:
+    """A location: a pyarrow filesystem and a path in it (no trailing slash)."""
+
+    fs: pafs.FileSystem
+    path: str
+    uri: str  # what the user named, normalised; never credentials
+
+    @classmethod
+    def at(cls, uri: str | Path, field: str = "path", endpoint_override: str | None = None) -> Store:
+        """The location `uri` names (see the module docstring); `field` names it in errors."""
+        text = str(uri)
+        kind = scheme(text)
+        if kind is None or kind == "file":
+            local = Path(text[len("file://") :] if kind == "file" else text).expanduser().resolve()
+            return cls(pafs.LocalFileSystem(), local.as_posix(), local.as_posix())
+        if kind not in OBJECT_STORES:
+            raise StorageError(
+                f"{field}: {text}: unknown storage scheme {kind}:// (use a local path, s3:// or gs://)"
+            )
+        parts = urlsplit(text)
+        query = parse_qs(parts.query)
+        if any(k in query for k in _SECRET_PARAMS):
+            raise StorageError(
+                f"{field}: {kind}://{parts.netloc}{parts.path}: credentials in a URI are refused; set them in the "
+                "environment, a credentials file or the workload identity"
+            )
+        if not parts.netloc:
+            raise StorageError(f"{field}: {text}: no bucket in the URI")
+        clean = f"{kind}://{parts.netloc}{parts.path}".rstrip("/")
+        path = f"{parts.netloc}{parts.path}".rstrip("/")
+        if kind == "s3":
+            host, http = _endpoint(endpoint_override or (query.get("endpoint_override") or [None])[0])
+            if host and (query.get("scheme") or [None])[0]:
+                http = query["scheme"][0]
+            fs = pafs.S3FileSystem(endpoint_override=host, scheme=http) if host else pafs.S3FileSystem()
+        else:
+            fs = pafs.GcsFileSystem()
+        return cls(fs, path, clean)
+
+    # ------------------------------------------------------------------ path-like
+    @property
+    def local(self) -> bool:
+        return isinstance(self.fs, pafs.LocalFileSystem)
+
+    @property
+    def name(self) -> str:
+        return self.path.rsplit("/", 1)[-1]
+
+    @property
+    def bucket(self) -> str | None:
+        return None if self.local else self.path.split("/", 1)[0]
+
+    def __truediv__(self, part: str) -> Store:
+        part = str(part).strip("/")
+        return Store(self.fs, f"{self.path}/{part}", f"{self.uri}/{part}")
+
+    def __str__(self) -> str:
+        return self.uri
+
+    def _info(self) -> pafs.FileInfo:
+        return self.fs.get_file_info(self.path)
+
+    def exists(self) -> bool:
+        return self._info().type != pafs.FileType.NotFound
+
+    def is_file(self) -> bool:
+        return self._info().type == pafs.FileType.File
+
+    def is_dir(self) -> bool:
+        """A folder, or on an object store a prefix that holds objects."""
+        return self._info().type == pafs.FileType.Directory
+
+    # ------------------------------------------------------------------ reads and writes
+    def read_bytes(self) -> bytes:
+        with self.fs.open_input_stream(self.path) as f:
+            return f.read()
+
+    def write_bytes(self, data: bytes) -> None:
+        """All or nothing: a temporary name then a rename on local disk; one PUT on an object store."""
+        if self.local:
+            os.makedirs(os.path.dirname(self.path), exist_ok=True)
+            tmp = f"{self.path}.tmp-{uuid.uuid4().hex[:8]}"
+            with open(tmp, "wb") as f:
+                f.write(data)
+            os.replace(tmp, self.path)
+            return
+        with self.fs.open_output_stream(self.path) as f:
+            f.write(data)
+
+    def read_json(self) -> Any:
+        return json.loads(self.read_bytes())
+
+    def write_json(self, obj: Any) -> None:
+        self.write_bytes((json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
+
+    def names(self, suffix: str = "") -> list[str]:
+        """Sorted names of the files directly under this location that end with `suffix`."""
+        if not self.exists():
+            return []
+        infos = self.fs.get_file_info(pafs.FileSelector(self.path, recursive=False))
+        return sorted(
+            i.base_name for i in infos if i.type == pafs.FileType.File and i.base_name.endswith(suffix)
+        )
+
+    def delete(self) -> None:
+        """Remove this file, or this folder / prefix and everything under it; nothing if absent."""
+        info = self._info()
+        if info.type == pafs.FileType.Directory:
+            self.fs.delete_dir(self.path)
+        elif info.type == pafs.FileType.File:
+            self.fs.delete_file(self.path)
+
+    # ------------------------------------------------------------------ checks before Ray starts
+    def _check_bucket(self, field: str) -> None:
+        if self.local:
+            return
+        try:
+            found = self.fs.get_file_info(self.bucket).type != pafs.FileType.NotFound
+        except OSError as e:
+            raise StorageError(f"{field}: {self.uri}: cannot reach the bucket: {e}") from None
+        if not found:
+            raise StorageError(
+                f"{field}: {self.uri}: bucket {self.bucket!r} not found (or not visible with these credentials)"
+            )
+
+    def check_readable(self, field: str) -> None:
+        """The location exists and can be listed or read."""
+        self._check_bucket(field)
+        try:
+            kind = self._info().type
+        except OSError as e:
+            raise StorageError(f"{field}: {self.uri}: cannot be read: {e}") from None
+        if kind == pafs.FileType.NotFound:
+            raise StorageError(f"{field}: {self.uri}: not found")
+
+    def check_writable(self, field: str) -> None:
+        """Objects can be written here: on an object store a probe object is written and deleted (nothing
+        is left); on local disk the folder, or its nearest existing ancestor, is a writable folder."""
+        self._check_bucket(field)
+        if self.local:
+            existing = Path(self.path)
+            if existing.exists() and not existing.is_dir():
+                raise StorageError(f"{field}: {self.uri} is a file, not a folder")
+            while not existing.exists():
+                existing = existing.parent
+            if not existing.is_dir():
+                raise StorageError(
+                    f"{field}: {self.uri} cannot be created: {existing} is a file, not a folder"
+                )
+            if not os.access(existing, os.W_OK | os.X_OK):
+                raise StorageError(
+                    f"{field}: {self.uri} cannot be written: no write permission on {existing}"
+                )
+            return
+        probe = self / f".breen-write-probe-{uuid.uuid4().hex[:12]}"
+        try:
+            probe.write_bytes(b"")
+            probe.delete()
+        except OSError as e:
+            raise StorageError(f"{field}: {self.uri}: cannot write there: {e}") from None

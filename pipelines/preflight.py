@@ -10,7 +10,6 @@ first bytes of the SFT JSON, the header of the teacher weights.
 from __future__ import annotations
 
 import codecs
-import os
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -20,15 +19,12 @@ from pipelines.config import ConfigError, PrepareConfig
 
 def output_dir(path: Path, field: str = "output_dir") -> None:
     """`path` is a folder we can write, or can be created as one (nothing is created here)."""
-    if path.exists() and not path.is_dir():
-        raise ConfigError(f"{field}: {path} is a file, not a folder")
-    existing = path
-    while not existing.exists():  # the nearest existing ancestor decides whether we can create it
-        existing = existing.parent
-    if not existing.is_dir():
-        raise ConfigError(f"{field}: {path} cannot be created: {existing} is a file, not a folder")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise ConfigError(f"{field}: {path} cannot be written: no write permission on {existing}")
+    from breen.storage import StorageError, Store
+
+    try:
+        Store.at(path).check_writable(field)
+    except StorageError as e:
+        raise ConfigError(str(e)) from None
 
 
 def sft_json(path: Path, field: str = "input.sft.json") -> None:
