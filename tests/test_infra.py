@@ -1,7 +1,7 @@
 """Cluster manifests and container recipe: `infra/kuberay` overlays and `infra/docker/Dockerfile`.
 
-Checks, for every overlay (cluster: `overlays/dev`, `overlays/full`; jobs: `overlays/dev/jobs`,
-`overlays/full/jobs`):
+Checks, for every overlay (cluster: `overlays/dev`, `overlays/full`, `overlays/kueue`; jobs:
+`overlays/dev/jobs`, `overlays/full/jobs`):
 
 - it builds with kustomize (`kubectl kustomize` when kubectl is installed, else the small Python
   equivalent below, which handles exactly the kustomize features these overlays use; when kubectl is
@@ -39,7 +39,7 @@ REPO = Path(__file__).resolve().parent.parent
 KUBERAY = REPO / "infra" / "kuberay"
 DOCKERFILE = REPO / "infra" / "docker" / "Dockerfile"
 CRD_DIR = REPO.parent / "shared" / "kuberay" / "crds"
-CLUSTER_OVERLAYS = ("overlays/dev", "overlays/full")
+CLUSTER_OVERLAYS = ("overlays/dev", "overlays/full", "overlays/kueue")
 JOB_OVERLAYS = ("overlays/dev/jobs", "overlays/full/jobs")
 PREP_STEPS = ("download", "captions", "filter", "shards", "sft-import", "report")  # pipelines.graph + report
 TRAIN_STEPS = ("convert", "stage1", "stage2", "stage3")
@@ -256,7 +256,7 @@ def test_overlay_builds(overlay):
     keys = by_key(objs)  # no duplicates
     kinds = {k for k, _ in keys}
     if overlay in CLUSTER_OVERLAYS:
-        assert kinds == {"RayCluster", "PersistentVolumeClaim", "ConfigMap"}, kinds
+        assert kinds == {"RayCluster", "PersistentVolumeClaim", "ConfigMap", "NetworkPolicy"}, kinds
         assert len(of_kind(objs, "RayCluster")) == 1
     else:
         assert kinds == {"RayJob"}, kinds
@@ -457,6 +457,118 @@ def test_rayjob_operator_rules(overlay):
         assert "backoffLimit" not in spec, f"{name}: no RayJob-level retries in clusterSelector mode"
         if "runtimeEnvYAML" in spec:
             assert isinstance(yaml.safe_load(spec["runtimeEnvYAML"]), dict)
+
+
+_UNITS = {"Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40}
+
+
+def _bytes(quantity: str) -> int:
+    """A Kubernetes memory quantity (binary suffixes, as the manifests use) in bytes."""
+    for suffix, factor in _UNITS.items():
+        if quantity.endswith(suffix):
+            return int(float(quantity[: -len(suffix)]) * factor)
+    return int(quantity)
+
+
+@pytest.mark.parametrize("overlay", CLUSTER_OVERLAYS)
+def test_object_store_and_shm_follow_each_pods_memory(overlay):
+    """Every group: object-store-memory = 1/4 of the pod's memory limit, /dev/shm = 30% of it rounded up
+    to a GiB (Ray would otherwise size its store from whatever /dev/shm offers)."""
+    (cluster,) = of_kind(build(overlay), "RayCluster")
+    spec = cluster["spec"]
+    groups = [("head", spec["headGroupSpec"])] + [(g["groupName"], g) for g in spec["workerGroupSpecs"]]
+    for name, group in groups:
+        pod = group["template"]["spec"]
+        memory = _bytes(pod["containers"][0]["resources"]["limits"]["memory"])
+        store = int(group["rayStartParams"]["object-store-memory"])
+        shm = next(v for v in pod["volumes"] if v["name"] == "shm")["emptyDir"]["sizeLimit"]
+        assert store == memory // 4, f"{overlay} {name}: object store {store} != {memory} / 4"
+        assert _bytes(shm) == -(-3 * memory // 10 // 2**30) * 2**30, f"{overlay} {name}: /dev/shm {shm}"
+        assert _bytes(shm) > store, f"{overlay} {name}: /dev/shm must hold the object store"
+
+
+@pytest.mark.parametrize("overlay", JOB_OVERLAYS)
+def test_every_rayjob_has_a_deadline_and_submitter_resources(overlay):
+    for job in of_kind(build(overlay), "RayJob"):
+        spec, name = job["spec"], job["metadata"]["name"]
+        assert 3600 <= spec["activeDeadlineSeconds"] <= 7 * 86400, name
+        pod = spec["submitterPodTemplate"]["spec"]
+        (container,) = pod["containers"]
+        res = container["resources"]
+        assert set(res) == {"requests", "limits"} and {"cpu", "memory"} <= set(res["requests"]), name
+        assert container["image"] == job_image(overlay), f"{name}: submitter image follows the overlay"
+        assert pod["securityContext"]["runAsNonRoot"] is True and pod["restartPolicy"] == "Never"
+    deadlines = {j["metadata"]["labels"]["breen/step"]: j["spec"]["activeDeadlineSeconds"]
+                 for j in of_kind(build(overlay), "RayJob")}  # fmt: skip
+    assert deadlines["stage2"] > deadlines["stage1"] > deadlines["stage3"], (
+        "longer stages get longer deadlines"
+    )
+
+
+def job_image(overlay: str) -> str:
+    (cluster,) = of_kind(build(cluster_overlay(overlay)), "RayCluster")
+    return cluster["spec"]["headGroupSpec"]["template"]["spec"]["containers"][0]["image"]
+
+
+@pytest.mark.parametrize("overlay", CLUSTER_OVERLAYS)
+def test_download_pods_cannot_reach_private_or_metadata_addresses(overlay):
+    """The NetworkPolicy selects the pods that run download tasks (the CPU group) and no other, allows
+    public egress, Ray's own traffic and DNS, and excludes every range the download guard refuses."""
+    import ipaddress
+
+    objs = build(overlay)
+    (policy,) = of_kind(objs, "NetworkPolicy")
+    (cluster,) = of_kind(objs, "RayCluster")
+    selector = policy["spec"]["podSelector"]["matchLabels"]
+    selected = [
+        name for name, pod in _pod_templates(cluster) if selector.items() <= pod["metadata"]["labels"].items()
+    ]
+    assert selected == ["cpu"], selected
+    assert policy["spec"]["policyTypes"] == ["Egress"]
+    blocks = [p["ipBlock"] for rule in policy["spec"]["egress"] for p in rule["to"] if "ipBlock" in p]
+    assert {b["cidr"] for b in blocks} == {"0.0.0.0/0", "::/0"}
+    excluded = [ipaddress.ip_network(e) for b in blocks for e in b["except"]]
+    for addr in ("10.1.2.3", "172.16.0.1", "192.168.1.1", "169.254.169.254", "100.64.0.1", "127.0.0.1",
+                 "224.0.0.1", "fd00::1", "fe80::1", "::ffff:10.0.0.1", "::1"):  # fmt: skip
+        ip = ipaddress.ip_address(addr)
+        assert any(ip in net for net in excluded), f"{addr} is reachable from the download pods"
+    for addr in ("8.8.8.8", "151.101.1.69", "2606:4700::1111"):
+        ip = ipaddress.ip_address(addr)
+        assert not any(ip in net for net in excluded), f"public {addr} is blocked"
+    peers = [
+        p
+        for rule in policy["spec"]["egress"]
+        for p in rule["to"]
+        if "podSelector" in p and "namespaceSelector" not in p
+    ]
+    assert peers and all(
+        p["podSelector"]["matchLabels"] == {"app.kubernetes.io/name": "breen"} for p in peers
+    )
+    dns = [r for r in policy["spec"]["egress"] if any(p.get("port") == 53 for p in r.get("ports", []))]
+    assert dns, "cluster DNS must stay reachable"
+
+
+def _pod_templates(cluster: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    spec = cluster["spec"]
+    return [("head", spec["headGroupSpec"]["template"])] + [
+        (g["groupName"], g["template"]) for g in spec["workerGroupSpecs"]
+    ]
+
+
+def test_kueue_overlay_queues_the_cluster_not_the_jobs():
+    (cluster,) = of_kind(build("overlays/kueue"), "RayCluster")
+    (full,) = of_kind(build("overlays/full"), "RayCluster")
+    assert cluster["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "breen"
+    assert cluster["metadata"]["annotations"] == {"kueue.x-k8s.io/elastic-job": "true"}
+    assert cluster["spec"]["suspend"] is True, "created suspended: Kueue starts it on admission"
+    assert cluster["spec"]["enableInTreeAutoscaling"] is True, "elastic: each scale-up is admitted as a slice"
+    rest = copy.deepcopy(cluster)
+    del (
+        rest["metadata"]["labels"]["kueue.x-k8s.io/queue-name"],
+        rest["metadata"]["annotations"],
+        rest["spec"]["suspend"],
+    )
+    assert rest == full, "otherwise the full overlay"
 
 
 # ============================================================================ entrypoints
