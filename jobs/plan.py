@@ -3,7 +3,7 @@
 Run:  python -m jobs.plan --pairs 13e6 --gpus 64 --gpu-type h100
       python -m jobs.plan --pairs 13e6 --gpus 64 --gpu-type h100 --image-tokens 1728 --out runs/plan
 
-Prints one line per phase (download, filter, teacher, stage1, stage2, stage3) with its wall time,
+Prints one line per phase (download, filter, teacher, sft_teacher, convert, stage1, stage2, stage3) with its wall time,
 GPU-hours, CPU-hours and the storage it adds, then every assumption the numbers rest on, and writes
 a PNG chart of the timeline (`<out>/timeline.png`) and the plan as JSON (`<out>/plan.json`).
 
@@ -83,6 +83,24 @@ RATE_NOTES: dict[str, str] = {
 DEFAULT_RATES_FILE = Path(__file__).resolve().parent.parent / "bench" / "rates.json"
 
 STAGES = ("stage1", "stage2", "stage3")
+PHASES = ("download", "filter", "teacher", "sft_teacher", "convert", *STAGES)
+
+# Where the defaults that are not measured here come from.
+SOURCES: dict[str, str] = {
+    "download_ok": "img2dataset reports 77-81% of URLs downloaded and decoded on real URL lists; set "
+    "--download-ok for yours",
+    "sft_samples": "BREEN's SFT set is 4M samples (comparison table in the README of EvolvingLMMs-Lab/NEO: "
+    "BREEN 13M pre-training / 4M SFT)",
+    "keep_checkpoints": "checkpoint.keep_last of the training config (jobs/config.py)",
+    "convert_gbps": "assumed: one pod reading and writing the shared volume",
+}
+
+
+def training_keep_last() -> int:
+    """Checkpoints the training keeps per stage (`checkpoint.keep_last`, jobs/config.py)."""
+    from jobs.config import CheckpointSection
+
+    return CheckpointSection().keep_last
 
 
 # --------------------------------------------------------------------------------------- inputs
@@ -100,17 +118,18 @@ class Assumptions:
     cpu_cores: int = 256  # CPU worker cores for download/filter (full overlay: 8 pods x 32 CPUs)
     cpus_per_gpu: int = 12  # CPUs per GPU on the GPU nodes (full overlay: 96 CPUs per 8-GPU pod)
     ingress_gbps: float = 25.0  # cluster download bandwidth from the internet, Gbit/s
-    download_ok: float = 0.90  # fraction of URLs that download and decode
+    download_ok: float = 0.80  # fraction of URLs that download and decode (SOURCES["download_ok"])
     filter_keep: float = 0.90  # fraction of downloaded images the filter keeps
     source_image_kb: float = 250.0  # mean size of a source image as served (network transfer)
     image_kb: float = 120.0  # mean stored image (long side <= 672, JPEG q95)
     stage1_fraction: float = 4 / 13  # stage 1 trains on 4M of the 13M pairs, stage 2 on the other 9M
-    sft_samples: float = 665e3  # stage-3 SFT samples (LLaVA-665K size; BREEN's mix is unpublished)
+    sft_samples: float = 4e6  # stage-3 SFT samples (SOURCES["sft_samples"])
     image_tokens: int = 2304  # per image: 48x48 for a square image (the maximum); 4:3 gives 1728
     caption_tokens: int = 64  # stages 1-2 text tokens per sample
     sft_text_tokens: int = 400  # stage-3 text tokens per sample (question, repeated question, answer)
     sft_sample_kb: float = 130.0  # stored SFT row (image + conversation) before features
-    keep_checkpoints: int = 2  # ZeRO-3 checkpoints kept per stage
+    keep_checkpoints: int | None = None  # ZeRO-3 checkpoints kept per stage; None: the training config's
+    convert_gbps: float = 0.5  # GB/s the conversion reads and writes on the shared volume (assumed)
     preset: str = "qwen2.5-7b"
     rates: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_RATES))
     rate_sources: dict[str, str] = field(default_factory=dict)
@@ -123,6 +142,10 @@ class Assumptions:
             raise ValueError(f"--gpu-type: unknown {self.gpu_type!r}; choose from {sorted(GPU_PEAK_FLOPS)} "
                              f"or give --gpu-peak-tflops")  # fmt: skip
         return GPU_PEAK_FLOPS[self.gpu_type]
+
+    @property
+    def checkpoints(self) -> int:
+        return self.keep_checkpoints if self.keep_checkpoints is not None else training_keep_last()
 
     @property
     def gpus_stage3(self) -> int:
@@ -157,7 +180,8 @@ class Assumptions:
             "cpus_per_gpu": self.cpus_per_gpu > 0, "ingress_gbps": self.ingress_gbps > 0,
             "download_ok": 0 < self.download_ok <= 1, "filter_keep": 0 < self.filter_keep <= 1,
             "stage1_fraction": 0 <= self.stage1_fraction <= 1, "sft_samples": self.sft_samples >= 0,
-            "image_tokens": self.image_tokens >= 0, "keep_checkpoints": self.keep_checkpoints >= 1,
+            "image_tokens": self.image_tokens >= 0, "keep_checkpoints": self.checkpoints >= 1,
+            "convert_gbps": self.convert_gbps > 0,
             "stage3_gpus": self.stage3_gpus is None or self.stage3_gpus > 0,
         }  # fmt: skip
         bad = [k for k, ok in checks.items() if not ok]
@@ -248,6 +272,34 @@ def teacher_phase(a: Assumptions) -> Phase:
                  notes)  # fmt: skip
 
 
+def sft_teacher_phase(a: Assumptions) -> Phase:
+    """sft_import + the teacher pass over the SFT images into sft_shards/ (every sample counted with one
+    image: an upper bound, text-only samples need no features)."""
+    gpu_wall = a.sft_samples * CLIP_L14_336_FLOPS_PER_IMAGE / (a.peak * a.teacher_mfu) / a.gpus
+    decode_wall = a.sft_samples / (a.rates["ingest_samples_per_s_per_core"] * a.gpus * a.cpus_per_gpu)
+    wall = max(gpu_wall, decode_wall)
+    # sft_import stores each image and conversation once; sft_shards hold the features and a reference.
+    storage = a.sft_samples * (a.sft_sample_kb * 1e3 + FEATURE_BYTES_PER_IMAGE + ROW_METADATA_BYTES)
+    return Phase("sft_teacher", f"{_n(a.sft_samples)} SFT images x 382 GFLOP (+ sft_shards)", wall, a.gpus,
+                 a.gpus * wall / 3600, a.gpus * a.cpus_per_gpu * wall / 3600, storage,
+                 "GPU" if gpu_wall >= decode_wall else "CPU decode",
+                 [f"GPU-bound time {_t(gpu_wall)}, CPU decode-bound time {_t(decode_wall)}"])  # fmt: skip
+
+
+def convert_phase(a: Assumptions) -> Phase:
+    """breen.convert: read the Qwen2 checkpoint (bf16) and write the stage-1 BREEN directory (every stored
+    parameter in bf16: the LLM, its copy as the image expert, the vision side); a 4-CPU job."""
+    from breen.config import BreenConfig
+
+    counts = BreenConfig.preset(a.preset).param_counts()
+    qwen = 2.0 * sum(counts[c] for c in ("embed_tokens", "lm_head", "attention", "norms", "text_experts"))
+    out = 2.0 * counts["stored"]
+    wall = (qwen + out) / (a.convert_gbps * 1e9)
+    return Phase("convert", f"Qwen2 {_b(qwen)} -> BREEN init {_b(out)}", wall, 0, 0.0, 4 * wall / 3600, out,
+                 "disk", [f"reads {_b(qwen)} and writes {_b(out)} at {a.convert_gbps:g} GB/s; can overlap "
+                          "data preparation (counted back to back here)"])  # fmt: skip
+
+
 def stage_flops(a: Assumptions, stage: str) -> float:
     """Training FLOPs of one stage: samples * tokens * flops_per_token(tokens), one sample per sequence."""
     from breen.config import BreenConfig
@@ -280,7 +332,7 @@ def stage_phase(a: Assumptions, stage: str) -> Phase:
     from breen.config import BreenConfig
 
     final = 2.0 * BreenConfig.preset(a.preset).param_counts()["stored"]
-    storage = a.keep_checkpoints * checkpoint_bytes(a, stage) + final
+    storage = a.checkpoints * checkpoint_bytes(a, stage) + final
     notes = [f"{a.tokens_per_sample(stage)} tokens/sample, needs {samples / gpu_wall:,.0f} samples/s "
              f"= {samples / gpu_wall / a.rates['ingest_samples_per_s_per_core']:,.0f} ingest cores "
              f"of {cpus} on the GPU nodes"]  # fmt: skip
@@ -293,7 +345,8 @@ def stage_phase(a: Assumptions, stage: str) -> Phase:
 def plan(a: Assumptions) -> list[Phase]:
     """Every phase in run order (each starts when the previous one ends)."""
     a.validate()
-    return [download_phase(a), filter_phase(a), teacher_phase(a)] + [stage_phase(a, s) for s in STAGES]
+    phases = [download_phase(a), filter_phase(a), teacher_phase(a), sft_teacher_phase(a), convert_phase(a)]
+    return phases + [stage_phase(a, s) for s in STAGES]
 
 
 def timeline(phases: list[Phase]) -> list[tuple[str, float, float]]:
@@ -337,6 +390,7 @@ def describe(a: Assumptions) -> list[str]:
     lines = [
         f"pairs reaching training: {_n(a.pairs)}; URLs to download = pairs / (download_ok {a.download_ok:g}"
         f" * filter_keep {a.filter_keep:g}) = {_n(a.urls)}",
+        f"download_ok {a.download_ok:g}: {SOURCES['download_ok'] if a.download_ok == Assumptions.download_ok else 'given'}",
         f"GPUs: {a.gpus} x {a.gpu_type} for the teacher and stages 1-2, {a.gpus_stage3} for stage 3; peak "
         f"{a.peak / 1e12:g} TFLOP/s dense bf16 per GPU",
         f"MFU: training {a.mfu:g}, teacher {a.teacher_mfu:g} (model FLOPs / peak; recomputation and "
@@ -351,12 +405,16 @@ def describe(a: Assumptions) -> list[str]:
         f"counted",
         f"samples: stage 1 {_n(a.stage_samples('stage1'))} ({a.stage1_fraction:.3f} of the pairs), stage 2 "
         f"{_n(a.stage_samples('stage2'))}, stage 3 {_n(a.sft_samples)} SFT; one epoch each",
+        f"sft_samples {_n(a.sft_samples)}: {SOURCES['sft_samples'] if a.sft_samples == Assumptions.sft_samples else 'given'}; "
+        f"the SFT teacher pass counts one image per sample",
+        f"convert: {a.convert_gbps:g} GB/s ({SOURCES['convert_gbps']})",
         f"CPU data steps: {a.cpu_cores} cores; ingress {a.ingress_gbps:g} Gbit/s, {a.source_image_kb:g} KB "
         f"per source image; GPU nodes: {a.cpus_per_gpu} CPUs per GPU",
         f"storage: {a.image_kb:g} KB per stored image, {FEATURE_BYTES_PER_IMAGE / 1e3:.1f} KB of teacher "
         f"features; image bytes stored once (download/), the training shards reference them; "
         f"{ROW_METADATA_BYTES} B of text and decisions per row in captions/, filter/ and shards/; "
-        f"{a.keep_checkpoints} ZeRO-3 checkpoints per stage + the final bf16 weights",
+        f"{a.checkpoints} ZeRO-3 checkpoints per stage ("
+        f"{SOURCES['keep_checkpoints'] if a.keep_checkpoints is None else 'given'}) + the final bf16 weights",
         "phases run back to back; GPU/CPU-hours are allocated hours (devices x wall time); scaling is "
         "linear in workers (no straggler or start-up time)",
     ]
@@ -367,15 +425,15 @@ def describe(a: Assumptions) -> list[str]:
 
 def format_plan(a: Assumptions, phases: list[Phase]) -> str:
     head = (
-        f"{'phase':<9}{'wall':>9}{'GPUs':>6}{'GPU-h':>10}{'CPU-h':>10}{'storage':>11}  {'bound by':<11} what"
+        f"{'phase':<12}{'wall':>9}{'GPUs':>6}{'GPU-h':>10}{'CPU-h':>10}{'storage':>11}  {'bound by':<11} what"
     )
     lines = [f"BREEN capacity plan: {_n(a.pairs)} pairs, {a.gpus} x {a.gpu_type}", "", head, "-" * len(head)]
     for p in phases:
-        lines.append(f"{p.name:<9}{_t(p.wall_s):>9}{p.gpus or '-':>6}{p.gpu_hours:>10,.0f}{p.cpu_hours:>10,.0f}"
+        lines.append(f"{p.name:<12}{_t(p.wall_s):>9}{p.gpus or '-':>6}{p.gpu_hours:>10,.0f}{p.cpu_hours:>10,.0f}"
                      f"{_b(p.storage_bytes):>11}  {p.bound:<11} {p.what}")  # fmt: skip
     total_wall = sum(p.wall_s for p in phases)
     lines.append("-" * len(head))
-    lines.append(f"{'total':<9}{_t(total_wall):>9}{'':>6}{sum(p.gpu_hours for p in phases):>10,.0f}"
+    lines.append(f"{'total':<12}{_t(total_wall):>9}{'':>6}{sum(p.gpu_hours for p in phases):>10,.0f}"
                  f"{sum(p.cpu_hours for p in phases):>10,.0f}{_b(sum(p.storage_bytes for p in phases)):>11}")  # fmt: skip
     lines.append("")
     for p in phases:
@@ -429,16 +487,29 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--cpu-cores", type=int, default=d.cpu_cores, help="CPU cores for download and filter")
     ap.add_argument("--cpus-per-gpu", type=int, default=d.cpus_per_gpu)
     ap.add_argument("--ingress-gbps", type=float, default=d.ingress_gbps)
-    ap.add_argument("--download-ok", type=float, default=d.download_ok)
+    ap.add_argument(
+        "--download-ok",
+        type=float,
+        default=d.download_ok,
+        help="fraction of URLs that download and decode (default 0.8, img2dataset's 77-81%%)",
+    )
     ap.add_argument("--filter-keep", type=float, default=d.filter_keep)
     ap.add_argument("--source-image-kb", type=float, default=d.source_image_kb)
     ap.add_argument("--image-kb", type=float, default=d.image_kb)
     ap.add_argument("--stage1-fraction", type=float, default=d.stage1_fraction)
-    ap.add_argument("--sft-samples", type=float, default=d.sft_samples)
+    ap.add_argument(
+        "--sft-samples", type=float, default=d.sft_samples, help="stage-3 SFT samples (BREEN: 4M)"
+    )
     ap.add_argument("--image-tokens", type=int, default=d.image_tokens)
     ap.add_argument("--caption-tokens", type=int, default=d.caption_tokens)
     ap.add_argument("--sft-text-tokens", type=int, default=d.sft_text_tokens)
-    ap.add_argument("--keep-checkpoints", type=int, default=d.keep_checkpoints)
+    ap.add_argument(
+        "--keep-checkpoints",
+        type=int,
+        default=None,
+        help="checkpoints kept per stage (default: checkpoint.keep_last of the training config)",
+    )
+    ap.add_argument("--convert-gbps", type=float, default=d.convert_gbps, help="conversion disk GB/s")
     ap.add_argument("--preset", default=d.preset, help="BREEN model preset (breen.config)")
     ap.add_argument("--rates", type=Path, default=DEFAULT_RATES_FILE, help="per-core rates JSON")
     ap.add_argument(
@@ -458,6 +529,7 @@ def main(argv: list[str] | None = None) -> int:
         source_image_kb=args.source_image_kb, image_kb=args.image_kb, stage1_fraction=args.stage1_fraction,
         sft_samples=args.sft_samples, image_tokens=args.image_tokens, caption_tokens=args.caption_tokens,
         sft_text_tokens=args.sft_text_tokens, keep_checkpoints=args.keep_checkpoints, preset=args.preset,
+        convert_gbps=args.convert_gbps,
         rates=rates, rate_sources=sources,
     )  # fmt: skip
     try:

@@ -498,11 +498,16 @@ def test_every_rayjob_has_a_deadline_and_submitter_resources(overlay):
         assert set(res) == {"requests", "limits"} and {"cpu", "memory"} <= set(res["requests"]), name
         assert container["image"] == job_image(overlay), f"{name}: submitter image follows the overlay"
         assert pod["securityContext"]["runAsNonRoot"] is True and pod["restartPolicy"] == "Never"
-    deadlines = {j["metadata"]["labels"]["breen/step"]: j["spec"]["activeDeadlineSeconds"]
-                 for j in of_kind(build(overlay), "RayJob")}  # fmt: skip
-    assert deadlines["stage2"] > deadlines["stage1"] > deadlines["stage3"], (
-        "longer stages get longer deadlines"
-    )
+    from jobs import plan
+
+    walls = {p.name: p.wall_s for p in plan.plan(plan.Assumptions())}  # the full overlay's sizes
+    phase_of = {"download": "download", "captions": "filter", "filter": "filter", "shards": "teacher",
+                "sft-import": "sft_teacher", "convert": "convert", "stage1": "stage1", "stage2": "stage2",
+                "stage3": "stage3"}  # fmt: skip
+    for job in of_kind(build(overlay), "RayJob"):
+        step = job["metadata"]["labels"]["breen/step"]
+        if step in phase_of:  # at least twice the planned wall time of the full overlay
+            assert job["spec"]["activeDeadlineSeconds"] >= 2 * walls[phase_of[step]], step
 
 
 def job_image(overlay: str) -> str:

@@ -92,7 +92,7 @@ def test_storage_counts_images_once_features_and_checkpoints():
 def test_timeline_runs_phases_back_to_back():
     ps = plan.plan(Assumptions())
     spans = plan.timeline(ps)
-    assert [s[0] for s in spans] == ["download", "filter", "teacher", "stage1", "stage2", "stage3"]
+    assert [s[0] for s in spans] == list(plan.PHASES)
     for (_, _, end), (_, start, _) in itertools.pairwise(spans):
         assert start == end
     assert spans[-1][2] == pytest.approx(sum(p.wall_s for p in ps))
@@ -133,7 +133,7 @@ def test_cli_prints_every_phase_and_assumption_and_writes_chart(tmp_path, capsys
     argv = ["--pairs", "13e6", "--gpus", "64", "--gpu-type", "h100", "--rates", str(rates), "--out", str(out)]
     assert plan.main(argv) == 0
     text = capsys.readouterr().out
-    for name in ("download", "filter", "teacher", "stage1", "stage2", "stage3", "total"):
+    for name in (*plan.PHASES, "total"):
         assert f"\n{name}" in text
     for word in ("MFU", "382 GFLOP", "tokens per sample", "peak", "download_ok", "GB", "TB", "Assumptions"):
         assert word in text, word
@@ -142,14 +142,7 @@ def test_cli_prints_every_phase_and_assumption_and_writes_chart(tmp_path, capsys
     assert "rate download_images_per_s_per_core = 40: measured" in text
     assert (out / "timeline.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     doc = json.loads((out / "plan.json").read_text())
-    assert [p["name"] for p in doc["phases"]] == [
-        "download",
-        "filter",
-        "teacher",
-        "stage1",
-        "stage2",
-        "stage3",
-    ]
+    assert [p["name"] for p in doc["phases"]] == list(plan.PHASES)
     total_gpu_h = doc["total"]["gpu_hours"]
     assert 500 < total_gpu_h < 3000, total_gpu_h  # order of 10^3 H100-hours (reference section 2)
     assert math.isclose(doc["total"]["wall_s"], doc["timeline"][-1]["end_s"])
@@ -160,3 +153,35 @@ def test_cli_rejects_unknown_gpu(tmp_path, capsys):
         plan.main(["--gpu-type", "tpu", "--rates", str(tmp_path / "none.json"), "--out", str(tmp_path)]) == 2
     )
     assert "gpu-type" in capsys.readouterr().err
+
+
+def test_defaults_follow_the_recipe_and_the_training_config():
+    from jobs.config import CheckpointSection
+
+    a = Assumptions()
+    assert a.download_ok == 0.8 and a.sft_samples == 4e6  # img2dataset's 77-81%; BREEN's 4M SFT samples
+    assert a.checkpoints == CheckpointSection().keep_last == 3
+    assert Assumptions(keep_checkpoints=1).checkpoints == 1
+    text = "\n".join(plan.describe(a))
+    for source in plan.SOURCES.values():
+        assert source in text, source
+    assert "given" in "\n".join(plan.describe(Assumptions(download_ok=0.7, sft_samples=1e6)))
+
+
+def test_sft_teacher_and_conversion_are_on_the_timeline():
+    a = Assumptions()
+    p = {x.name: x for x in plan.plan(a)}
+    assert (
+        p["sft_teacher"].gpu_hours
+        == pytest.approx(
+            a.sft_samples * plan.CLIP_L14_336_FLOPS_PER_IMAGE / (a.peak * a.teacher_mfu) / 3600, rel=0.01
+        )
+        or p["sft_teacher"].bound == "CPU decode"
+    )
+    assert p["sft_teacher"].storage_bytes > a.sft_samples * a.sft_sample_kb * 1e3
+    counts = BreenConfig.preset(a.preset).param_counts()
+    assert p["convert"].storage_bytes == 2 * counts["stored"]
+    assert p["convert"].wall_s == pytest.approx((p["convert"].storage_bytes + 15.23e9) / 0.5e9, rel=0.01)
+    assert p["stage3"].storage_bytes == pytest.approx(
+        3 * plan.checkpoint_bytes(a, "stage3") + 2 * counts["stored"]
+    )
