@@ -5,7 +5,7 @@ written by `breen.convert` or a training checkpoint export) and an image file; p
 
 Run with:
     python -m breen.generate --model DIR --image FILE --prompt TEXT \\
-        [--max-new-tokens 128] [--dtype float32|bfloat16|float16] [--device cpu|cuda]
+        [--max-new-tokens 128] [--dtype float32|bfloat16|float16] [--device auto|cpu|cuda]
 ``--image`` may be omitted for a text-only prompt. No CLIP model is needed at inference.
 """
 
@@ -13,15 +13,16 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-
-from breen.data import encode_prompt
-from breen.model import BreenForCausalLM
 from breen.storage import require_local
 
+if TYPE_CHECKING:  # torch, transformers and the model load only when generating: `--help` and input
+    import torch  # errors return at once
 
-@torch.no_grad()
+    from breen.model import BreenForCausalLM
+
+
 def greedy_generate(
     model: BreenForCausalLM,
     input_ids: torch.Tensor,
@@ -35,6 +36,15 @@ def greedy_generate(
     The prompt (with image and queries) runs once to fill the cache; each new token is then one
     text-token step through the text expert. Stops at any id in `eos_token_ids` (kept in the output).
     """
+    import torch
+
+    with torch.no_grad():
+        return _greedy(model, input_ids, pixel_values, image_grid, max_new_tokens, eos_token_ids)
+
+
+def _greedy(model, input_ids, pixel_values, image_grid, max_new_tokens, eos_token_ids) -> list[int]:
+    import torch
+
     model.eval()
     device = model.device
     ids = input_ids.view(1, -1).to(device)  # [1, L]
@@ -69,6 +79,10 @@ def stop_ids(tokenizer, model: BreenForCausalLM) -> set[int]:
 
 def answer(model: BreenForCausalLM, tokenizer, prompt: str, image=None, max_new_tokens: int = 128) -> str:
     """Generate the answer to `prompt` about `image` (PIL image, encoded bytes, or None)."""
+    import torch
+
+    from breen.data import encode_prompt
+
     inputs = encode_prompt(tokenizer, model.config, question=prompt, image=image)
     pixel_values = torch.from_numpy(inputs["pixel_values"]) if "pixel_values" in inputs else None
     tokens = greedy_generate(
@@ -83,9 +97,9 @@ def answer(model: BreenForCausalLM, tokenizer, prompt: str, image=None, max_new_
 
 
 def main(argv: list[str] | None = None) -> None:
-    from transformers import AutoTokenizer
-
-    parser = argparse.ArgumentParser(description="Greedy BREEN generation (stage-3 prompt layout).")
+    parser = argparse.ArgumentParser(
+        prog="python -m breen.generate", description="Greedy BREEN generation (stage-3 prompt layout)."
+    )
     parser.add_argument(
         "--model", required=True, help="BREEN directory (config.json, safetensors, tokenizer)"
     )
@@ -93,7 +107,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--prompt", required=True)
     parser.add_argument("--max-new-tokens", type=int, default=128)
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (cuda when available)")
     args = parser.parse_args(argv)
     try:  # every input checked before the model loads (minutes for 7B)
         args.model = require_local(args.model, "--model")
@@ -103,6 +117,13 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"--model: {args.model}: not a BREEN directory (no config.json there)")
     if args.image and not Path(args.image).is_file():
         parser.error(f"--image: {args.image}: file not found")
+    import torch
+    from transformers import AutoTokenizer
+
+    from breen.model import BreenForCausalLM
+
+    if args.device == "auto":
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
     # flash attention needs CUDA and half precision; anything else uses SDPA
     attn = None if args.device.startswith("cuda") and args.dtype != "float32" else "sdpa"
     model = BreenForCausalLM.from_pretrained(

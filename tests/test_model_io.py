@@ -171,3 +171,25 @@ def test_breen_imports_neither_ray_nor_deepspeed():
         "bad = [m for m in ('ray', 'deepspeed') if m in sys.modules]; assert not bad, bad"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+def test_generate_rejects_a_missing_image_at_once_without_importing_torch(tmp_path):
+    """`python -m breen.generate` checks its inputs before torch, transformers or the model load: exit 2
+    in well under the seconds torch alone takes to import."""
+    import subprocess
+    import sys
+    import time
+
+    (tmp_path / "config.json").write_text("{}")
+    probe = ("import runpy, sys; sys.argv = ['breen.generate'] + sys.argv[1:]\n"
+             "try:\n    runpy.run_module('breen.generate', run_name='__main__')\n"
+             "finally:\n    print('torch imported' if 'torch' in sys.modules else 'no torch', file=sys.stderr)")  # fmt: skip
+    t0 = time.monotonic()
+    out = subprocess.run([sys.executable, "-c", probe, "--model", str(tmp_path), "--image", str(tmp_path / "no.jpg"),
+                          "--prompt", "hi"], capture_output=True, text=True, timeout=60)  # fmt: skip
+    seconds = time.monotonic() - t0
+    assert out.returncode == 2, out.stderr
+    assert f"--image: {tmp_path / 'no.jpg'}: file not found" in out.stderr
+    assert "usage: python -m breen.generate" in out.stderr
+    assert "no torch" in out.stderr, out.stderr
+    assert seconds < 2.0, f"{seconds:.2f} s"
