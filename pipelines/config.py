@@ -20,6 +20,8 @@ from typing import Any
 
 import yaml
 
+from breen.teacher import PREPROCESS_RULES, PREPROCESS_VERSION  # numpy and PIL only
+
 
 class ConfigError(ValueError):
     """A bad config value; the message names the field and the file."""
@@ -126,7 +128,7 @@ class TeacherConfig:
     prefetch_batches: int = 2  # batches decoded ahead of the one in the model (with decode threads)
     # canvas rule (`breen.teacher.PREPROCESS_RULES`): the released BREEN code's by default;
     # "letterbox-336-mean-bicubic-v1" reproduces datasets made before it
-    preprocess: str = "letterbox-336-released-v2"
+    preprocess: str = PREPROCESS_VERSION
 
 
 @dataclass
@@ -386,6 +388,4 @@ def validate(cfg: PrepareConfig, where: str = "config") -> None:
     if cfg.filter.max_aspect_ratio is not None:
         need(cfg.filter.max_aspect_ratio >= 1, "filter.max_aspect_ratio", "must be >= 1")
     need(0 < cfg.filter.language_min_ratio <= 1, "filter.language_min_ratio", "must be in (0, 1]")
-    from breen.teacher import PREPROCESS_RULES  # numpy and PIL only
-
     need(cfg.teacher.preprocess in PREPROCESS_RULES, "teacher.preprocess", " or ".join(PREPROCESS_RULES))
