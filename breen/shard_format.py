@@ -20,7 +20,8 @@ when ``image`` is non-null or ``image_row`` is non-null.
 
 Referenced images are what the preparation writes: the download step (or sft_import) stores every
 image once, and the training shards point at it, so no step copies image bytes. Keep the image
-dataset next to the shards (the relative path is in each shard's metadata).
+dataset next to the shards (the relative path is in each shard's metadata). Every reader here takes a
+local path or a `breen.storage.Store` (local disk or an object store).
 """
 
 from __future__ import annotations
@@ -32,6 +33,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
+
+from breen.storage import Store
 
 KEY = "key"
 IMAGE = "image"
@@ -123,9 +126,15 @@ def teacher_of(schema: pa.Schema) -> tuple[str, str, str]:
 # ----------------------------------------------------------------------------- rows and images
 
 
-def read_rows(path: str | Path, columns: Sequence[str], rows: np.ndarray) -> pa.Table:
+def parquet_file(path: str | Path | Store) -> pq.ParquetFile:
+    """An open Parquet file (its footer read; row groups read on demand) on local disk or a store."""
+    store = Store.at(path)
+    return pq.ParquetFile(store.fs.open_input_file(store.path))
+
+
+def read_rows(path: str | Path | Store, columns: Sequence[str], rows: np.ndarray) -> pa.Table:
     """Rows `rows` (in that order) of a Parquet file, reading only the row groups that hold them."""
-    pf = pq.ParquetFile(path)
+    pf = parquet_file(path)
     rows = np.asarray(rows, np.int64)
     if len(rows) == 0:
         return pf.schema_arrow.empty_table().select(list(columns))
@@ -143,18 +152,21 @@ def read_rows(path: str | Path, columns: Sequence[str], rows: np.ndarray) -> pa.
 
 
 def read_by_key(
-    path: str | Path, keys: pa.Array | pa.ChunkedArray, columns: Sequence[str]
+    path: str | Path | Store, keys: pa.Array | pa.ChunkedArray, columns: Sequence[str]
 ) -> tuple[pa.Table, np.ndarray]:
     """`columns` of the rows of the Parquet file `path` with these keys (in this order), and those rows'
     positions in the file; a key the file does not hold is an error naming it."""
-    pos = row_positions(keys, pq.read_table(path, columns=[KEY]).column(KEY), str(path))
-    return read_rows(path, columns, pos), pos
+    store = Store.at(path)
+    keys_of = pq.read_table(store.path, columns=[KEY], filesystem=store.fs).column(KEY)
+    pos = row_positions(keys, keys_of, str(store))
+    return read_rows(store, columns, pos), pos
 
 
-def images_dir(shard_path: str | Path) -> Path | None:
+def images_dir(shard_path: str | Path | Store) -> Store | None:
     """The image dataset folder a shard's references point into (None for inline images)."""
-    rel = metadata(pq.read_schema(shard_path)).get(META_IMAGES)
-    return None if rel is None else (Path(shard_path).parent / rel).resolve()
+    store = Store.at(shard_path)
+    rel = metadata(pq.read_schema(store.path, filesystem=store.fs)).get(META_IMAGES)
+    return None if rel is None else store.parent.joinpath(rel)
 
 
 def has_image(table: pa.Table) -> np.ndarray:
@@ -163,7 +175,7 @@ def has_image(table: pa.Table) -> np.ndarray:
     return np.asarray(col.is_valid().to_numpy(zero_copy_only=False), bool)
 
 
-def resolve_images(table: pa.Table, image_root: Path | None) -> list[bytes | None]:
+def resolve_images(table: pa.Table, image_root: str | Path | Store | None) -> list[bytes | None]:
     """The encoded image of every row of `table` (rows of one training shard): inline bytes, or read
     through `image_shard`/`image_row` from the image dataset `image_root` (see `images_dir`)."""
     if IMAGE in table.column_names:
@@ -182,7 +194,7 @@ def resolve_images(table: pa.Table, image_root: Path | None) -> list[bytes | Non
         if r is not None:
             by_shard.setdefault(s, []).append(i)
     for shard, idx in sorted(by_shard.items()):
-        path = image_root / f"{shard}.parquet"
+        path = Store.at(image_root) / f"{shard}.parquet"
         want = np.array([rows[i] for i in idx], np.int64)
         images = read_rows(path, [IMAGE], want).column(IMAGE).to_pylist()
         for i, img in zip(idx, images, strict=True):

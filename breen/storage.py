@@ -6,8 +6,11 @@
   `endpoint_override` ("host:port" or "http(s)://host:port"), or the standard `AWS_ENDPOINT_URL_S3` /
   `AWS_ENDPOINT_URL` variables;
 - `gs://bucket/prefix` -> `pyarrow.fs.GcsFileSystem`.
-A `Store` behaves like a `pathlib.Path` for the few things the project does (`/`, `exists`, `read_bytes`,
-`write_bytes`, `read_json`, `write_json`, `names`, `delete`), and hands `fs` and `path` to pyarrow and Ray.
+A `Store` behaves like a `pathlib.Path` for the few things the project does (`/`, `parent`, `name`,
+`exists`, `read_bytes`, `write_bytes`, `read_text`, `read_json`, `write_json`, `glob`, `files`, `names`,
+`mkdir`, `delete`), and hands `fs` and `path` to pyarrow and Ray (`pyarrow.parquet` takes
+`store.path, filesystem=store.fs`). Stores are picklable: Ray tasks and actors receive them as they are
+(the filesystem carries its endpoint, never credentials, which each process reads from the environment).
 
 Completion semantics: on local disk a write goes to a temporary name and is renamed (readers never see a
 partial file); on an object store one PUT is all or nothing, so objects are written in place.
@@ -17,14 +20,17 @@ workload identity): a URI carrying keys is refused, and `uri` (what logs and man
 holds a query string. Unknown schemes and missing buckets fail at once with `StorageError`, naming the
 config field and the URI (`check_readable`, `check_writable` run before Ray starts).
 
-Object storage is wired into the project step by step (issue 16); `require_local` guards every path that
-is not yet, so a URI fails naming the field instead of being written to a local folder called `s3:`.
+`require_local` guards the paths that must be on a local disk (a model loaded by transformers, for
+example), so a URI fails naming the field instead of being written to a local folder called `s3:`.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import fnmatch
 import json
 import os
+import posixpath
 import re
 import uuid
 from dataclasses import dataclass
@@ -37,6 +43,18 @@ import pyarrow.fs as pafs
 _SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
 OBJECT_STORES = ("s3", "gs")
 _SECRET_PARAMS = ("access_key", "secret_key", "session_token")
+
+
+_TMP = ".tmp-"
+
+
+def temporary_name(path: str) -> str:
+    """A temporary name beside `path` for a write-then-rename (never listed by `Store.names`)."""
+    return f"{path}{_TMP}{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+
+def is_temporary(name: str) -> bool:
+    return _TMP in name
 
 
 class StorageError(ValueError):
@@ -80,13 +98,16 @@ def _endpoint(value: str | None) -> tuple[str | None, str | None]:
 class Store:
     """A location: a pyarrow filesystem and a path in it (no trailing slash)."""
 
-    fs: pafs.FileSystem
+    fs: pafs.FileSystem = dataclasses.field(compare=False)
     path: str
-    uri: str  # what the user named, normalised; never credentials
+    uri: str  # what the user named, normalised; never credentials (equality and hashing use path and uri)
 
     @classmethod
-    def at(cls, uri: str | Path, field: str = "path", endpoint_override: str | None = None) -> Store:
-        """The location `uri` names (see the module docstring); `field` names it in errors."""
+    def at(cls, uri: str | Path | Store, field: str = "path", endpoint_override: str | None = None) -> Store:
+        """The location `uri` names (see the module docstring); `field` names it in errors. A Store is
+        returned as it is."""
+        if isinstance(uri, Store):
+            return uri
         text = str(uri)
         kind = scheme(text)
         if kind is None or kind == "file":
@@ -129,9 +150,30 @@ class Store:
     def bucket(self) -> str | None:
         return None if self.local else self.path.split("/", 1)[0]
 
+    def _at(self, path: str) -> Store:
+        """Another location on the same filesystem (the URI keeps this one's scheme)."""
+        prefix = self.uri[: len(self.uri) - len(self.path)]  # "" locally, "s3://" or "gs://" otherwise
+        return Store(self.fs, path, prefix + path)
+
     def __truediv__(self, part: str) -> Store:
         part = str(part).strip("/")
-        return Store(self.fs, f"{self.path}/{part}", f"{self.uri}/{part}")
+        return self._at(f"{self.path}/{part}")
+
+    def joinpath(self, relative: str) -> Store:
+        """This location followed by `relative`, which may climb with `..` (normalised, like a path)."""
+        return self._at(posixpath.normpath(f"{self.path}/{relative}"))
+
+    def relative_to_dir(self, other: Store) -> str:
+        """This location as a relative path from folder `other` (`joinpath` inverts it)."""
+        return posixpath.relpath(self.path, other.path)
+
+    @property
+    def parent(self) -> Store:
+        return self._at(posixpath.dirname(self.path))
+
+    @property
+    def stem(self) -> str:
+        return self.name.split(".", 1)[0]
 
     def __str__(self) -> str:
         return self.uri
@@ -155,31 +197,66 @@ class Store:
             return f.read()
 
     def write_bytes(self, data: bytes) -> None:
-        """All or nothing: a temporary name then a rename on local disk; one PUT on an object store."""
+        """All or nothing: a temporary name, fsync, then a rename on local disk; one PUT on an object store."""
         if self.local:
             os.makedirs(os.path.dirname(self.path), exist_ok=True)
-            tmp = f"{self.path}.tmp-{uuid.uuid4().hex[:8]}"
+            tmp = temporary_name(self.path)
             with open(tmp, "wb") as f:
                 f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
             os.replace(tmp, self.path)
             return
         with self.fs.open_output_stream(self.path) as f:
             f.write(data)
 
+    def read_text(self) -> str:
+        return self.read_bytes().decode()
+
+    def write_text(self, text: str) -> None:
+        self.write_bytes(text.encode())
+
     def read_json(self) -> Any:
         return json.loads(self.read_bytes())
 
     def write_json(self, obj: Any) -> None:
-        self.write_bytes((json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
+        self.write_bytes((json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n").encode())
+
+    def open_input(self):
+        """A binary file object to read (seekable: what pyarrow's CSV and JSON readers need)."""
+        return self.fs.open_input_file(self.path)
+
+    def mkdir(self) -> None:
+        """Create the folder (and its parents) on local disk; nothing on an object store (no folders)."""
+        if self.local:
+            os.makedirs(self.path, exist_ok=True)
+
+    def _entries(self, recursive: bool) -> list[pafs.FileInfo]:
+        if not self.is_dir():
+            return []
+        infos = self.fs.get_file_info(pafs.FileSelector(self.path, recursive=recursive))
+        return [i for i in infos if i.type == pafs.FileType.File and not is_temporary(i.base_name)]
+
+    def dirs(self) -> list[Store]:
+        """The folders (prefixes holding objects) directly under this location, sorted."""
+        if not self.is_dir():
+            return []
+        infos = self.fs.get_file_info(pafs.FileSelector(self.path, recursive=False))
+        return sorted((self._at(i.path) for i in infos if i.type == pafs.FileType.Directory),
+                      key=lambda d: d.path)  # fmt: skip
 
     def names(self, suffix: str = "") -> list[str]:
         """Sorted names of the files directly under this location that end with `suffix`."""
-        if not self.exists():
-            return []
-        infos = self.fs.get_file_info(pafs.FileSelector(self.path, recursive=False))
-        return sorted(
-            i.base_name for i in infos if i.type == pafs.FileType.File and i.base_name.endswith(suffix)
-        )
+        return sorted(i.base_name for i in self._entries(False) if i.base_name.endswith(suffix))
+
+    def glob(self, pattern: str) -> list[Store]:
+        """The files directly under this location whose name matches `pattern` (fnmatch), sorted."""
+        return [self / n for n in self.names() if fnmatch.fnmatchcase(n, pattern)]
+
+    def files(self, suffix: str = "") -> list[Store]:
+        """Every file under this location, at any depth, that ends with `suffix`, sorted by path."""
+        return [self._at(i.path) for i in sorted(self._entries(True), key=lambda i: i.path)
+                if i.base_name.endswith(suffix)]  # fmt: skip
 
     def delete(self) -> None:
         """Remove this file, or this folder / prefix and everything under it; nothing if absent."""
@@ -237,3 +314,6 @@ class Store:
             probe.delete()
         except OSError as e:
             raise StorageError(f"{field}: {self.uri}: cannot write there: {e}") from None
+
+
+Location = str | Path | Store  # what the project's functions take: a local path, a URI or a Store

@@ -30,8 +30,8 @@ from typing import Any
 import ftfy
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
+from breen.storage import Store
 from pipelines import common, graph
 from pipelines.config import CaptionsConfig, PrepareConfig, from_dict, to_dict
 
@@ -325,13 +325,13 @@ def clean_table(table: pa.Table, cfg: CaptionsConfig) -> tuple[pa.Table, pa.Tabl
 class CaptionsWorker(common.ShardWorker):
     """Cleans the captions of one download shard (one actor holds the config and compiled patterns)."""
 
-    def __init__(self, in_dir: str, out_dir: str, captions: dict[str, Any]) -> None:
+    def __init__(self, in_dir: Store, out_dir: Store, captions: dict[str, Any]) -> None:
         super().__init__(in_dir, out_dir)
         self.cfg: CaptionsConfig = from_dict(CaptionsConfig, captions, "captions")
 
     def process(self, name: str) -> dict[str, Any]:
         t0 = time.monotonic()
-        table = pq.read_table(self.in_dir / f"{name}.parquet", columns=list(READS))
+        table = common.read_table(self.in_dir / f"{name}.parquet", columns=list(READS))
         kept, rejected = clean_table(table, self.cfg)
         return common.write_shard(
             self.out_dir, name, kept, rejected, table.num_rows,
@@ -345,11 +345,11 @@ def run(cfg: PrepareConfig) -> dict[str, Any]:
     out = cfg.out / STEP
     names = common.require_dataset(in_dir, STEP_INFO.rows_from)
     common.init_ray(cfg.ray.address, cfg.ray.num_cpus)
-    todo = [n for n in names if not common.done_marker(out, n).exists()]
+    todo = common.unfinished(out, names)
     print(f"[{STEP}] {len(names)} input shards, {len(names) - len(todo)} already finished", flush=True)
     common.run_shards(
         STEP, todo, CaptionsWorker,
-        {"in_dir": str(in_dir), "out_dir": str(out), "captions": to_dict(cfg.captions)},
+        {"in_dir": in_dir, "out_dir": out, "captions": to_dict(cfg.captions)},
         num_actors=cfg.captions.num_actors, num_cpus=cfg.captions.cpus_per_actor,
     )  # fmt: skip
     return common.finish_step(out, STEP, [common.dataset_input(in_dir)], {"captions": to_dict(cfg.captions)})

@@ -1,6 +1,7 @@
 """Dataset directories, shard bookkeeping, Ray start-up and progress shared by every step.
 
-A dataset directory (one per step, e.g. `<output_dir>/filter/`) holds:
+A dataset directory (one per step, e.g. `<output_dir>/filter/`, on local disk or an object store: every
+location is a `breen.storage.Store`) holds:
 
     part-00000.parquet          kept rows of input shard 00000
     rejected/part-00000.parquet dropped rows, with `reason` and `detail` columns
@@ -8,10 +9,12 @@ A dataset directory (one per step, e.g. `<output_dir>/filter/`) holds:
     part-00000.done             completion marker, written last
     manifest.json               inputs with checksums, resolved config, versions, counts
 
-A shard is finished only when its `.done` marker exists; files are written to a
-temporary name and renamed, so a killed step never leaves a half-written shard
-visible, and a relaunch redoes only shards without a marker. Invariant checked on
-every shard: rows_in == kept + sum(rejected by reason).
+A shard is finished only when its `.done` marker exists, and the marker is written last. On local disk
+every file is written to a temporary name and renamed; on an object store each object is one PUT (all or
+nothing). A killed step may leave a shard's data without its marker: a relaunch redoes that shard and
+overwrites it, so only finished shards are ever read downstream. Whether a shard is finished is read from
+its marker, never from a listing. Invariant checked on every shard: rows_in == kept + sum(rejected by
+reason).
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from breen import envlock
+from breen.storage import Location, Store, temporary_name
 
 REJECTED = "rejected"
 REJECT_FIELDS = [pa.field("reason", pa.string()), pa.field("detail", pa.string())]
@@ -50,53 +54,103 @@ def shard_name(index: int) -> str:
     return f"part-{index:05d}"
 
 
-def done_marker(dataset: Path, name: str) -> Path:
+def done_marker(dataset: Location, name: str) -> Store:
+    dataset = Store.at(dataset)
     return dataset / f"{name}.done"
 
 
-def stats_path(dataset: Path, name: str) -> Path:
+def stats_path(dataset: Location, name: str) -> Store:
+    dataset = Store.at(dataset)
     return dataset / f"{name}.stats.json"
 
 
-def finished_shards(dataset: Path) -> list[str]:
+def finished_shards(dataset: Location) -> list[str]:
     """Names of shards whose completion marker exists, sorted."""
-    if not dataset.is_dir():
-        return []
-    return sorted(p.name[: -len(".done")] for p in dataset.glob("part-*.done"))
+    dataset = Store.at(dataset)
+    return [n[: -len(".done")] for n in dataset.names(".done") if n.startswith("part-")]
 
 
-def read_stats(dataset: Path, names: Iterable[str] | None = None) -> list[dict[str, Any]]:
+def unfinished(dataset: Location, names: Iterable[str]) -> list[str]:
+    """The shards of `names` without a completion marker (one listing, not one request per shard)."""
+    dataset = Store.at(dataset)
+    done = set(finished_shards(dataset))
+    return [n for n in names if n not in done]
+
+
+def read_stats(dataset: Location, names: Iterable[str] | None = None) -> list[dict[str, Any]]:
+    dataset = Store.at(dataset)
     names = finished_shards(dataset) if names is None else names
-    return [json.loads(stats_path(dataset, n).read_text()) for n in names]
+    return [stats_path(dataset, n).read_json() for n in names]
 
 
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+def atomic_write_json(path: Store, obj: Any) -> None:
+    path.write_json(obj)
 
 
-def atomic_write_json(path: Path, obj: Any) -> None:
-    _atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n").encode())
+# ----------------------------------------------------------------------------- Parquet through the store
 
 
 def write_table(
-    path: Path, table: pa.Table, metadata: dict[str, str] | None = None, row_group_size: int = 1024
+    path: Location, table: pa.Table, metadata: dict[str, str] | None = None, row_group_size: int = 1024
 ) -> None:
-    """Write a Parquet file under a temporary name, then rename it into place."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Write a Parquet file: under a temporary name then renamed on local disk, streamed as one object
+    (completed only when the file is whole) on an object store."""
+    path = Store.at(path)
     if metadata:
         merged = dict(table.schema.metadata or {})
         merged.update({k.encode(): v.encode() for k, v in metadata.items()})
         table = table.replace_schema_metadata(merged)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     # Encoded images are already compressed: store them as is; zstd for everything else.
     codecs = {f.name: "none" if f.name == "image" else "zstd" for f in table.schema}
-    pq.write_table(table, tmp, compression=codecs, row_group_size=row_group_size)
-    os.replace(tmp, path)
+    if path.local:
+        path.parent.mkdir()
+        tmp = temporary_name(path.path)
+        pq.write_table(table, tmp, compression=codecs, row_group_size=row_group_size)
+        os.replace(tmp, path.path)
+    else:
+        pq.write_table(table, path.path, filesystem=path.fs, compression=codecs, row_group_size=row_group_size)
+
+
+def read_table(path: Location | list[Location], columns: list[str] | None = None, **kwargs: Any) -> pa.Table:
+    """`pyarrow.parquet.read_table` of one file or several (on one filesystem)."""
+    files = [Store.at(f) for f in (path if isinstance(path, list) else [path])]
+    where = [f.path for f in files] if isinstance(path, list) else files[0].path
+    return pq.read_table(where, columns=columns, filesystem=files[0].fs, **kwargs)
+
+
+def parquet_file(path: Location) -> pq.ParquetFile:
+    """An open `pyarrow.parquet.ParquetFile` (footer read once; row groups read on demand)."""
+    path = Store.at(path)
+    return pq.ParquetFile(path.fs.open_input_file(path.path))
+
+
+def read_schema(path: Location) -> pa.Schema:
+    path = Store.at(path)
+    return pq.read_schema(path.path, filesystem=path.fs)
+
+
+def num_rows(path: Location) -> int:
+    path = Store.at(path)
+    with path.fs.open_input_file(path.path) as f:
+        return pq.read_metadata(f).num_rows
+
+
+def write_arrow(path: Location, table: pa.Table) -> None:
+    """An Arrow IPC file (the steps' private input shards), written all or nothing."""
+    path = Store.at(path)
+    import pyarrow.ipc as ipc
+
+    sink = pa.BufferOutputStream()
+    with ipc.new_file(sink, table.schema) as w:
+        w.write_table(table)
+    path.write_bytes(sink.getvalue().to_pybytes())
+
+
+def read_arrow(path: Location) -> pa.Table:
+    path = Store.at(path)
+    import pyarrow.ipc as ipc
+
+    return ipc.open_file(pa.py_buffer(path.read_bytes())).read_all()
 
 
 def with_reason(
@@ -121,7 +175,7 @@ def concat(tables: list[pa.Table]) -> pa.Table:
 
 
 def write_shard(
-    dataset: Path,
+    dataset: Location,
     name: str,
     kept: pa.Table,
     rejected: pa.Table,
@@ -133,6 +187,7 @@ def write_shard(
 
     Checks the accounting invariant before anything becomes visible.
     """
+    dataset = Store.at(dataset)
     reasons = Counter(rejected.column("reason").to_pylist()) if rejected.num_rows else Counter()
     if rows_in != kept.num_rows + rejected.num_rows:
         raise AccountingError(
@@ -147,21 +202,24 @@ def write_shard(
         "rejected": dict(sorted(reasons.items())),
         **(extra_stats or {}),
     }
-    atomic_write_json(stats_path(dataset, name), stats)
-    _atomic_write_bytes(done_marker(dataset, name), b"")
+    stats_path(dataset, name).write_json(stats)
+    done_marker(dataset, name).write_bytes(b"")
     return stats
 
 
-def read_shard(dataset: Path, name: str, columns: list[str] | None = None) -> pa.Table:
-    return pq.read_table(dataset / f"{name}.parquet", columns=columns)
+def read_shard(dataset: Location, name: str, columns: list[str] | None = None) -> pa.Table:
+    dataset = Store.at(dataset)
+    return read_table(dataset / f"{name}.parquet", columns=columns)
 
 
 # ----------------------------------------------------------------------------- manifest
 
 
-def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
+def sha256_file(path: str | Path | Store, chunk: int = 1 << 20) -> str:
+    """SHA-256 of a file on local disk or an object store (streamed)."""
+    store = Store.at(path)
     h = hashlib.sha256()
-    with open(path, "rb") as f:
+    with store.fs.open_input_stream(store.path) as f:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
@@ -198,13 +256,14 @@ def summarize(stats: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def write_manifest(
-    dataset: Path,
+    dataset: Location,
     step: str,
     inputs: list[dict[str, Any]],
     config: dict[str, Any],
     extra: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Write `manifest.json` (only when its content changed, so reruns leave it byte-identical)."""
+    dataset = Store.at(dataset)
     stats = read_stats(dataset)
     manifest = {
         "step": step,
@@ -215,22 +274,30 @@ def write_manifest(
         "counts": summarize(stats),
         **(extra or {}),
     }
-    path = dataset / "manifest.json"
-    text = json.dumps(manifest, indent=2, sort_keys=True, default=str) + "\n"
-    if not path.exists() or path.read_text() != text:
-        _atomic_write_bytes(path, text.encode())
+    write_json_if_changed(dataset / "manifest.json", manifest)
     return manifest
 
 
-def dataset_input(dataset: Path) -> dict[str, Any]:
+def write_json_if_changed(path: Location, obj: Any) -> None:
+    """Write `obj` as JSON unless the file already holds exactly that (reruns change no byte and, on an
+    object store, no object)."""
+    path = Store.at(path)
+    text = json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n"
+    if not path.exists() or path.read_text() != text:
+        path.write_text(text)
+
+
+def dataset_input(dataset: Location) -> dict[str, Any]:
     """Describe an upstream dataset directory as a manifest input (checksum of its manifest)."""
+    dataset = Store.at(dataset)
     m = dataset / "manifest.json"
     return {"path": str(dataset), "manifest_sha256": sha256_file(m) if m.exists() else None,
             "shards": len(finished_shards(dataset))}  # fmt: skip
 
 
-def require_dataset(dataset: Path, produced_by: str) -> list[str]:
+def require_dataset(dataset: Location, produced_by: str) -> list[str]:
     """The finished shards of an upstream dataset, or a clear error if there are none."""
+    dataset = Store.at(dataset)
     names = finished_shards(dataset)
     if not names:
         raise FileNotFoundError(
@@ -272,13 +339,14 @@ class Progress:
 
 
 def finish_step(
-    dataset: Path,
+    dataset: Location,
     step: str,
     inputs: list[dict[str, Any]],
     config: dict[str, Any],
     extra: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """End of a step: write the manifest, print the accounting, return the manifest."""
+    dataset = Store.at(dataset)
     manifest = write_manifest(dataset, step, inputs, config, extra)
     print_accounting(dataset.name, manifest["counts"])
     return manifest
@@ -406,9 +474,9 @@ def run_shards(
 class ShardWorker:
     """Base class for per-shard actors: subclasses implement `process(name) -> stats`."""
 
-    def __init__(self, in_dir: str, out_dir: str) -> None:
-        self.in_dir = Path(in_dir)
-        self.out_dir = Path(out_dir)
+    def __init__(self, in_dir: Store, out_dir: Store) -> None:
+        self.in_dir = Store.at(in_dir)
+        self.out_dir = Store.at(out_dir)
 
     def process(self, name: str) -> dict[str, Any]:  # pragma: no cover - interface
         raise NotImplementedError
@@ -417,7 +485,7 @@ class ShardWorker:
         out = []
         for name in batch.column("shard").to_pylist():
             if done_marker(self.out_dir, name).exists():
-                stats = json.loads(stats_path(self.out_dir, name).read_text())
+                stats = stats_path(self.out_dir, name).read_json()
             else:
                 t0 = time.monotonic()
                 stats = self.process(name)

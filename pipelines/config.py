@@ -20,6 +20,7 @@ from typing import Any
 
 import yaml
 
+from breen.storage import Store, scheme
 from breen.teacher import PREPROCESS_RULES, PREPROCESS_VERSION  # numpy and PIL only
 
 
@@ -137,9 +138,18 @@ class ShardsConfig:
 
 
 @dataclass
+class StorageConfig:
+    # S3-compatible store (MinIO, Ceph, R2): "host:port" or "http(s)://host:port"; None: AWS, or the
+    # AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL variables. Credentials never go here (`breen.storage`).
+    endpoint_override: str | None = None
+
+
+@dataclass
 class PrepareConfig:
+    # a local folder, s3://bucket/prefix or gs://bucket/prefix (`breen.storage`)
     output_dir: str = "runs/prep"
     input: InputConfig = field(default_factory=InputConfig)
+    storage: StorageConfig = field(default_factory=StorageConfig)
     ray: RayConfig = field(default_factory=RayConfig)
     download: DownloadConfig = field(default_factory=DownloadConfig)
     filter: FilterConfig = field(default_factory=FilterConfig)
@@ -150,8 +160,13 @@ class PrepareConfig:
     source: str = ""
 
     @property
-    def out(self) -> Path:
-        return Path(self.output_dir)
+    def out(self) -> Store:
+        """The output location (`output_dir` on local disk or an object store)."""
+        return self.location(self.output_dir, "output_dir")
+
+    def location(self, uri: str, field_name: str) -> Store:
+        """A path or URI of this config as a `breen.storage.Store` (with the config's endpoint)."""
+        return Store.at(uri, field_name, self.storage.endpoint_override)
 
 
 PRESETS: dict[str, dict[str, Any]] = {
@@ -288,19 +303,21 @@ def _apply_override(data: dict[str, Any], item: str) -> None:
     node[parts[-1]] = value
 
 
-def local_paths(cfg: PrepareConfig, where: str) -> None:
-    """Every path field a local path (`breen.storage.require_local`): a URI fails here, naming the field."""
+def check_locations(cfg: PrepareConfig, where: str) -> None:
+    """Data locations (output_dir, URL lists, SFT inputs) may be local or on an object store: an unknown
+    scheme or a URI with credentials fails here, naming the field. The teacher's files must be local
+    (`breen.storage.require_local`)."""
     from breen.storage import require_local
 
+    fields = {"output_dir": cfg.output_dir, **{f"input.urls[{i}]": u for i, u in enumerate(cfg.input.urls)}}
+    if cfg.input.sft is not None:
+        fields |= {"input.sft.json": cfg.input.sft.json, "input.sft.image_folder": cfg.input.sft.image_folder}
     try:
-        cfg.output_dir = require_local(cfg.output_dir, "output_dir")
-        cfg.input.urls = [require_local(u, f"input.urls[{i}]") for i, u in enumerate(cfg.input.urls)]
-        if cfg.input.sft is not None:
-            cfg.input.sft.json = require_local(cfg.input.sft.json, "input.sft.json")
-            cfg.input.sft.image_folder = require_local(cfg.input.sft.image_folder, "input.sft.image_folder")
+        for name, value in fields.items():
+            cfg.location(value, name)
         for name in ("weights", "model_config"):
             setattr(cfg.teacher, name, require_local(getattr(cfg.teacher, name), f"teacher.{name}"))
-    except ValueError as e:
+    except ValueError as e:  # StorageError included
         raise ConfigError(f"{where}: {e}") from None
 
 
@@ -323,24 +340,30 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Prepare
         raise ConfigError(f"{path}: {e}") from None
     cfg.source = str(path)
     base = path.parent.resolve()
-    local_paths(cfg, str(path))
+    check_locations(cfg, str(path))
 
     def resolve(p: str) -> str:
-        # Paths in a config file are relative to the current directory if they exist there,
-        # else to the config file's folder.
+        # Local paths in a config file are relative to the current directory if they exist there, else to
+        # the config file's folder; URIs are kept (object stores are checked before Ray starts:
+        # `pipelines.preflight`).
+        if scheme(p) == "file":
+            p = p[len("file://") :]
+        if scheme(p) is not None:
+            return p
         return p if Path(p).is_absolute() or Path(p).exists() else str(base / p)
 
     cfg.input.urls = [resolve(u) for u in cfg.input.urls]
     for i, u in enumerate(cfg.input.urls):
-        if not Path(u).is_file():
+        if scheme(u) is None and not Path(u).is_file():
             raise ConfigError(f"{path}: input.urls[{i}]: file not found: {u}")
     if cfg.input.sft is not None:
         cfg.input.sft.json = resolve(cfg.input.sft.json)
         cfg.input.sft.image_folder = resolve(cfg.input.sft.image_folder)
-        if not Path(cfg.input.sft.json).is_file():
+        if scheme(cfg.input.sft.json) is None and not Path(cfg.input.sft.json).is_file():
             raise ConfigError(f"{path}: input.sft.json: file not found: {cfg.input.sft.json}")
-        if not Path(cfg.input.sft.image_folder).is_dir():
-            raise ConfigError(f"{path}: input.sft.image_folder: not a folder: {cfg.input.sft.image_folder}")
+        folder = cfg.input.sft.image_folder
+        if scheme(folder) is None and not Path(folder).is_dir():
+            raise ConfigError(f"{path}: input.sft.image_folder: not a folder: {folder}")
     for name in ("weights", "model_config"):
         value = getattr(cfg.teacher, name)
         if value is not None:

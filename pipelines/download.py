@@ -12,7 +12,9 @@ Writes: `<output_dir>/download/_input/part-NNNNN.arrow` (the deterministic input
 Every input shard is one Ray task (retried `download.max_shard_retries` times) that runs
 img2dataset's `Downloader` on it. URLs to loopback/private/link-local/metadata addresses are
 refused (before download, and again for every connection and redirect) unless listed in
-`download.allow_private`. Keys are the global input row number, stable across runs.
+`download.allow_private`. Keys are the global input row number, stable across runs. URL lists and
+`output_dir` may be local or on an object store (`breen.storage`); img2dataset works in a local
+temporary folder per shard, and the shard is written once, by us.
 
 Run:  python -m pipelines.download --config pipelines/configs/demo.yaml
       ray job submit --working-dir . -- python -m pipelines.download --config my.yaml
@@ -23,8 +25,8 @@ from __future__ import annotations
 import io
 import json
 import os
-import shutil
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -34,8 +36,8 @@ import pyarrow.compute as pc
 import pyarrow.csv as pcsv
 import pyarrow.ipc as ipc
 import pyarrow.json as pjson
-import pyarrow.parquet as pq
 
+from breen.storage import Store
 from pipelines import common
 from pipelines.config import ConfigError, DownloadConfig, PrepareConfig, from_dict, to_dict
 from pipelines.guard import (
@@ -58,8 +60,8 @@ KEY_DIGITS = 12
 # ----------------------------------------------------------------------------- URL lists
 
 
-def _format_of(path: Path) -> str:
-    suffixes = "".join(path.suffixes[-2:]).lower()
+def _format_of(path: Store) -> str:
+    suffixes = "".join(Path(path.name).suffixes[-2:]).lower()
     for fmt, exts in {"parquet": (".parquet",), "csv": (".csv",), "tsv": (".tsv",),
                       "jsonl": (".jsonl", ".json", ".ndjson")}.items():  # fmt: skip
         if any(suffixes.endswith(e) for e in exts):
@@ -71,20 +73,19 @@ def _csv_options(fmt: str) -> pcsv.ParseOptions:
     return pcsv.ParseOptions(delimiter="," if fmt == "csv" else "\t", newlines_in_values=True)
 
 
-def url_list_columns(path: str | Path) -> list[str]:
+def url_list_columns(path: str | Path | Store) -> list[str]:
     """The column names of one URL list from its schema, header or first record (nothing else is read),
     checked like `read_url_list` checks them: what the checks before Ray start use."""
-    path = Path(path)
+    path = Store.at(path)
     fmt = _format_of(path)
     try:
         if fmt == "parquet":
-            names = pq.read_schema(path).names
+            names = common.read_schema(path).names
         elif fmt in ("csv", "tsv"):
-            with pcsv.open_csv(path, parse_options=_csv_options(fmt)) as reader:
+            with path.open_input() as f, pcsv.open_csv(f, parse_options=_csv_options(fmt)) as reader:
                 names = reader.schema.names
         else:
-            with path.open("rb") as f:
-                first = next((line for line in f if line.strip()), b"{}")
+            first = _first_line(path)
             record = json.loads(first)
             if not isinstance(record, dict):
                 raise ConfigError(f"{path}: the first JSON line is a {type(record).__name__}, not an object")
@@ -95,7 +96,21 @@ def url_list_columns(path: str | Path) -> list[str]:
     return names
 
 
-def check_url_columns(path: Path, names: list[str]) -> None:
+def _first_line(path: Store, chunk: int = 1 << 16) -> bytes:
+    """The first non-blank line of a file (read in chunks until it ends); b"{}" for a blank file."""
+    buf = b""
+    with path.open_input() as f:
+        while block := f.read(chunk):
+            buf += block
+            lines = buf.split(b"\n")
+            for line in lines[:-1]:
+                if line.strip():
+                    return line
+            buf = lines[-1]
+    return buf if buf.strip() else b"{}"
+
+
+def check_url_columns(path: Store, names: list[str]) -> None:
     missing = [c for c in ("url", "caption") if c not in names]
     if missing:
         raise ConfigError(f"{path}: URL list has no {' or '.join(repr(c) for c in missing)} column "
@@ -107,20 +122,22 @@ def check_url_columns(path: Path, names: list[str]) -> None:
         )
 
 
-def read_url_list(path: str | Path) -> pa.Table:
+def read_url_list(path: str | Path | Store) -> pa.Table:
     """Read one URL list as a table of strings; fail fast naming the file on bad structure."""
-    path = Path(path)
+    path = Store.at(path)
     if not path.is_file():
         raise FileNotFoundError(f"URL list not found: {path}")
     fmt = _format_of(path)
     try:
         if fmt == "parquet":
-            table = pq.read_table(path)
+            table = common.read_table(path)
         elif fmt in ("csv", "tsv"):
-            table = pcsv.read_csv(path, parse_options=_csv_options(fmt),
-                                  convert_options=pcsv.ConvertOptions(strings_can_be_null=False))  # fmt: skip
+            with path.open_input() as f:
+                table = pcsv.read_csv(f, parse_options=_csv_options(fmt),
+                                      convert_options=pcsv.ConvertOptions(strings_can_be_null=False))  # fmt: skip
         else:
-            table = pjson.read_json(path)
+            with path.open_input() as f:
+                table = pjson.read_json(f)
     except (pa.ArrowInvalid, OSError) as e:
         raise ConfigError(f"{path}: cannot read as {fmt}: {e}") from None
     check_url_columns(path, table.column_names)
@@ -128,7 +145,7 @@ def read_url_list(path: str | Path) -> pa.Table:
     return pa.table({n: _as_strings(path, n, table.column(n)) for n in table.column_names})
 
 
-def _as_strings(path: Path, name: str, col: pa.ChunkedArray) -> pa.ChunkedArray:
+def _as_strings(path: Store, name: str, col: pa.ChunkedArray) -> pa.ChunkedArray:
     """A column as UTF-8 strings: invalid UTF-8 bytes become U+FFFD (the captions step drops them)."""
     t = col.type
     if pa.types.is_binary(t) or pa.types.is_large_binary(t) or pa.types.is_fixed_size_binary(t):
@@ -142,16 +159,16 @@ def _as_strings(path: Path, name: str, col: pa.ChunkedArray) -> pa.ChunkedArray:
         ) from None
 
 
-def make_input_shards(urls: list[str], rows_per_shard: int, dest: Path) -> list[str]:
+def make_input_shards(urls: list[str | Store], rows_per_shard: int, dest: str | Path | Store) -> list[str]:
     """Split the URL lists into Arrow IPC shards with a global `key`; deterministic; reused if present."""
+    dest = Store.at(dest)
     success = dest / "_SUCCESS.json"
     fingerprint = {"inputs": [common.sha256_file(u) for u in urls], "rows_per_shard": rows_per_shard}
-    if success.exists() and json.loads(success.read_text()).get("fingerprint") == fingerprint:
-        return json.loads(success.read_text())["shards"]
+    if success.exists() and (done := success.read_json()).get("fingerprint") == fingerprint:
+        return done["shards"]
     tables = [read_url_list(u) for u in urls]  # first: a bad list fails before anything is written
-    if dest.exists():
-        shutil.rmtree(dest)
-    dest.mkdir(parents=True)
+    dest.delete()
+    dest.mkdir()
     table = common.concat(tables) if tables else pa.table({"url": [], "caption": []})
     n = table.num_rows
     keys = pa.array([f"{i:0{KEY_DIGITS}d}" for i in range(n)], pa.string())
@@ -159,10 +176,9 @@ def make_input_shards(urls: list[str], rows_per_shard: int, dest: Path) -> list[
     names = []
     for s, start in enumerate(range(0, n, rows_per_shard)):
         name = common.shard_name(s)
-        with ipc.new_file(dest / f"{name}.arrow", table.schema) as w:
-            w.write_table(table.slice(start, rows_per_shard))
+        common.write_arrow(dest / f"{name}.arrow", table.slice(start, rows_per_shard))
         names.append(name)
-    common.atomic_write_json(success, {"fingerprint": fingerprint, "shards": names, "rows": n})
+    success.write_json({"fingerprint": fingerprint, "shards": names, "rows": n})
     return names
 
 
@@ -200,18 +216,18 @@ def _resizer(cfg: DownloadConfig, max_pixels: int):
 
 
 def download_one_shard(
-    name: str, in_dir: str, out_dir: str, cfg_dict: dict[str, Any], max_pixels: int
+    name: str, in_dir: str | Store, out_dir: str | Store, cfg_dict: dict[str, Any], max_pixels: int
 ) -> dict:
     """Download one input shard with img2dataset and write kept/rejected rows (runs in a Ray task)."""
     os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
     from img2dataset.downloader import Downloader
 
     cfg: DownloadConfig = from_dict(DownloadConfig, cfg_dict, "download")
-    out = Path(out_dir)
+    out = Store.at(out_dir)
     if common.done_marker(out, name).exists():
-        return json.loads(common.stats_path(out, name).read_text())
+        return common.stats_path(out, name).read_json()
     t0 = time.monotonic()
-    table = ipc.open_file(Path(in_dir) / f"{name}.arrow").read_all()
+    table = common.read_arrow(Store.at(in_dir) / f"{name}.arrow")
     rows_in = table.num_rows
     extras = [c for c in table.column_names if c not in ("key", "url", "caption")]
 
@@ -225,15 +241,11 @@ def download_one_shard(
     refused_rows = table.filter(pc.invert(ok_mask))
     refused_detail = [r for r in refused if r is not None]
 
-    work = out / "_work" / f"{name}-{os.getpid()}-{time.time_ns()}"
-    work.mkdir(parents=True)
-    try:
+    with tempfile.TemporaryDirectory(prefix=f"breen-download-{name}-") as work:
         if allowed.num_rows:
-            kept, failed = _run_img2dataset(allowed, extras, cfg, max_pixels, work, Downloader)
+            kept, failed = _run_img2dataset(allowed, extras, cfg, max_pixels, Path(work), Downloader)
         else:
             kept, failed = _empty_results(allowed, extras)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
 
     # Accounting: every allowed row must come back from img2dataset, once.
     seen = set(kept.column("key").to_pylist()) | set(failed.column("key").to_pylist())
@@ -344,9 +356,10 @@ def run(cfg: PrepareConfig) -> dict[str, Any]:
         raise ConfigError(f"{cfg.source}: input.urls: no URL list given")
     out = cfg.out / STEP
     in_dir = out / "_input"
-    names = make_input_shards(cfg.input.urls, cfg.download.rows_per_shard, in_dir)
+    urls = [cfg.location(u, f"input.urls[{i}]") for i, u in enumerate(cfg.input.urls)]
+    names = make_input_shards(urls, cfg.download.rows_per_shard, in_dir)
     common.init_ray(cfg.ray.address, cfg.ray.num_cpus)
-    todo = [n for n in names if not common.done_marker(out, n).exists()]
+    todo = common.unfinished(out, names)
     print(f"[{STEP}] {len(names)} input shards, {len(names) - len(todo)} already finished", flush=True)
     task = ray.remote(download_one_shard).options(
         num_cpus=cfg.download.cpus_per_shard,
@@ -355,7 +368,7 @@ def run(cfg: PrepareConfig) -> dict[str, Any]:
     )
     progress = common.Progress(STEP, len(todo))
     cfg_dict = to_dict(cfg.download)
-    pending = {task.remote(n, str(in_dir), str(out), cfg_dict, cfg.filter.max_pixels): n for n in todo}
+    pending = {task.remote(n, in_dir, out, cfg_dict, cfg.filter.max_pixels): n for n in todo}
     failed: dict[str, str] = {}
     while pending:
         ready, _ = ray.wait(list(pending), num_returns=1)
@@ -367,8 +380,7 @@ def run(cfg: PrepareConfig) -> dict[str, Any]:
             failed[name] = f"{type(e).__name__}: {e}".splitlines()[0]
             print(f"[{STEP}] shard {name} failed after {cfg.download.max_shard_retries} retries: "
                   f"{failed[name]}", file=sys.stderr, flush=True)  # fmt: skip
-    shutil.rmtree(out / "_work", ignore_errors=True)
-    inputs = [{"path": u, "sha256": common.sha256_file(u)} for u in cfg.input.urls]
+    inputs = [{"path": str(u), "sha256": common.sha256_file(u)} for u in urls]
     manifest = common.finish_step(
         out, STEP, inputs, {"download": cfg_dict, "max_pixels": cfg.filter.max_pixels}
     )

@@ -29,18 +29,16 @@ Run:  python -m pipelines.filter --config pipelines/configs/demo.yaml
 
 from __future__ import annotations
 
-import shutil
 import sys
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 from PIL import Image
 
 from breen import shard_format
+from breen.storage import Store
 from pipelines import common, dedup, graph
 from pipelines.config import FilterConfig, PrepareConfig, from_dict, to_dict
 from pipelines.guard import open_image
@@ -194,9 +192,9 @@ def index_table(captions: pa.Table, images: pa.Table, shard: str, rules: RowRule
 
 
 class IndexWorker(common.ShardWorker):
-    def __init__(self, in_dir: str, out_dir: str, images_dir: str, cfg: dict) -> None:
+    def __init__(self, in_dir: Store, out_dir: Store, images_dir: Store, cfg: dict) -> None:
         super().__init__(in_dir, out_dir)
-        self.images_dir = Path(images_dir)
+        self.images_dir = images_dir
         self.rules = RowRules(from_dict(FilterConfig, cfg, "filter"))
 
     def __call__(self, batch: pa.Table) -> dict[str, list[str]]:
@@ -205,7 +203,7 @@ class IndexWorker(common.ShardWorker):
         out = []
         for name in batch.column("shard").to_pylist():
             if not common.done_marker(self.out_dir, name).exists():
-                captions = pq.read_table(self.in_dir / f"{name}.parquet", columns=["key", "caption"])
+                captions = common.read_table(self.in_dir / f"{name}.parquet", columns=["key", "caption"])
                 images, _ = shard_format.read_by_key(
                     self.images_dir / f"{name}.parquet", captions.column("key"), ["image", "sha256"]
                 )
@@ -215,7 +213,7 @@ class IndexWorker(common.ShardWorker):
                 common.done_marker(self.out_dir, name).write_bytes(b"")
             out.append(
                 json.dumps(
-                    {"shard": name, "rows_in": pq.read_metadata(self.out_dir / f"{name}.parquet").num_rows}
+                    {"shard": name, "rows_in": common.num_rows(self.out_dir / f"{name}.parquet")}
                 )
             )
         return {"stats": out}
@@ -271,7 +269,7 @@ def dedup_decisions(index: pa.Table, cfg: FilterConfig, runner=dedup.local_runne
     return table.sort_by([("shard", "ascending"), ("key", "ascending")])
 
 
-def global_dedup(index_dir: Path, names: list[str], dedup_dir: Path, cfg: FilterConfig) -> None:
+def global_dedup(index_dir: Store, names: list[str], dedup_dir: Store, cfg: FilterConfig) -> None:
     """Phase 2: write the duplicate decisions of the whole corpus to `dedup_dir/decisions.parquet`.
 
     Runs on the driver with the hash comparisons as Ray tasks; it holds key, shard, sha256 and phash
@@ -279,16 +277,14 @@ def global_dedup(index_dir: Path, names: list[str], dedup_dir: Path, cfg: Filter
     """
     import ray  # noqa: F401  (the runner's tasks need a connected Ray)
 
-    if dedup_dir.exists():
-        shutil.rmtree(dedup_dir)
+    dedup_dir.delete()
     if cfg.near_dup_max_distance is not None and cfg.near_dup_max_distance >= dedup.BANDS:
         print(f"[{STEP}] note: near_dup_max_distance {cfg.near_dup_max_distance} >= {dedup.BANDS}: pairs that "
               "share no 16-bit band are not compared", flush=True)  # fmt: skip
-    files = [str(index_dir / f"{n}.parquet") for n in names]
-    index = pq.read_table(files, columns=["key", "shard", "sha256", "phash", "reason"], schema=INDEX_SCHEMA)
+    files = [index_dir / f"{n}.parquet" for n in names]
+    index = common.read_table(files, columns=["key", "shard", "sha256", "phash", "reason"], schema=INDEX_SCHEMA)
     index = index.filter(pc.is_null(index.column("reason"))).drop_columns(["reason"])
     decisions = dedup_decisions(index, cfg, ray_runner)
-    dedup_dir.mkdir(parents=True, exist_ok=True)
     common.write_table(dedup_dir / "decisions.parquet", decisions, row_group_size=DECISIONS_ROW_GROUP)
     (dedup_dir / "_SUCCESS").write_bytes(b"")
 
@@ -297,23 +293,23 @@ def global_dedup(index_dir: Path, names: list[str], dedup_dir: Path, cfg: Filter
 
 
 class SplitWorker(common.ShardWorker):
-    def __init__(self, in_dir: str, out_dir: str, index_dir: str, dedup_dir: str) -> None:
+    def __init__(self, in_dir: Store, out_dir: Store, index_dir: Store, dedup_dir: Store) -> None:
         super().__init__(in_dir, out_dir)
-        self.index_dir = Path(index_dir)
-        self.dedup_dir = Path(dedup_dir)
+        self.index_dir = index_dir
+        self.dedup_dir = dedup_dir
 
     def process(self, name: str) -> dict[str, Any]:
         import time
 
         t0 = time.monotonic()
-        index = pq.read_table(self.index_dir / f"{name}.parquet")
-        rows_in = pq.read_metadata(self.in_dir / f"{name}.parquet").num_rows
-        files = sorted(str(p) for p in self.dedup_dir.rglob("*.parquet"))
-        dups = pq.read_table(files, filters=[("shard", "=", name)], schema=DECISION_SCHEMA) if files else None
+        index = common.read_table(self.index_dir / f"{name}.parquet")
+        rows_in = common.num_rows(self.in_dir / f"{name}.parquet")
+        files = self.dedup_dir.files(".parquet")
+        dups = common.read_table(files, filters=[("shard", "=", name)], schema=DECISION_SCHEMA) if files else None
         return split_shard(self.out_dir, name, index, dups, rows_in, time.monotonic() - t0)
 
 
-def split_shard(out_dir: Path, name: str, index: pa.Table, dups: pa.Table | None, rows_in: int,
+def split_shard(out_dir: Store, name: str, index: pa.Table, dups: pa.Table | None, rows_in: int,
                 seconds: float = 0.0) -> dict[str, Any]:  # fmt: skip
     """Kept rows (key, language, phash) and rejected rows (+ reason, detail) of one shard's index."""
     reason = index.column("reason").to_pylist()
@@ -341,23 +337,22 @@ def run(cfg: PrepareConfig) -> dict[str, Any]:
     images_dir = cfg.out / graph.image_store(STEP)
     out = cfg.out / STEP
     names = common.require_dataset(in_dir, STEP_INFO.rows_from)
-    todo = [n for n in names if not common.done_marker(out, n).exists()]
+    todo = common.unfinished(out, names)
     if todo:
         common.init_ray(cfg.ray.address, cfg.ray.num_cpus)
         f = cfg.filter
         index_dir, dedup_dir = out / INDEX, out / DEDUP
-        pending = [n for n in names if not common.done_marker(index_dir, n).exists()]
+        pending = common.unfinished(index_dir, names)
         print(f"[{STEP}] phase 1/3: rules and hashes on {len(pending)} of {len(names)} shards", flush=True)
         common.run_shards(f"{STEP}:rules", pending, IndexWorker,
-                          {"in_dir": str(in_dir), "out_dir": str(index_dir), "images_dir": str(images_dir),
+                          {"in_dir": in_dir, "out_dir": index_dir, "images_dir": images_dir,
                            "cfg": to_dict(f)},
                           num_actors=f.num_actors, num_cpus=f.cpus_per_actor)  # fmt: skip
         print(f"[{STEP}] phase 2/3: global exact and near-duplicate search", flush=True)
         global_dedup(index_dir, names, dedup_dir, f)
         print(f"[{STEP}] phase 3/3: writing kept and rejected rows", flush=True)
         common.run_shards(STEP, todo, SplitWorker,
-                          {"in_dir": str(in_dir), "out_dir": str(out), "index_dir": str(index_dir),
-                           "dedup_dir": str(dedup_dir)},
+                          {"in_dir": in_dir, "out_dir": out, "index_dir": index_dir, "dedup_dir": dedup_dir},
                           num_actors=f.num_actors, num_cpus=f.cpus_per_actor)  # fmt: skip
     else:
         print(f"[{STEP}] nothing to do: all {len(names)} shards are finished", flush=True)

@@ -3,7 +3,8 @@
 `check(cfg, steps)` runs in every step's CLI (`pipelines.common.step_main`) after the config is loaded
 (types, ranges and that configured files exist: `pipelines.config.load_config`) and before anything
 starts or writes: a failure is a `ConfigError` naming the config field and the file (exit code 2), and
-nothing is left on disk. It reads headers only: a URL list's schema, header line or first record, the
+nothing is left on disk or in the bucket. Object stores are reached here: an unknown bucket or denied
+access fails before Ray starts. It reads headers only: a URL list's schema, header line or first record, the
 first bytes of the SFT JSON, the header of the teacher weights.
 """
 
@@ -13,24 +14,34 @@ import codecs
 from collections.abc import Iterable
 from pathlib import Path
 
+from breen.storage import StorageError, Store
 from pipelines import graph
 from pipelines.config import ConfigError, PrepareConfig
 
 
-def output_dir(path: Path, field: str = "output_dir") -> None:
-    """`path` is a folder we can write, or can be created as one (nothing is created here)."""
-    from breen.storage import StorageError, Store
-
+def output_dir(path: str | Path | Store, field: str = "output_dir") -> None:
+    """`path` is a folder we can write, or can be created as one: on an object store a probe object is
+    written and deleted (nothing is left)."""
     try:
-        Store.at(path).check_writable(field)
+        Store.at(path, field).check_writable(field)
     except StorageError as e:
         raise ConfigError(str(e)) from None
 
 
-def sft_json(path: Path, field: str = "input.sft.json") -> None:
-    """The SFT JSON is readable UTF-8 text starting with a JSON array (the import parses the rest)."""
+def readable(path: Store, field: str) -> None:
+    """The location exists and can be read (bucket found, access granted)."""
     try:
-        with path.open("rb") as f:
+        path.check_readable(field)
+    except StorageError as e:
+        raise ConfigError(str(e)) from None
+
+
+def sft_json(path: str | Path | Store, field: str = "input.sft.json") -> None:
+    """The SFT JSON is readable UTF-8 text starting with a JSON array (the import parses the rest)."""
+    path = Store.at(path, field)
+    readable(path, field)
+    try:
+        with path.open_input() as f:
             head = f.read(4096)
         text = codecs.getincrementaldecoder("utf-8-sig")().decode(
             head, final=False
@@ -56,12 +67,15 @@ def check(cfg: PrepareConfig, steps: Iterable[str]) -> None:
         if not cfg.input.urls:
             raise ConfigError("input.urls: no URL list given")
         for i, url_list in enumerate(cfg.input.urls):
+            where = cfg.location(url_list, f"input.urls[{i}]")
+            readable(where, f"input.urls[{i}]")
             try:
-                url_list_columns(url_list)
+                url_list_columns(where)
             except ConfigError as e:
                 raise ConfigError(f"input.urls[{i}]: {e}") from None
     if "sft_import" in steps and cfg.input.sft is not None:
-        sft_json(Path(cfg.input.sft.json))
+        sft_json(cfg.location(cfg.input.sft.json, "input.sft.json"))
+        readable(cfg.location(cfg.input.sft.image_folder, "input.sft.image_folder"), "input.sft.image_folder")
     if cfg.teacher.weights and steps & set(graph.TRAINING.values()):
         from pipelines.teacher import check_weights
 

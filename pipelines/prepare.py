@@ -19,10 +19,11 @@ Run:  python -m pipelines.prepare --config pipelines/configs/demo.yaml      (emb
 from __future__ import annotations
 
 import contextlib
-import json
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 from pipelines import common, graph, preflight, report
@@ -38,7 +39,11 @@ def synthetic_input(cfg: PrepareConfig) -> Iterator[None]:
     from pipelines import synthetic
 
     s = cfg.input.synthetic
-    root = cfg.out / "synthetic"
+    # The corpus is served from local disk: under output_dir when that is local, else in a local folder
+    # named after what it holds (the same corpus, hence the same URL list, on every run).
+    out = cfg.out
+    root = (Path(out.path) if out.local else Path(tempfile.gettempdir()) / "breen-synthetic" /
+            f"n{s.n_images}-seed{s.seed}") / "synthetic"  # fmt: skip
     corpus = synthetic.make_corpus(root, n_images=s.n_images, seed=s.seed)
     sft = synthetic.make_sft_corpus(root, corpus, seed=s.seed)
     with synthetic.serve(root, port=s.port) as server:
@@ -64,7 +69,7 @@ def accounting(cfg: PrepareConfig) -> dict[str, Any]:
     for name in graph.DATASETS:
         m = cfg.out / name / "manifest.json"
         if m.exists():
-            steps[name] = json.loads(m.read_text())["counts"]
+            steps[name] = m.read_json()["counts"]
     return {"steps": steps, **graph.accounting(steps)}
 
 
@@ -93,7 +98,7 @@ def run(cfg: PrepareConfig) -> dict[str, Any]:
             print(f"\n[prepare] === {step.name} ===", flush=True)
             graph.runner(step)(cfg)
     acc = accounting(cfg)
-    common.atomic_write_json(cfg.out / "accounting.json", acc)
+    common.write_json_if_changed(cfg.out / "accounting.json", acc)
     html = report.write_report(cfg.out)
     print_table(acc)
     print(

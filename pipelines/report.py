@@ -1,11 +1,13 @@
 """Report: one HTML page with the accounting and the data plots of a pipeline output directory.
 
-Reads:  the step datasets found in DIR (those of `pipelines.graph`, and any other step folder):
+Reads:  the step datasets found in DIR (a local folder or s3:// / gs:// URI; those of `pipelines.graph`,
+        and any other step folder):
         per-shard stats JSON (rows in / kept / rejected by reason / seconds), `manifest.json`, and
         a few columns of sampled rows of the kept and rejected Parquet shards (never image bytes).
 Writes: `DIR/report/index.html` and the PNG plots it embeds next to it:
         rows per step, rejected rows per reason, image size and aspect ratio, caption length
-        (cleaned vs raw), language mix, teacher feature norms, throughput per step.
+        (cleaned vs raw), language mix, teacher feature norms, throughput per step. The page is drawn
+        in a local temporary folder, then each file is written to DIR/report/ (all or nothing).
 
 Scale: accounting comes from the stats files only; histograms read only the needed columns of
 at most `max_files` shards spread over the dataset and at most `sample_rows` rows (teacher:
@@ -24,6 +26,7 @@ import json
 import math
 import re
 import sys
+import tempfile
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -37,6 +40,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from breen import shard_format
+from breen.storage import Location, Store
 from pipelines import common, graph
 
 # Known step datasets, in pipeline order (`pipelines.graph`); any other folder of DIR with shard markers or
@@ -62,7 +66,7 @@ class StepData:
     """What the report knows about one step dataset (from its stats files and manifest)."""
 
     name: str
-    path: Path
+    path: Store
     stats: list[dict[str, Any]] = field(default_factory=list)
     manifest: dict[str, Any] | None = None
     unfinished: int = 0  # Parquet shards without a completion marker
@@ -99,32 +103,33 @@ class StepData:
         secs = [s["seconds"] for s in self.stats if isinstance(s.get("seconds"), (int, float))]
         return float(sum(secs)) if secs else None
 
-    def files(self, rejected: bool = False) -> list[Path]:
+    def files(self, rejected: bool = False) -> list[Store]:
         """Parquet files of finished shards (kept rows, or rejected rows)."""
         done = {s.get("shard") for s in self.stats}
         folder = self.path / common.REJECTED if rejected else self.path
         out = []
-        for p in sorted(folder.glob("part-*.parquet")):
+        for p in folder.glob("part-*.parquet"):
             m = _SHARD_RE.match(p.name)
             if m and m.group(1) in done:
                 out.append(p)
         return out
 
 
-def load_step(path: Path) -> StepData:
+def load_step(path: Location) -> StepData:
+    path = Store.at(path)
     step = StepData(path.name, path)
     for name in common.finished_shards(path):
         try:
-            stats = json.loads(common.stats_path(path, name).read_text())
+            stats = common.stats_path(path, name).read_json()
             stats.setdefault("shard", name)
             step.stats.append(stats)
         except (OSError, ValueError) as e:
             step.notes.append(f"{name}: unreadable stats ({type(e).__name__}); shard left out")
     done = {s["shard"] for s in step.stats}
-    shards = {m.group(1) for p in path.glob("part-*.parquet") if (m := _SHARD_RE.match(p.name))}
+    shards = {m.group(1) for n in path.names(".parquet") if (m := _SHARD_RE.match(n))}
     step.unfinished = len(shards - done)
     try:
-        step.manifest = json.loads((path / "manifest.json").read_text())
+        step.manifest = (path / "manifest.json").read_json()
     except FileNotFoundError:
         step.notes.append("no manifest.json (step still running, or interrupted)")
     except (OSError, ValueError) as e:
@@ -132,20 +137,20 @@ def load_step(path: Path) -> StepData:
     return step
 
 
-def discover_steps(out_dir: Path) -> list[str]:
+def discover_steps(out_dir: Location) -> list[str]:
     """Names of the step dataset folders in `out_dir` (known ones in pipeline order first)."""
+    out_dir = Store.at(out_dir)
     found = [
         d.name
-        for d in out_dir.iterdir()
-        if d.is_dir()
-        and d.name != REPORT_DIR
-        and (d.name in STEPS or (d / "manifest.json").exists() or next(d.glob("part-*.done"), None))
+        for d in out_dir.dirs()
+        if d.name != REPORT_DIR
+        and (d.name in STEPS or (d / "manifest.json").exists() or common.finished_shards(d))
     ]
     order = {n: i for i, n in enumerate(STEPS)}
     return sorted(found, key=lambda n: (order.get(n, len(STEPS)), n))
 
 
-def _spread(items: list[Path], k: int) -> list[Path]:
+def _spread(items: list[Location], k: int) -> list[Location]:
     """At most k items spread evenly over the list (first and last included)."""
     if len(items) <= k:
         return items
@@ -154,7 +159,7 @@ def _spread(items: list[Path], k: int) -> list[Path]:
 
 
 def iter_sample(
-    files: list[Path],
+    files: list[Location],
     columns: list[str],
     max_rows: int,
     *,
@@ -172,7 +177,8 @@ def iter_sample(
     for path in files:
         try:
             # Streamed reads: only the pages of the rows taken are decoded, not the whole column chunk.
-            pf = pq.ParquetFile(path, pre_buffer=False, buffer_size=1 << 20)
+            store = Store.at(path)
+            pf = pq.ParquetFile(store.fs.open_input_file(store.path), pre_buffer=False, buffer_size=1 << 20)
         except (OSError, pa.ArrowException):
             continue
         if not set(columns) <= set(pf.schema_arrow.names) or pf.metadata.num_rows == 0:
@@ -191,16 +197,16 @@ def iter_sample(
 
 
 def sample_table(
-    files: list[Path], columns: list[str], max_rows: int, *, max_files: int = 64
+    files: list[Location], columns: list[str], max_rows: int, *, max_files: int = 64
 ) -> pa.Table | None:
     parts = list(iter_sample(files, columns, max_rows, max_files=max_files))
     return pa.concat_tables(parts, promote_options="permissive") if parts else None
 
 
-def _has_columns(files: list[Path], columns: list[str]) -> bool:
+def _has_columns(files: list[Store], columns: list[str]) -> bool:
     for path in files[:1]:
         try:
-            return set(columns) <= set(pq.read_schema(path).names)
+            return set(columns) <= set(common.read_schema(path).names)
         except (OSError, pa.ArrowException):
             return False
     return False
@@ -387,7 +393,7 @@ def _tensor_batch(col: pa.ChunkedArray | pa.Array) -> tuple[np.ndarray, int]:
     return values, int((~valid).sum())
 
 
-def teacher_norms(files: list[Path], columns: list[str], max_rows: int, max_files: int) -> dict[str, Any]:
+def teacher_norms(files: list[Location], columns: list[str], max_rows: int, max_files: int) -> dict[str, Any]:
     norms: dict[str, list[np.ndarray]] = {c: [] for c in columns}
     info: dict[str, Any] = {"rows": 0, "nulls": Counter(), "nonfinite": Counter(), "shape": {}}
     # Small batches: a row of 100 x 1024 float16 is 200 KB, decoded a few dozen rows at a time.
@@ -504,8 +510,8 @@ def _accounting(page: _Page, steps: list[StepData]) -> None:
 
 @dataclass
 class _Report:
-    out_dir: Path
-    dest: Path
+    out_dir: Store
+    dest: Path  # the local folder the page is drawn in
     page: _Page
     sample_rows: int
     teacher_rows: int
@@ -599,18 +605,18 @@ def _section_captions(r: _Report, by_name: dict[str, StepData]) -> None:
     page.p(f"Cleaning changed {changed.as_py() / table.num_rows:.1%} of the sampled captions.")
 
 
-def _count_values(files: list[Path], column: str, reason: str | None = None) -> tuple[Counter[str], int]:
+def _count_values(files: list[Store], column: str, reason: str | None = None) -> tuple[Counter[str], int]:
     """Exact counts of `column` over all files (streamed, one small column at a time)."""
     counts: Counter[str] = Counter()
     read = 0
     for path in files:
         try:
-            names = pq.read_schema(path).names
+            names = common.read_schema(path).names
         except (OSError, pa.ArrowException):
             continue
         if column not in names or (reason is not None and "reason" not in names):
             continue
-        t = pq.read_table(path, columns=[column] + (["reason"] if reason is not None else []))
+        t = common.read_table(path, columns=[column] + (["reason"] if reason is not None else []))
         if reason is not None:
             t = t.filter(pc.equal(t.column("reason"), reason))
         read += 1
@@ -707,16 +713,20 @@ def _section_manifests(r: _Report, steps: list[StepData]) -> None:
 
 
 def write_report(
-    out_dir: Path, *, sample_rows: int = 20_000, teacher_rows: int = 2_000, max_files: int = 64
-) -> Path:
-    """Write `out_dir/report/index.html` and its PNG plots; return the HTML path."""
-    out_dir = Path(out_dir)
+    out_dir: str | Path | Store, *, sample_rows: int = 20_000, teacher_rows: int = 2_000, max_files: int = 64
+) -> Store:
+    """Write `out_dir/report/index.html` and its PNG plots; return the HTML location."""
+    out_dir = Store.at(out_dir, "out_dir")
     if not out_dir.is_dir():
         raise FileNotFoundError(f"not a pipeline output directory: {out_dir}")
-    dest = out_dir / REPORT_DIR
-    dest.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="breen-report-") as work:
+        return _write_report(out_dir, Path(work), sample_rows, teacher_rows, max_files)
+
+
+def _write_report(out_dir: Store, work: Path, sample_rows: int, teacher_rows: int, max_files: int) -> Store:
+    target = out_dir / REPORT_DIR
     for plot in PLOTS:  # no stale plot from an earlier report survives
-        (dest / f"{plot}.png").unlink(missing_ok=True)
+        (target / f"{plot}.png").delete()
     found = discover_steps(out_dir)
     absent = [n for n in CORE_STEPS if n not in found]
     steps = []
@@ -727,9 +737,9 @@ def write_report(
         else:
             absent.append(f"{name} (no finished shards)")
     by_name = {s.name: s for s in steps}
-    page = _Page(f"Pipeline report: {out_dir.resolve().name}")
-    page.p(f"{out_dir.resolve()} — generated {time.strftime('%Y-%m-%d %H:%M:%S')}")
-    r = _Report(out_dir, dest, page, sample_rows, teacher_rows, max_files)
+    page = _Page(f"Pipeline report: {out_dir.name}")
+    page.p(f"{out_dir} — generated {time.strftime('%Y-%m-%d %H:%M:%S')}")
+    r = _Report(out_dir, work, page, sample_rows, teacher_rows, max_files)
     _section_steps(r, steps, absent)
     for section in (_section_images, _section_captions, _section_language, _section_teacher):
         try:
@@ -738,10 +748,10 @@ def write_report(
             page.note(f"{section.__name__[len('_section_') :]}: skipped ({type(e).__name__}: {e})")
     _section_throughput(r, steps)
     _section_manifests(r, steps)
-    index = dest / "index.html"
-    tmp = dest / ".index.html.tmp"
-    tmp.write_text(page.render(), encoding="utf-8")
-    tmp.replace(index)
+    for plot in r.made:  # the plots first, the page that embeds them last
+        (target / plot).write_bytes((work / plot).read_bytes())
+    index = target / "index.html"
+    index.write_text(page.render())
     return index
 
 
@@ -749,7 +759,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("out_dir", type=Path, help="pipeline output_dir (holds download/, filter/, ...)")
+    parser.add_argument("out_dir", help="pipeline output_dir (holds download/, filter/, ...); a folder or an "
+                        "s3:// or gs:// URI (endpoint from AWS_ENDPOINT_URL)")
     parser.add_argument("--sample-rows", type=int, default=20_000, help="rows sampled for histograms")
     parser.add_argument("--teacher-rows", type=int, default=2_000, help="rows sampled for feature norms")
     parser.add_argument("--max-files", type=int, default=64, help="shards sampled per dataset")

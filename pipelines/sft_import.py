@@ -30,8 +30,8 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
-import pyarrow.ipc as ipc
 
+from breen.storage import Store
 from pipelines import common
 from pipelines.config import ConfigError, PrepareConfig
 from pipelines.guard import check_image_header, normalise_image
@@ -77,14 +77,19 @@ def check_conversations(record: dict[str, Any]) -> list[dict[str, str]]:
     return turns
 
 
-def load_image(folder: Path, rel: Any, max_side: int, max_pixels: int) -> tuple[bytes, int, int]:
-    """Read an image from inside `folder`; downscale to long side <= max_side (never upscale)."""
+def load_image(folder: str | Path | Store, rel: Any, max_side: int, max_pixels: int) -> tuple[bytes, int, int]:
+    """Read an image from inside `folder` (local or on a store); downscale to long side <= max_side
+    (never upscale)."""
     from PIL import Image
 
     if not isinstance(rel, str) or not rel:
         raise FileNotFoundError("image path must be a non-empty string")
-    path = (folder / rel).resolve()
-    if not path.is_relative_to(folder.resolve()):
+    folder = Store.at(folder)
+    path = folder.joinpath(rel)
+    inside = path.path.startswith(folder.path.rstrip("/") + "/")
+    if inside and folder.local:  # a symbolic link must not lead out either
+        inside = Path(path.path).resolve().is_relative_to(folder.path)
+    if not inside:
         raise FileNotFoundError(f"image path {rel!r} leaves the image folder")
     if not path.is_file():
         raise FileNotFoundError(f"image file not found: {rel}")
@@ -109,13 +114,14 @@ def load_image(folder: Path, rel: Any, max_side: int, max_pixels: int) -> tuple[
         return buf.getvalue(), size[0], size[1]
 
 
-def import_shard(name: str, work_dir: str, out_dir: str, folder: str, max_side: int, max_pixels: int) -> dict:
+def import_shard(name: str, work_dir: str | Store, out_dir: str | Store, folder: str | Store, max_side: int,
+                 max_pixels: int) -> dict:  # fmt: skip
     """Turn one shard of raw JSON records into kept/rejected rows (runs in a Ray task)."""
-    out = Path(out_dir)
+    out = Store.at(out_dir)
     if common.done_marker(out, name).exists():
-        return json.loads(common.stats_path(out, name).read_text())
+        return common.stats_path(out, name).read_json()
     t0 = time.monotonic()
-    src = ipc.open_file(Path(work_dir) / f"{name}.arrow").read_all()
+    src = common.read_arrow(Store.at(work_dir) / f"{name}.arrow")
     kept: list[dict[str, Any]] = []
     rejected: list[dict[str, Any]] = []
     for key, raw in zip(src.column("key").to_pylist(), src.column("record").to_pylist(), strict=True):
@@ -132,7 +138,7 @@ def import_shard(name: str, work_dir: str, out_dir: str, folder: str, max_side: 
         image, w, h, sha = None, None, None, None
         if "image" in record:
             try:
-                image, w, h = load_image(Path(folder), record["image"], max_side, max_pixels)
+                image, w, h = load_image(folder, record["image"], max_side, max_pixels)
                 sha = hashlib.sha256(image).hexdigest()
             except FileNotFoundError as e:
                 rejected.append({**base, "reason": "missing_image", "detail": str(e)})
@@ -151,29 +157,29 @@ def import_shard(name: str, work_dir: str, out_dir: str, folder: str, max_side: 
     )  # fmt: skip
 
 
-def split_records(json_path: Path, rows_per_shard: int, dest: Path) -> list[str]:
+def split_records(json_path: str | Path | Store, rows_per_shard: int, dest: str | Path | Store) -> list[str]:
     """The JSON array -> Arrow shards of (key, raw record JSON); deterministic; reused if unchanged."""
+    json_path, dest = Store.at(json_path), Store.at(dest)
     success = dest / "_SUCCESS.json"
     fingerprint = {"input": common.sha256_file(json_path), "rows_per_shard": rows_per_shard}
-    if success.exists() and json.loads(success.read_text()).get("fingerprint") == fingerprint:
-        return json.loads(success.read_text())["shards"]
+    if success.exists() and (done := success.read_json()).get("fingerprint") == fingerprint:
+        return done["shards"]
     try:
         records = json.loads(json_path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ConfigError(f"{json_path}: not valid JSON: {e}") from None
     if not isinstance(records, list):
         raise ConfigError(f"{json_path}: expected a JSON array of records, got {type(records).__name__}")
-    dest.mkdir(parents=True, exist_ok=True)
+    dest.mkdir()
     names = []
     for s, start in enumerate(range(0, len(records), rows_per_shard)):
         chunk = records[start : start + rows_per_shard]
         table = pa.table({"key": [f"sft{start + i:09d}" for i in range(len(chunk))],
                           "record": [json.dumps(r, ensure_ascii=False) for r in chunk]})  # fmt: skip
         name = common.shard_name(s)
-        with ipc.new_file(dest / f"{name}.arrow", table.schema) as w:
-            w.write_table(table)
+        common.write_arrow(dest / f"{name}.arrow", table)
         names.append(name)
-    common.atomic_write_json(success, {"fingerprint": fingerprint, "shards": names, "rows": len(records)})
+    success.write_json({"fingerprint": fingerprint, "shards": names, "rows": len(records)})
     return names
 
 
@@ -185,19 +191,20 @@ def run(cfg: PrepareConfig) -> dict[str, Any]:
         raise ConfigError(f"{cfg.source}: input.sft: no SFT input configured")
     out = cfg.out / STEP
     work = out / "_input"
-    names = split_records(Path(cfg.input.sft.json), cfg.download.rows_per_shard, work)
-    todo = [n for n in names if not common.done_marker(out, n).exists()]
+    sft_json = cfg.location(cfg.input.sft.json, "input.sft.json")
+    folder = cfg.location(cfg.input.sft.image_folder, "input.sft.image_folder")
+    names = split_records(sft_json, cfg.download.rows_per_shard, work)
+    todo = common.unfinished(out, names)
     if todo:
         common.init_ray(cfg.ray.address, cfg.ray.num_cpus)
         task = ray.remote(import_shard).options(num_cpus=0.5, max_retries=3, retry_exceptions=True)
         progress = common.Progress(STEP, len(todo))
-        refs = [task.remote(n, str(work), str(out), cfg.input.sft.image_folder, cfg.download.image_size,
-                            cfg.filter.max_pixels) for n in todo]  # fmt: skip
+        refs = [task.remote(n, work, out, folder, cfg.download.image_size, cfg.filter.max_pixels)
+                for n in todo]  # fmt: skip
         while refs:
             ready, refs = ray.wait(refs, num_returns=1)
             progress.update(ray.get(ready[0])["rows_in"])
-    inputs = [{"path": cfg.input.sft.json, "sha256": common.sha256_file(cfg.input.sft.json)},
-              {"path": cfg.input.sft.image_folder}]  # fmt: skip
+    inputs = [{"path": str(sft_json), "sha256": common.sha256_file(sft_json)}, {"path": str(folder)}]
     return common.finish_step(out, STEP, inputs, {"sft": common_dict(cfg)})
 
 

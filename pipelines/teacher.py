@@ -41,7 +41,6 @@ import hashlib
 import io
 import json
 import os
-import shutil
 import sys
 import time
 from collections import deque
@@ -53,9 +52,9 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
 from breen import shard_format as sf
+from breen.storage import Store
 from breen.teacher import PREPROCESS_VERSION, last_block_grid, letterbox, pool_targets
 from pipelines import common, graph
 from pipelines.config import ConfigError, PrepareConfig, TeacherConfig, from_dict, to_dict
@@ -158,11 +157,11 @@ def features(model, pixels: np.ndarray, device: str) -> tuple[np.ndarray, np.nda
 class TeacherWorker(common.ShardWorker):
     """One actor = one model replica; builds whole training-shard files in fixed-size batches."""
 
-    def __init__(self, in_dir: str, out_dir: str, step: str, cfg: dict, identity: tuple[str, str]) -> None:
+    def __init__(self, in_dir: Store, out_dir: Store, step: str, cfg: dict, identity: tuple[str, str]) -> None:
         super().__init__(in_dir, out_dir)
         self.cfg: TeacherConfig = from_dict(TeacherConfig, cfg, "teacher")
-        self.sources = Sources(Path(in_dir).parent, step)
-        self.plan = json.loads((self.out_dir / PLAN).read_text())["files"]
+        self.sources = Sources(self.in_dir.parent, step)
+        self.plan = (self.out_dir / PLAN).read_json()["files"]
         self.device = resolve_device(self.cfg)
         self.model, self.name, self.weights_id = build_teacher(self.cfg, self.device, tuple(identity))
         self.dim = self.model.visual.transformer.width
@@ -188,20 +187,20 @@ class TeacherWorker(common.ShardWorker):
 class Sources:
     """The upstream columns of a training-shard step, gathered by key (see `pipelines.graph`)."""
 
-    def __init__(self, root: Path, step: str) -> None:
+    def __init__(self, root: Store, step: str) -> None:
         info = graph.step(step)
         self.rows_dir = root / info.rows_from
         self.images_dir = root / graph.image_store(step)
         self.text_dir, self.text_columns = graph.text_source(step)
         self.text_dir = root / self.text_dir
-        self.images_rel = os.path.relpath(self.images_dir, root / step)
+        self.images_rel = self.images_dir.relative_to_dir(root / step)
 
     def rows(self, slices: list[tuple[str, int, int]]) -> pa.Table:
         """key, image (bytes, to compute features; not written), image_shard, image_row, width, height and
         the text columns of the upstream rows in `slices` ((shard, offset, length), in order)."""
         parts = []
         for shard, offset, length in slices:
-            keys = pq.read_table(self.rows_dir / f"{shard}.parquet", columns=[sf.KEY]).column(sf.KEY)
+            keys = common.read_table(self.rows_dir / f"{shard}.parquet", columns=[sf.KEY]).column(sf.KEY)
             keys = keys.slice(offset, length)
             path = self.images_dir / f"{shard}.parquet"
             image_columns = [sf.IMAGE, sf.WIDTH, sf.HEIGHT]
@@ -326,24 +325,26 @@ def plan(counts: list[tuple[str, int]], rows_per_file: int) -> list[list[tuple[s
     return files
 
 
-def write_plan(out: Path, step: str, counts: list[list[Any]], rows_per_file: int) -> dict[str, list]:
+def write_plan(out: Store, step: str, counts: list[list[Any]], rows_per_file: int) -> dict[str, list]:
     """The file plan (`_plan.json`); a plan that changed (upstream counts, rows_per_file) clears `out`."""
     files = {common.shard_name(j): s for j, s in enumerate(plan(counts, rows_per_file))}
     record = {"upstream": counts, "rows_per_file": rows_per_file, "files": files}
     path = out / PLAN
-    if path.exists() and json.loads(path.read_text()) != json.loads(json.dumps(record)):
+    exists = path.exists()
+    if exists and path.read_json() != json.loads(json.dumps(record)):
         print(f"[{step}] upstream changed since the last run: rebuilding all training shards", flush=True)
-        shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
-    if not path.exists():
-        common.atomic_write_json(path, record)
+        out.delete()
+        exists = False
+    out.mkdir()
+    if not exists:
+        path.write_json(record)
     return files
 
 
-def check_preprocess(out: Path, finished: list[str], preprocess: str) -> None:
+def check_preprocess(out: Store, finished: list[str], preprocess: str) -> None:
     """Finished files made with another canvas rule cannot be resumed with this one: fail, naming both."""
     for name in finished[:1] + finished[-1:]:
-        meta = pq.read_schema(out / f"{name}.parquet").metadata or {}
+        meta = common.read_schema(out / f"{name}.parquet").metadata or {}
         made = meta.get(sf.META_PREPROCESS.encode(), b"").decode()
         if made != preprocess:
             raise ConfigError(
@@ -365,7 +366,7 @@ def run_training_shards(cfg: PrepareConfig, step: str) -> dict[str, Any]:
         check_weights(t.weights)  # first: before hashing it and before any actor starts
     counts = [[s["shard"], s["kept"]] for s in common.read_stats(rows_dir, names)]
     files = write_plan(out, step, counts, cfg.shards.rows_per_file)
-    todo = [n for n in files if not common.done_marker(out, n).exists()]
+    todo = common.unfinished(out, files)
     check_preprocess(out, [n for n in files if n not in todo], t.preprocess)
     name, weights_id = teacher_identity(t)
     if todo:
@@ -374,13 +375,13 @@ def run_training_shards(cfg: PrepareConfig, step: str) -> dict[str, Any]:
         num_gpus = t.num_gpus_per_actor if gpus else 0.0
         print(f"[{step}] teacher on {len(todo)} of {len(files)} files, {t.num_actors} actor(s), "
               f"{'GPU' if num_gpus else 'CPU'}", flush=True)  # fmt: skip
-        kwargs = {"in_dir": str(rows_dir), "out_dir": str(out), "step": step, "cfg": to_dict(t),
+        kwargs = {"in_dir": rows_dir, "out_dir": out, "step": step, "cfg": to_dict(t),
                   "identity": (name, weights_id)}  # fmt: skip
         common.run_shards(step, todo, TeacherWorker, kwargs,
                           num_actors=t.num_actors, num_cpus=t.cpus_per_actor, num_gpus=num_gpus)  # fmt: skip
     else:
         print(f"[{step}] nothing to do: all {len(files)} files are finished", flush=True)
-    schema = pq.read_schema(out / f"{common.shard_name(0)}.parquet") if files else None
+    schema = common.read_schema(out / f"{common.shard_name(0)}.parquet") if files else None
     if t.random_init_seed is not None and schema is not None:
         weights_id = schema.metadata[sf.META_TEACHER_WEIGHTS.encode()].decode()
     sources = Sources(cfg.out, step)

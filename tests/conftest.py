@@ -12,6 +12,11 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Dummy credentials for the S3 server the tests start (`s3_server`), set before any Ray worker starts so
+# that workers inherit them; no request ever leaves 127.0.0.1 (every S3 location names its endpoint).
+for _k, _v in {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1",
+               "AWS_EC2_METADATA_DISABLED": "true"}.items():  # fmt: skip
+    os.environ.setdefault(_k, _v)
 
 
 CONFIGS = Path(__file__).resolve().parent.parent / "pipelines" / "configs"
@@ -26,16 +31,13 @@ def free_port() -> int:
 @pytest.fixture(scope="session")
 def s3_server():
     """A real S3 API (`moto_server`, a subprocess on a free 127.0.0.1 port) with one bucket `breen-test`;
-    credentials are dummy values in this process's environment. Yields the endpoint URL."""
+    credentials are the dummy values set above. Yields the endpoint URL."""
     import subprocess
     import sys
     import time
 
     import boto3
 
-    creds = {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1"}
-    saved = {k: os.environ.get(k) for k in creds}
-    os.environ.update(creds)
     port = free_port()
     server = Path(sys.executable).parent / "moto_server"
     proc = subprocess.Popen([str(server), "-H", "127.0.0.1", "-p", str(port)],
@@ -56,11 +58,6 @@ def s3_server():
     finally:
         proc.terminate()
         proc.wait(timeout=10)
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 @pytest.fixture(scope="session")

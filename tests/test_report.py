@@ -99,7 +99,7 @@ def build_output_dir(root: Path, n_shards: int = 2, rows: int = 30) -> dict[str,
 def test_report_on_synthetic_run(tmp_path):
     expect = build_output_dir(tmp_path)
     index = report.write_report(tmp_path)
-    assert index == tmp_path / "report" / "index.html"
+    assert index.path == str(tmp_path / "report" / "index.html") and index.local
     page = index.read_text()
     for plot in report.PLOTS:
         png = tmp_path / "report" / f"{plot}.png"

@@ -9,6 +9,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from breen import shard_format as sf
+from breen.storage import Store
 
 
 def test_tensor_null_policy_is_one_for_every_reader():
@@ -50,7 +51,7 @@ def test_references_resolve_to_the_stored_images(tmp_path):
     table = table.replace_schema_metadata({sf.META_IMAGES: "../download"})
     pq.write_table(table, shards / "part-00000.parquet")
     root = sf.images_dir(shards / "part-00000.parquet")
-    assert root == store.resolve()
+    assert root == Store.at(store) and root.path == str(store.resolve())
     assert sf.resolve_images(table, root) == [b"img14", b"img03", None, b"img00"]
     assert sf.has_image(table).tolist() == [True, True, False, True]
     inline = pa.table({"key": ["a"], "image": [b"x"]})

@@ -1,5 +1,6 @@
-"""`breen.storage`: object-storage URIs are refused where a path is given (until issue 16), naming the
-field, before anything runs or is written; local paths and file:// URIs pass."""
+"""`breen.storage`: one storage layer for local disk and object stores (a real S3 API: `moto_server` on
+127.0.0.1); URIs where only a local path works are refused naming the field, before anything runs or
+is written."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import pytest
 
 from breen import generate, storage
 from jobs import train
-from pipelines import prepare
+from pipelines import common, prepare
 
 
 @pytest.mark.parametrize(
@@ -26,15 +27,22 @@ def test_require_local():
         storage.require_local("s3://b/u.parquet", "input.urls[0]")
 
 
-def test_prepare_refuses_an_s3_output_dir_without_writing_a_local_s3_folder(tmp_path, capsys, monkeypatch):
+def test_prepare_fails_on_a_missing_bucket_before_ray_without_a_local_s3_folder(tmp_path, capsys, monkeypatch,
+                                                                              s3_server):  # fmt: skip
     monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(common, "init_ray", lambda *a, **k: pytest.fail("Ray started before the checks"))
     cfg = tmp_path / "cfg.yaml"
     cfg.write_text(
-        "output_dir: s3://my-bucket/prep\ninput: {synthetic: {n_images: 10}}\nteacher: {random_init_seed: 0}\n"
+        f"output_dir: s3://no-such-bucket/prep\nstorage: {{endpoint_override: '{s3_server}'}}\n"
+        "input: {synthetic: {n_images: 10}}\nteacher: {random_init_seed: 0}\n"
     )
     assert prepare.main(["--config", str(cfg)]) == 2
-    assert "output_dir: s3://my-bucket/prep: s3:// is not supported yet" in capsys.readouterr().err
+    assert "output_dir: s3://no-such-bucket/prep: bucket 'no-such-bucket' not found" in capsys.readouterr().err
     assert not (tmp_path / "s3:").exists()
+    cfg.write_text("output_dir: ftp://host/prep\ninput: {synthetic: {n_images: 10}}\nteacher: {random_init_seed: 0}\n")
+    assert prepare.main(["--config", str(cfg)]) == 2
+    assert "output_dir: ftp://host/prep: unknown storage scheme ftp://" in capsys.readouterr().err
+    assert not (tmp_path / "ftp:").exists()
 
 
 def test_train_refuses_uris_naming_the_flag_field(tmp_path, capsys, monkeypatch):
