@@ -37,7 +37,8 @@ from breen.stages import DEFAULT_LRS, STAGES
 
 # ConfigError (a bad value; the message names the dotted field) and the typed conversion are shared with
 # the pipeline config.
-from pipelines.config import ConfigError, build, convert_value
+from breen.storage import scheme
+from pipelines.config import ConfigError, StorageConfig, build, convert_value
 
 TINY_INIT = "tiny"  # model.init_from value: build a tiny random BREEN + tokenizer (demo, no downloads)
 PRECISIONS = ("bf16", "fp32")
@@ -49,7 +50,8 @@ TEXT_FIELDS = ("caption", "conversations", "auto")
 class DataSection:
     """Training shards and the CPU-side ingest (Ray Data) that feeds the workers."""
 
-    # Training-shard directories (`pipelines.teacher` output, `breen.shard_format`: part-NNNNN.parquet + manifest.json).
+    # Training-shard directories (`pipelines.teacher` output, `breen.shard_format`: part-NNNNN.parquet + manifest.json):
+    # local folders or s3:// / gs:// prefixes (`storage.endpoint_override` for S3-compatible stores).
     paths: list[str] = field(default_factory=list)
     # Which text column to train on: "caption" (plain layout, stages 1-2), "conversations" (chat layout,
     # stage 3), or "auto" (conversations when present and not null, else caption).
@@ -180,6 +182,7 @@ class TrainConfig:
     checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
     metrics: MetricsSection = field(default_factory=MetricsSection)
     debug: DebugSection = field(default_factory=DebugSection)
+    storage: StorageConfig = field(default_factory=StorageConfig)  # the object store's endpoint, if any
 
     @property
     def run_name(self) -> str:
@@ -406,7 +409,7 @@ def validate(cfg: TrainConfig, check_paths: bool = False) -> None:
     if check_paths:
         need(bool(cfg.data.paths), "data.paths", "no training-shard directory given (--data)")
         for i, p in enumerate(cfg.data.paths):
-            need(Path(p).is_dir(), f"data.paths[{i}]", f"not a directory: {p}")
+            need(scheme(p) is not None or Path(p).is_dir(), f"data.paths[{i}]", f"not a directory: {p}")
         init = cfg.model.init_from
         need(init is not None, "model.init_from", "no initial model given (--init-from DIR or 'tiny')")
         if init != TINY_INIT:

@@ -1,6 +1,7 @@
 """Ray Data ingest: training shards -> encoded micro-batches, one deterministic stream per worker.
 
-Reads training-shard directories written by `pipelines.teacher` in the `breen.shard_format` layout
+Reads training-shard directories (local folders or ``s3://`` / ``gs://`` prefixes: `breen.storage`; the
+actors stream the files from the bucket) written by `pipelines.teacher` in the `breen.shard_format` layout
 (``part-NNNNN.parquet``: key, the image inline or as a reference into the download step's image store,
 caption | conversations, fine [64, D] / coarse [36, D] float16 tensors). Nothing here loads CLIP: the
 teacher targets are read from the shards.
@@ -40,12 +41,12 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 from ray.data.collate_fn import NumpyBatchCollateFn
 
 from breen import shard_format as sf
 from breen.config import BreenConfig
 from breen.data import SampleRejected, collate, encode_sample, pack
+from breen.storage import Store
 
 # `breen.data.SampleRejected` reasons (plus our own "other"), coded as integers in worker batches.
 REJECT_REASONS = (
@@ -68,28 +69,31 @@ READ_COLUMNS = (
 # ----------------------------------------------------------------------------- shard files
 @dataclass(frozen=True)
 class ShardFile:
-    path: str
+    path: str  # a local path or a URI (`breen.storage`)
     rows: int
     clip_dim: int | None  # width D of fine/coarse; None when the file has no teacher columns
     columns: tuple[str, ...]
     teacher: tuple[str, ...]  # (name, weights id, preprocessing) from the Parquet metadata
 
 
-def list_shards(paths: Sequence[str | Path]) -> list[ShardFile]:
+def list_shards(paths: Sequence[str | Path | Store], endpoint_override: str | None = None) -> list[ShardFile]:
     """Every finished training shard (``part-*.parquet`` with its ``.done`` marker when markers exist)
-    under the given directories, sorted by directory then name; row counts from the Parquet footers."""
+    under the given directories (local or on an object store), sorted by directory then name; row counts
+    from the Parquet footers."""
     files: list[ShardFile] = []
-    for d in paths:
-        d = Path(d)
-        parquet = sorted(d.glob("part-*.parquet"))
-        if any(d.glob("part-*.done")):
-            parquet = [p for p in parquet if p.with_suffix(".done").exists()]
+    for i, d in enumerate(paths):
+        d = Store.at(d, f"data.paths[{i}]", endpoint_override)
+        names = d.names()
+        parquet = sorted(n for n in names if n.startswith("part-") and n.endswith(".parquet"))
+        done = {n[: -len(".done")] for n in names if n.startswith("part-") and n.endswith(".done")}
+        if done:
+            parquet = [n for n in parquet if n[: -len(".parquet")] in done]
         if not parquet:
             raise FileNotFoundError(f"no training shards (part-*.parquet) in {d}")
-        for p in parquet:
-            meta = pq.ParquetFile(p)
+        for n in parquet:
+            meta = sf.parquet_file(d / n)
             schema = meta.schema_arrow
-            files.append(ShardFile(str(p), meta.metadata.num_rows, sf.tensor_dim(schema), tuple(schema.names),
+            files.append(ShardFile((d / n).uri, meta.metadata.num_rows, sf.tensor_dim(schema), tuple(schema.names),
                                    sf.teacher_of(schema)))  # fmt: skip
     return files
 
@@ -234,7 +238,9 @@ class ReadEncode:
         seed: int,
         group_size: int = 0,
         chunk_rows: int = 32,
+        endpoint_override: str | None = None,
     ):
+        self.endpoint_override = endpoint_override
         self.tokenizer = load_tokenizer(tokenizer_dir)
         self.config = BreenConfig(**model_config)
         self.text_field = text_field
@@ -249,8 +255,9 @@ class ReadEncode:
             yield from self.encode_file(item)
 
     def encode_file(self, item: dict[str, Any]) -> Iterator[dict[str, np.ndarray]]:
-        schema = pq.read_schema(item["path"])
-        table = pq.read_table(item["path"], columns=[c for c in READ_COLUMNS if c in schema.names])
+        path = Store.at(str(item["path"]), "data.paths", self.endpoint_override)
+        pf = sf.parquet_file(path)
+        table = pf.read(columns=[c for c in READ_COLUMNS if c in pf.schema_arrow.names])
         n = table.num_rows
         if n != int(item["rows"]):
             raise RuntimeError(f"{item['path']}: {n} rows, the plan expected {item['rows']} (file changed?)")
@@ -261,7 +268,7 @@ class ReadEncode:
         start = int(item["skip"])
         rows = table.take(pa.array(order[start:], pa.int64()))
         # Referenced images: read once per file, in one pass over the row groups that hold them.
-        images = sf.resolve_images(rows, sf.images_dir(item["path"]))
+        images = sf.resolve_images(rows, sf.images_dir(path))
         for lo in range(0, rows.num_rows, self.chunk_rows):
             chunk = rows.slice(lo, self.chunk_rows)
             yield self.encode_rows(
@@ -368,8 +375,10 @@ def build_dataset(
     encode_actors: int = 2,
     encode_cpus: float = 1.0,
     chunk_rows: int = 32,
+    endpoint_override: str | None = None,
 ):
-    """The training stream as a Ray Dataset (lazy). `skip`: leading positions already consumed."""
+    """The training stream as a Ray Dataset (lazy). `skip`: leading positions already consumed;
+    `endpoint_override`: the S3-compatible endpoint of shards on an object store."""
     import ray
 
     items = epoch_plan(files, seed, epochs, skip)
@@ -389,6 +398,7 @@ def build_dataset(
             "seed": seed,
             "group_size": micro_batch_size if group_by_modality else 0,
             "chunk_rows": chunk_rows,
+            "endpoint_override": endpoint_override,
         },
     )
     return ds.repartition(target_num_rows_per_block=micro_batch_size, strict=True)

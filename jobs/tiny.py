@@ -132,6 +132,7 @@ def write_tiny_shards(
     from PIL import Image
 
     from breen import shard_format as sf
+    from breen.storage import Store
     from pipelines import common
 
     out = Path(out)
@@ -187,7 +188,7 @@ def write_tiny_shards(
         empty = common.with_reason(table.select(["key"]).slice(0, 0), [], [])
         common.write_shard(out, name, table, empty, table.num_rows, metadata=file_meta)
     manifest = {"step": "shards", "teacher": {"name": "synthetic"}, "counts": {"kept": n_rows}}
-    common.atomic_write_json(out / "manifest.json", manifest)
+    Store.at(out / "manifest.json").write_json(manifest)
     return out
 
 

@@ -43,6 +43,7 @@ from typing import Any
 
 import numpy as np
 
+from breen.storage import StorageError, Store
 from jobs import ingest
 from jobs.checkpoint import (
     MODEL_DIR,
@@ -517,21 +518,25 @@ def resolve_init(cfg: TrainConfig, files: list[ingest.ShardFile]) -> tuple[Path,
 
 
 def absolute_paths(cfg: TrainConfig) -> None:
-    """Make every local path absolute: Ray Train workers do not run in the driver's directory. A URI
-    (``s3://``, ``gs://``...) is refused, naming the field (`breen.storage.require_local`)."""
-    from breen.storage import require_local
+    """Make every local path absolute: Ray Train workers do not run in the driver's directory. The
+    training shards may be on an object store (a URI is checked, naming the field); the other paths must
+    be local (`breen.storage.require_local`)."""
+    from breen.storage import Store, require_local
 
-    def fix(p: str | None, field: str) -> str | None:
+    def fix(p: str | None, field: str, remote_ok: bool = False) -> str | None:
         try:
+            if remote_ok and p is not None:
+                store = Store.at(p, field, cfg.storage.endpoint_override)
+                return store.uri if not store.local else store.path
             p = require_local(p, field)
-        except ValueError as e:
+        except ValueError as e:  # StorageError included
             raise ConfigError(str(e)) from None
         if p is None or p == TINY_INIT:
             return p
         return str(Path(p).expanduser().resolve())
 
     cfg.output_dir = fix(cfg.output_dir, "output_dir")
-    cfg.data.paths = [fix(p, f"data.paths[{i}]") for i, p in enumerate(cfg.data.paths)]
+    cfg.data.paths = [fix(p, f"data.paths[{i}]", remote_ok=True) for i, p in enumerate(cfg.data.paths)]
     cfg.model.init_from = fix(cfg.model.init_from, "model.init_from")
     cfg.model.tokenizer = fix(cfg.model.tokenizer, "model.tokenizer")
 
@@ -544,10 +549,15 @@ def check_inputs(cfg: TrainConfig) -> list[ingest.ShardFile]:
     if not cfg.data.paths:
         raise ConfigError(f"data.paths: no training-shard directory given for {cfg.stage} ({flag})")
     for i, p in enumerate(cfg.data.paths):
-        if not Path(p).is_dir():
+        where = Store.at(p, f"data.paths[{i}]", cfg.storage.endpoint_override)
+        try:
+            where.check_readable(f"data.paths[{i}]")
+        except StorageError as e:
+            raise ConfigError(str(e)) from None
+        if not where.is_dir():
             raise ConfigError(f"data.paths[{i}]: not a directory: {p}")
     try:
-        return ingest.list_shards(cfg.data.paths)
+        return ingest.list_shards(cfg.data.paths, cfg.storage.endpoint_override)
     except FileNotFoundError as err:
         raise ConfigError(f"data.paths: {err}") from None
 
@@ -609,6 +619,7 @@ def run_stage(cfg: TrainConfig, address: str | None = None, num_cpus: int | None
             "epochs": cfg.schedule.epochs, "micro_batch_size": s.micro_batch_size,
             "group_by_modality": cfg.data.group_by_modality, "encode_actors": cfg.data.encode_actors,
             "encode_cpus": cfg.data.encode_cpus, "chunk_rows": cfg.data.encode_batch_size,
+            "endpoint_override": cfg.storage.endpoint_override,
         },
     )  # fmt: skip
     env = {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0", **worker_env(cfg)}  # plain print: rank-0 lines once

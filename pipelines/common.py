@@ -83,10 +83,6 @@ def read_stats(dataset: Location, names: Iterable[str] | None = None) -> list[di
     return [stats_path(dataset, n).read_json() for n in names]
 
 
-def atomic_write_json(path: Store, obj: Any) -> None:
-    path.write_json(obj)
-
-
 # ----------------------------------------------------------------------------- Parquet through the store
 
 

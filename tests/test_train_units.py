@@ -573,6 +573,41 @@ def test_build_dataset_stream_order_seed_rejects_and_skip(ray_local, tmp_path, i
     assert b[: n // 2] != a[: n // 2] and b[n // 2 :] != a[n // 2 :]
 
 
+def test_ingest_streams_shards_from_s3_exactly_as_from_local_disk(ray_local, tmp_path, init_dir, model_config,
+                                                                   s3_server):  # fmt: skip
+    """Training shards whose images are referenced into an image dataset, in a bucket (a real S3 API): the
+    stream, a resumed stream and the shard list equal those of the same files on local disk."""
+    from breen.storage import Store
+
+    local = write_tiny_shards(tmp_path / "cap", 12, clip_dim=CLIP_DIM, rows_per_file=8, corrupt_rows=(3,),
+                              referenced=True)  # fmt: skip
+    bucket = Store.at("s3://breen-test/ingest", endpoint_override=s3_server)
+    for folder in (local, tmp_path / "cap-images"):
+        assert folder.is_dir()
+        for f in sorted(p for p in folder.rglob("*") if p.is_file()):
+            (bucket / f.relative_to(tmp_path).as_posix()).write_bytes(f.read_bytes())
+    here = ingest.list_shards([local])
+    there = ingest.list_shards(["s3://breen-test/ingest/cap"], endpoint_override=s3_server)
+    assert [f.path for f in there] == [f"s3://breen-test/ingest/cap/{Path(f.path).name}" for f in here]
+    assert [(f.rows, f.clip_dim, f.columns, f.teacher) for f in there] == [
+        (f.rows, f.clip_dim, f.columns, f.teacher) for f in here]  # fmt: skip
+
+    def stream(files, skip=0):
+        ds = ingest.build_dataset(
+            files, tokenizer_dir=str(init_dir), model_config=model_config.to_dict(), text_field="caption",
+            max_length=512, seed=0, epochs=1, micro_batch_size=4, skip=skip, encode_actors=1, encode_cpus=0.5,
+            chunk_rows=8, endpoint_override=s3_server,
+        )  # fmt: skip
+        ds.context.execution_options = ingest.ingest_options()
+        ds.context.enable_progress_bars = False
+        return ds.select_columns(["pos", "key", "ok", "pixel_values", "input_ids", "fine"]).take_all()
+
+    want = stream(here)
+    assert len(want) == 12 and sum(not r["ok"] for r in want) == 1
+    assert stream(there) == want
+    assert stream(there, skip=5) == want[5:]
+
+
 def test_build_dataset_with_nothing_left_to_read(shards, init_dir):
     files = ingest.list_shards([shards])
     with pytest.raises(ValueError, match="nothing left to read"):
