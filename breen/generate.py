@@ -1,7 +1,9 @@
 """Greedy generation with a KV cache, prompt in the stage-3 layout (image, queries, repeated question).
 
 Reads a BREEN directory in Hugging Face layout (``config.json``, safetensors weights, tokenizer files, as
-written by `breen.convert` or a training checkpoint export) and an image file; prints the answer.
+written by `breen.convert` or a training checkpoint export) and an image file; prints the answer. The
+directory may be on an object store (``s3://``, ``gs://``; endpoint from ``AWS_ENDPOINT_URL``): it is
+fetched once into ``$BREEN_CACHE`` (default ``~/.cache/breen``) and reused while it is unchanged.
 
 Run with:
     python -m breen.generate --model DIR --image FILE --prompt TEXT \\
@@ -15,7 +17,7 @@ import argparse
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from breen.storage import require_local
+from breen.storage import StorageError, Store, fetch_dir
 
 if TYPE_CHECKING:  # torch, transformers and the model load only when generating: `--help` and input
     import torch  # errors return at once
@@ -101,7 +103,7 @@ def main(argv: list[str] | None = None) -> None:
         prog="python -m breen.generate", description="Greedy BREEN generation (stage-3 prompt layout)."
     )
     parser.add_argument(
-        "--model", required=True, help="BREEN directory (config.json, safetensors, tokenizer)"
+        "--model", required=True, help="BREEN directory (config.json, safetensors, tokenizer), local or s3:// / gs://"
     )
     parser.add_argument("--image", default=None, help="image file (omit for a text-only prompt)")
     parser.add_argument("--prompt", required=True)
@@ -110,13 +112,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (cuda when available)")
     args = parser.parse_args(argv)
     try:  # every input checked before the model loads (minutes for 7B)
-        args.model = require_local(args.model, "--model")
-    except ValueError as e:
+        model_dir = Store.at(args.model, "--model")
+        if not (model_dir / "config.json").is_file():
+            parser.error(f"--model: {args.model}: not a BREEN directory (no config.json there)")
+        if args.image and not Path(args.image).is_file():
+            parser.error(f"--image: {args.image}: file not found")
+        args.model = str(fetch_dir(model_dir, "--model"))
+    except (StorageError, OSError) as e:
         parser.error(str(e))
-    if not (Path(args.model) / "config.json").is_file():
-        parser.error(f"--model: {args.model}: not a BREEN directory (no config.json there)")
-    if args.image and not Path(args.image).is_file():
-        parser.error(f"--image: {args.image}: file not found")
     import torch
     from transformers import AutoTokenizer
 

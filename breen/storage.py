@@ -266,6 +266,23 @@ class Store:
         elif info.type == pafs.FileType.File:
             self.fs.delete_file(self.path)
 
+    # ------------------------------------------------------------------ folders to and from local disk
+    def upload_dir(self, local: str | Path, last: tuple[str, ...] = ()) -> None:
+        """Every file under local folder `local` to this location (same relative paths); the files named
+        in `last` (relative paths) after all others, so a reader that waits for them sees the rest."""
+        local = Path(local)
+        files = sorted(p.relative_to(local).as_posix() for p in local.rglob("*") if p.is_file())
+        for rel in sorted(files, key=lambda r: (r in last, r)):
+            (self / rel).write_bytes((local / rel).read_bytes())
+
+    def download_dir(self, local: str | Path) -> None:
+        """Every file under this location to local folder `local` (same relative paths)."""
+        local = Path(local)
+        for f in self.files():
+            dest = local / f.relative_to_dir(self)
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            dest.write_bytes(f.read_bytes())
+
     # ------------------------------------------------------------------ checks before Ray starts
     def _check_bucket(self, field: str) -> None:
         if self.local:
@@ -317,3 +334,41 @@ class Store:
 
 
 Location = str | Path | Store  # what the project's functions take: a local path, a URI or a Store
+
+
+def cache_root() -> Path:
+    """Where remote folders are fetched to: ``$BREEN_CACHE``, else ``~/.cache/breen``."""
+    return Path(os.environ.get("BREEN_CACHE") or Path.home() / ".cache" / "breen")
+
+
+def fetch_dir(location: Location, field: str = "path", endpoint_override: str | None = None) -> Path:
+    """A local folder holding what `location` holds: the folder itself when it is local; for a remote one
+    a copy under `cache_root()/fetched/`, fetched once and reused while the remote folder is unchanged
+    (the cache key is a checksum of its listing: every file's path, size and modification time)."""
+    import hashlib
+
+    store = Store.at(location, field, endpoint_override)
+    if store.local:
+        return Path(store.path)
+    infos = sorted(
+        (i for i in store.fs.get_file_info(pafs.FileSelector(store.path, recursive=True))
+         if i.type == pafs.FileType.File),
+        key=lambda i: i.path,
+    )  # fmt: skip
+    if not infos:
+        raise StorageError(f"{field}: {store.uri}: no files there")
+    listing = [(i.path, i.size, i.mtime_ns) for i in infos]
+    key = hashlib.sha256(json.dumps([store.uri, listing], default=str).encode()).hexdigest()[:24]
+    dest = cache_root() / "fetched" / f"{store.name}-{key}"
+    if (dest / ".complete").is_file():
+        return dest
+    tmp = Path(temporary_name(str(dest)))
+    store.download_dir(tmp)
+    (tmp / ".complete").write_text(store.uri + "\n")
+    try:
+        os.replace(tmp, dest)
+    except OSError:  # another process fetched it meanwhile: keep theirs
+        import shutil
+
+        shutil.rmtree(tmp, ignore_errors=True)
+    return dest

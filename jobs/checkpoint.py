@@ -38,6 +38,8 @@ from typing import Any
 
 import numpy as np
 
+from breen.storage import Store
+
 ZERO_TAG = "zero"
 STATE_FILE = "train_state.json"
 MODEL_DIR = "model"
@@ -189,24 +191,24 @@ def restore_checkpoint(engine, directory: str | Path, rank: int) -> TrainState:
     return state
 
 
-def latest_checkpoint(run_dir: str | Path) -> tuple[Path, dict[str, Any]] | None:
+def latest_checkpoint(run_dir: str | Path | Store) -> tuple[Store, dict[str, Any]] | None:
     """(folder, reported metrics) of the run's latest registered checkpoint, from Ray Train's snapshot
-    (the one Ray restores on a restart or rerun), or None."""
-    snapshot = Path(run_dir) / RAY_SNAPSHOT
+    (the one Ray restores on a restart or rerun), or None. The run folder may be on an object store."""
+    run_dir = Store.at(run_dir)
     try:
-        latest = json.loads(snapshot.read_text()).get("latest_checkpoint_result")
-    except (OSError, ValueError):
+        latest = (run_dir / RAY_SNAPSHOT).read_json().get("latest_checkpoint_result")
+    except (OSError, ValueError):  # FileNotFoundError included
         return None
     if not latest:
         return None
-    folder = Path(run_dir) / latest["checkpoint_dir_name"]
+    folder = run_dir / latest["checkpoint_dir_name"]
     return (folder, latest.get("metrics") or {}) if folder.is_dir() else None
 
 
 # ----------------------------------------------------------------------------- export
 def export_model(
     engine,
-    out_dir: str | Path,
+    out_dir: str | Path | Store,
     *,
     rank: int,
     model_config,
@@ -216,18 +218,36 @@ def export_model(
 ) -> None:
     """Collective (every rank): gather the full weights on rank 0 and write a Hugging Face directory.
 
-    Written under a temporary name and renamed into place, so a reader never sees half an export.
+    On local disk it is written under a temporary name and renamed into place, so a reader never sees
+    half an export; on an object store it is written in a local temporary folder and uploaded with
+    ``config.json`` last (a reader that finds ``config.json`` finds the whole export).
     """
+    state_dict = engine._zero3_consolidated_16bit_state_dict()  # rank 0: full weights on CPU, else None
+    if rank != 0:
+        return
+    out = Store.at(out_dir)
+    if not out.local:
+        with tempfile.TemporaryDirectory(prefix="breen-export-") as local:
+            _write_export(Path(local), state_dict, model_config, tokenizer, train_config, state)
+            out.delete()  # an older export (no file of it may survive into the new one)
+            out.upload_dir(local, last=("config.json",))
+        return
+    out_dir = Path(out.path)
+    tmp = out_dir.with_name(f".{out_dir.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    _write_export(tmp, state_dict, model_config, tokenizer, train_config, state)
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    os.replace(tmp, out_dir)
+
+
+def _write_export(tmp: Path, state_dict, model_config, tokenizer, train_config: dict[str, Any],
+                  state: TrainState) -> None:  # fmt: skip
+    """The Hugging Face directory of `state_dict` in local folder `tmp`."""
     import torch
 
     from breen.model import BreenForCausalLM
 
-    state_dict = engine._zero3_consolidated_16bit_state_dict()  # rank 0: full weights on CPU, else None
-    if rank != 0:
-        return
-    out_dir = Path(out_dir)
-    tmp = out_dir.with_name(f".{out_dir.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
     with torch.device("meta"):
         model = BreenForCausalLM(model_config)
     if model_config.tie_word_embeddings:
@@ -242,6 +262,3 @@ def export_model(
     (tmp / "train_config.json").write_text(json.dumps(train_config, indent=2, sort_keys=True) + "\n")
     stage_info = {"produced_by": "jobs.train", "stage": state.stage, **state.to_dict()}
     (tmp / "breen_stage.json").write_text(json.dumps(stage_info, indent=2, sort_keys=True) + "\n")
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    os.replace(tmp, out_dir)

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import json
 import re
 import typing
 from dataclasses import dataclass, field
@@ -37,7 +36,7 @@ from breen.stages import DEFAULT_LRS, STAGES
 
 # ConfigError (a bad value; the message names the dotted field) and the typed conversion are shared with
 # the pipeline config.
-from breen.storage import scheme
+from breen.storage import Store, scheme
 from pipelines.config import ConfigError, StorageConfig, build, convert_value
 
 TINY_INIT = "tiny"  # model.init_from value: build a tiny random BREEN + tokenizer (demo, no downloads)
@@ -172,7 +171,8 @@ class DebugSection:
 class TrainConfig:
     stage: str = "stage1"
     name: str = ""  # run name (Ray RunConfig name); "" -> the stage name
-    output_dir: str = "runs/train"  # storage path: <output_dir>/<name>/ holds checkpoints, logs, export
+    # Ray Train storage: <output_dir>/<name>/ holds checkpoints, logs, export; a folder or s3:// / gs://
+    output_dir: str = "runs/train"
     seed: int = 0
     data: DataSection = field(default_factory=DataSection)
     model: ModelSection = field(default_factory=ModelSection)
@@ -189,11 +189,16 @@ class TrainConfig:
         return self.name or self.stage
 
     @property
-    def run_dir(self) -> Path:
-        return Path(self.output_dir) / self.run_name
+    def output(self) -> Store:
+        """`output_dir` on local disk or an object store."""
+        return Store.at(self.output_dir, "output_dir", self.storage.endpoint_override)
 
     @property
-    def export_dir(self) -> Path:
+    def run_dir(self) -> Store:
+        return self.output / self.run_name
+
+    @property
+    def export_dir(self) -> Store:
         return self.run_dir / "export"
 
 
@@ -340,16 +345,12 @@ def config_record(cfg: TrainConfig) -> dict[str, Any]:
     return {**to_dict(cfg), ENVIRONMENT_KEY: environment()}
 
 
-def save_config(cfg: TrainConfig, path: str | Path) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(config_record(cfg), indent=2, sort_keys=True) + "\n")
-    tmp.replace(path)
+def save_config(cfg: TrainConfig, path: str | Path | Store) -> None:
+    Store.at(path).write_json(config_record(cfg))
 
 
-def load_config(path: str | Path) -> TrainConfig:
-    data = json.loads(Path(path).read_text())
+def load_config(path: str | Path | Store) -> TrainConfig:
+    data = Store.at(path).read_json()
     data.pop(ENVIRONMENT_KEY, None)
     return from_dict(data)
 
@@ -412,12 +413,17 @@ def validate(cfg: TrainConfig, check_paths: bool = False) -> None:
             need(scheme(p) is not None or Path(p).is_dir(), f"data.paths[{i}]", f"not a directory: {p}")
         init = cfg.model.init_from
         need(init is not None, "model.init_from", "no initial model given (--init-from DIR or 'tiny')")
+        endpoint = cfg.storage.endpoint_override
+
+        def has(folder: str, name: str) -> bool:  # local or on the object store
+            return (Store.at(folder, "model.init_from", endpoint) / name).is_file()
+
         if init != TINY_INIT:
-            need(Path(init, "config.json").is_file(), "model.init_from", f"no config.json in {init}")
+            need(has(init, "config.json"), "model.init_from", f"no config.json in {init}")
         tok = cfg.model.tokenizer or (None if init == TINY_INIT else init)
         if tok is not None:
             need(
-                Path(tok, "tokenizer_config.json").is_file() or Path(tok, "tokenizer.json").is_file(),
+                has(tok, "tokenizer_config.json") or has(tok, "tokenizer.json"),
                 "model.tokenizer" if cfg.model.tokenizer else "model.init_from",
                 f"no tokenizer files in {tok}",
             )

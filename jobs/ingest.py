@@ -46,7 +46,7 @@ from ray.data.collate_fn import NumpyBatchCollateFn
 from breen import shard_format as sf
 from breen.config import BreenConfig
 from breen.data import SampleRejected, collate, encode_sample, pack
-from breen.storage import Store
+from breen.storage import Store, fetch_dir
 
 # `breen.data.SampleRejected` reasons (plus our own "other"), coded as integers in worker batches.
 REJECT_REASONS = (
@@ -241,7 +241,7 @@ class ReadEncode:
         endpoint_override: str | None = None,
     ):
         self.endpoint_override = endpoint_override
-        self.tokenizer = load_tokenizer(tokenizer_dir)
+        self.tokenizer = load_tokenizer(fetch_dir(tokenizer_dir, "model.tokenizer", endpoint_override))
         self.config = BreenConfig(**model_config)
         self.text_field = text_field
         self.max_length = max_length

@@ -9,6 +9,9 @@ Writes under the run directory (``<output_dir>/<name>/``):
   after a restart from a checkpoint are appended again: the last record of a step wins (`read_metrics`).
 - ``tensorboard/``: the same scalars (``train/...``), readable with ``tensorboard --logdir <run dir>``.
 
+On an object store (which cannot append) both are written in a local folder and uploaded at every
+checkpoint (`Tracker.sync`) and at the end; a resumed run starts from the uploaded ``metrics.jsonl``.
+
 MFU = model FLOPs per step (`BreenConfig.flops_per_token` at the step's mean sequence length x tokens,
 forward + backward, recomputation of gradient checkpointing not counted) / (step time x devices x peak
 FLOP/s per device). Peak: ``metrics.peak_tflops`` or, when unset, a table of known GPUs (bf16 dense),
@@ -19,11 +22,15 @@ from __future__ import annotations
 
 import json
 import math
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
+from breen.storage import Store
+
 # Dense bf16 TFLOP/s by GPU name fragment (first match wins).
+METRICS_FILE = "metrics.jsonl"
 PEAK_TFLOPS = (("H200", 989.0), ("H100", 989.0), ("A100", 312.0), ("L40S", 362.0), ("A10G", 125.0))
 CPU_PEAK_TFLOPS = 1.0
 
@@ -75,15 +82,25 @@ class Tracker:
         self.step_times: list[float] = []
         self.writer = None
         self.jsonl = None
+        self.remote: Store | None = None
         if not enabled:
             return
-        run_dir = Path(run_dir)
-        run_dir.mkdir(parents=True, exist_ok=True)
-        self.jsonl = open(run_dir / "metrics.jsonl", "a")  # noqa: SIM115 (closed in close())
+        store = Store.at(run_dir)
+        if store.local:
+            local = Path(store.path)
+        else:  # an object store cannot append: write locally, upload at every `sync` and at the end
+            self.remote = store
+            self._tmp = tempfile.TemporaryDirectory(prefix="breen-metrics-")
+            local = Path(self._tmp.name)
+            if (store / METRICS_FILE).exists():  # a resumed run keeps the records of the earlier attempts
+                (local / METRICS_FILE).write_bytes((store / METRICS_FILE).read_bytes())
+        local.mkdir(parents=True, exist_ok=True)
+        self.local = local
+        self.jsonl = open(local / METRICS_FILE, "a")  # noqa: SIM115 (closed in close())
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.writer = SummaryWriter(str(run_dir / "tensorboard"))
+            self.writer = SummaryWriter(str(local / "tensorboard"))
 
     def eta(self, step: int) -> float:
         """Seconds left after `step` (1-based count of finished steps), from recent step times."""
@@ -119,16 +136,31 @@ class Tracker:
             f"mfu {100 * r['mfu']:.2f}% step {r['step_time']:.2f}s eta {format_eta(r['eta_s'])}"
         )
 
+    def sync(self) -> None:
+        """Upload the metrics so far to a remote run folder (nothing to do on local disk)."""
+        if self.remote is None or self.jsonl is None:
+            return
+        self.jsonl.flush()
+        if self.writer is not None:
+            self.writer.flush()
+        self.remote.upload_dir(self.local)
+
     def close(self) -> None:
         if self.jsonl is not None:
             self.jsonl.close()
+            self.jsonl = None
         if self.writer is not None:
             self.writer.close()
+            self.writer = None
+        if self.remote is not None:
+            self.remote.upload_dir(self.local)
+            self._tmp.cleanup()
+            self.remote = None
 
 
-def read_metrics(run_dir: str | Path) -> dict[int, dict[str, Any]]:
-    """{step: last record of that step} from ``<run_dir>/metrics.jsonl``."""
-    path = Path(run_dir) / "metrics.jsonl"
+def read_metrics(run_dir: str | Path | Store) -> dict[int, dict[str, Any]]:
+    """{step: last record of that step} from ``<run_dir>/metrics.jsonl`` (local or on an object store)."""
+    path = Store.at(run_dir) / METRICS_FILE
     out: dict[int, dict[str, Any]] = {}
     if path.exists():
         for line in path.read_text().splitlines():

@@ -4,7 +4,9 @@ Reads:  training shards (`pipelines.teacher` output, `breen.shard_format`: ``--d
         an initial BREEN directory (``--init-from``: Hugging Face layout with tokenizer, e.g. from
         ``python -m breen.convert``; ``tiny`` builds a tiny random model offline); for stage 2/3 the
         previous stage's export by default.
-Writes: ``<output_dir>/<stage>/`` (Ray Train storage for the run): ``train_config.json`` (resolved
+Writes: ``<output_dir>/<stage>/`` (Ray Train storage for the run; a folder or ``s3://`` / ``gs://``,
+        `breen.storage`, with ``storage.endpoint_override=HOST:PORT`` for S3-compatible stores):
+        ``train_config.json`` (resolved
         config), ``step-NNNNNNN/`` checkpoints (ZeRO-3 shards + client state, last K kept),
         ``metrics.jsonl`` and ``tensorboard/`` (rank 0), and at stage end ``export/`` (consolidated
         Hugging Face model, safetensors, tokenizer) that `breen.generate` and the next stage load.
@@ -20,7 +22,9 @@ On a cluster:
         --init-from /models/breen-7b-init scale.num_workers=64
 Overrides are dotted KEY=VALUE (``scale.num_workers=8 optim.lrs.patch_embed=2e-4``; with ``--stage all``
 ``stage2.schedule.max_steps=100`` touches one stage); ``--profile cpu`` is the CPU/test scale (see
-`jobs.config`). Rerunning the same command resumes the run from its latest checkpoint.
+`jobs.config`). Rerunning the same command resumes the run from its latest checkpoint. Remote model
+directories (``--init-from``, checkpoints' model configs) are fetched once per node into
+``$BREEN_CACHE`` (default ``~/.cache/breen``).
 
 The step loop is in `train_worker` (one Ray Train worker per accelerator): resume rule, trainable set
 (`breen.stages.set_trainable`), client AdamW with per-component learning rates, DeepSpeed engine, then
@@ -43,7 +47,7 @@ from typing import Any
 
 import numpy as np
 
-from breen.storage import StorageError, Store
+from breen.storage import StorageError, Store, fetch_dir
 from jobs import ingest
 from jobs.checkpoint import (
     MODEL_DIR,
@@ -175,10 +179,13 @@ def run_worker(loop_config: dict[str, Any], progress: dict[str, int]) -> None:
 
     # --- resume rule: this run's latest checkpoint if any, else init_from (weights only)
     checkpoint = ray.train.get_checkpoint()
+    endpoint = cfg.storage.endpoint_override
     with checkpoint.as_directory() if checkpoint else contextlib.nullcontext() as ckpt_dir:
-        source = Path(ckpt_dir, MODEL_DIR) if ckpt_dir else Path(plan["init_dir"])
+        source = Path(ckpt_dir, MODEL_DIR) if ckpt_dir else fetch_dir(plan["init_dir"], "model.init_from", endpoint)
         model_config = BreenConfig.from_pretrained(source)
-        tokenizer = ingest.load_tokenizer(source if ckpt_dir else plan["tokenizer_dir"])
+        tokenizer = ingest.load_tokenizer(
+            source if ckpt_dir else fetch_dir(plan["tokenizer_dir"], "model.tokenizer", endpoint)
+        )
         ds_config = deepspeed_config(cfg, model_config.hidden_size)
         model = build_model(cfg, model_config, None if ckpt_dir else source, ds_config, rank)
         print0(f"[{cfg.stage}] model from {'checkpoint ' + str(ckpt_dir) if ckpt_dir else source}")
@@ -320,11 +327,13 @@ def run_worker(loop_config: dict[str, Any], progress: dict[str, int]) -> None:
         finished = state.step == total_steps
         stop = cfg.debug.stop_after_step is not None and state.step >= cfg.debug.stop_after_step
         if state.step % cfg.checkpoint.every_steps == 0 or finished or stop:
+            t_ckpt = time.perf_counter()
             local = save_checkpoint(
                 engine, state, rank=rank, train_config=config_record(cfg), model_config=model_config,
                 tokenizer=tokenizer,
             )  # fmt: skip
             asynchronous = cfg.checkpoint.async_upload and not (finished or stop)
+            tracker.sync()  # remote run folder: the metrics so far go up with the checkpoint
             ray.train.report(
                 {"step": state.step, "data_position": state.data_position, "loss": record["loss"],
                  "tokens_seen": state.tokens_seen, "stage": cfg.stage},
@@ -333,6 +342,9 @@ def run_worker(loop_config: dict[str, Any], progress: dict[str, int]) -> None:
                 checkpoint_upload_mode=CheckpointUploadMode.ASYNC if asynchronous else CheckpointUploadMode.SYNC,
                 delete_local_checkpoint_after_upload=True,
             )  # fmt: skip
+            # The stall: what the step loop waited for this checkpoint (save, plus the upload when SYNC).
+            print0(f"[{cfg.stage}] checkpoint {checkpoint_name(state.step)}: step loop stalled "
+                   f"{time.perf_counter() - t_ckpt:.2f} s ({'async' if asynchronous else 'sync'} upload)")  # fmt: skip
         if stop and not finished:
             print0(f"[{cfg.stage}] debug.stop_after_step={cfg.debug.stop_after_step}: stopping")
             tracker.close()
@@ -469,8 +481,8 @@ def maybe_fail(cfg: TrainConfig, step: int, rank: int) -> None:
     run directory makes the restarted attempt go on). ``debug.error_at_step``: rank 0 raises a TypeError
     every time that step starts, as a bug would (each one is counted in ``debug-errors``)."""
     if rank == 0 and step == cfg.debug.error_at_step:
-        with open(cfg.run_dir / "debug-errors", "a") as f:
-            f.write(f"step {step}\n")
+        errors = cfg.run_dir / "debug-errors"
+        errors.write_text((errors.read_text() if errors.exists() else "") + f"step {step}\n")
         raise TypeError(f"debug.error_at_step={step}: injected deterministic error on rank 0")
     if cfg.debug.fail_at_step is None or step != cfg.debug.fail_at_step or rank != 0:
         return
@@ -488,7 +500,7 @@ class DatasetFactory:
     positions already consumed by the run's latest checkpoint before anything is read or decoded."""
 
     files: list[ingest.ShardFile]
-    run_dir: str
+    run_dir: Store
     kwargs: dict[str, Any]
     progress_bars: bool = False
 
@@ -501,20 +513,25 @@ class DatasetFactory:
         return ingest.build_dataset(self.files, skip=skip, **self.kwargs)
 
 
-def resolve_init(cfg: TrainConfig, files: list[ingest.ShardFile]) -> tuple[Path, Path]:
-    """(model directory, tokenizer directory) to start from; builds the tiny model for ``tiny``."""
+def resolve_init(cfg: TrainConfig, files: list[ingest.ShardFile]) -> tuple[str, str]:
+    """(model directory, tokenizer directory) to start from, as paths or URIs (every worker fetches a
+    remote one: `breen.storage.fetch_dir`); builds the tiny model for ``tiny`` under output_dir."""
     if cfg.model.init_from == TINY_INIT:
+        import tempfile
+
         from jobs.tiny import save_tiny_breen
 
         dims = {f.clip_dim for f in files if f.clip_dim}
         clip_dim = dims.pop() if len(dims) == 1 else 32
-        out = Path(cfg.output_dir) / f"init-tiny-d{clip_dim}-s{cfg.model.tiny_seed}"
+        out = cfg.output / f"init-tiny-d{clip_dim}-s{cfg.model.tiny_seed}"
         if not (out / "config.json").exists():
-            save_tiny_breen(out, clip_dim=clip_dim, seed=cfg.model.tiny_seed)
+            with tempfile.TemporaryDirectory(prefix="breen-tiny-") as tmp:
+                save_tiny_breen(Path(tmp), clip_dim=clip_dim, seed=cfg.model.tiny_seed)
+                out.upload_dir(tmp, last=("config.json",))
             print(f"[{cfg.stage}] tiny random BREEN written to {out}", flush=True)
-        cfg.model.init_from = str(out)
-    init = Path(cfg.model.init_from)
-    return init, Path(cfg.model.tokenizer) if cfg.model.tokenizer else init
+        cfg.model.init_from = out.uri
+    init = cfg.model.init_from
+    return init, cfg.model.tokenizer or init
 
 
 def absolute_paths(cfg: TrainConfig) -> None:
@@ -535,10 +552,11 @@ def absolute_paths(cfg: TrainConfig) -> None:
             return p
         return str(Path(p).expanduser().resolve())
 
-    cfg.output_dir = fix(cfg.output_dir, "output_dir")
+    cfg.output_dir = fix(cfg.output_dir, "output_dir", remote_ok=True)
     cfg.data.paths = [fix(p, f"data.paths[{i}]", remote_ok=True) for i, p in enumerate(cfg.data.paths)]
-    cfg.model.init_from = fix(cfg.model.init_from, "model.init_from")
-    cfg.model.tokenizer = fix(cfg.model.tokenizer, "model.tokenizer")
+    if cfg.model.init_from != TINY_INIT:
+        cfg.model.init_from = fix(cfg.model.init_from, "model.init_from", remote_ok=True)
+    cfg.model.tokenizer = fix(cfg.model.tokenizer, "model.tokenizer", remote_ok=True)
 
 
 def check_inputs(cfg: TrainConfig) -> list[ingest.ShardFile]:
@@ -557,6 +575,10 @@ def check_inputs(cfg: TrainConfig) -> list[ingest.ShardFile]:
         if not where.is_dir():
             raise ConfigError(f"data.paths[{i}]: not a directory: {p}")
     try:
+        cfg.output.check_writable("output_dir")
+    except StorageError as e:
+        raise ConfigError(str(e)) from None
+    try:
         return ingest.list_shards(cfg.data.paths, cfg.storage.endpoint_override)
     except FileNotFoundError as err:
         raise ConfigError(f"data.paths: {err}") from None
@@ -569,14 +591,14 @@ def stage_plan(cfg: TrainConfig) -> dict[str, Any]:
     files = check_inputs(cfg)
     resume = latest_checkpoint(cfg.run_dir)
     if resume is not None:
-        init_dir = tokenizer_dir = resume[0] / MODEL_DIR
+        init_dir = tokenizer_dir = (resume[0] / MODEL_DIR).uri
         print(f"[{cfg.stage}] resuming {cfg.run_dir} from {resume[0].name}", flush=True)
     else:
         if cfg.model.init_from is None:
             raise ConfigError("model.init_from: no initial model given (--init-from DIR or 'tiny')")
         validate(cfg, check_paths=cfg.model.init_from != TINY_INIT)
         init_dir, tokenizer_dir = resolve_init(cfg, files)
-    model_config = BreenConfig.from_pretrained(init_dir)
+    model_config = BreenConfig.from_pretrained(fetch_dir(init_dir, "model.init_from", cfg.storage.endpoint_override))
     try:
         ingest.check_shards(files, model_config, cfg.data.text_field, teacher=cfg.data.teacher)
     except ValueError as err:
@@ -612,7 +634,7 @@ def run_stage(cfg: TrainConfig, address: str | None = None, num_cpus: int | None
     factory = DatasetFactory(
         progress_bars=sys.stderr.isatty(),
         files=plan["files"],
-        run_dir=str(cfg.run_dir),
+        run_dir=cfg.run_dir,
         kwargs={
             "tokenizer_dir": plan["tokenizer_dir"], "model_config": plan["model_config"].to_dict(),
             "text_field": cfg.data.text_field, "max_length": cfg.data.max_length, "seed": cfg.seed,
@@ -637,7 +659,8 @@ def run_stage(cfg: TrainConfig, address: str | None = None, num_cpus: int | None
             torch_config=TorchConfig(backend="nccl" if s.use_gpu else "gloo"),
             run_config=RunConfig(
                 name=cfg.run_name,
-                storage_path=str(Path(cfg.output_dir).resolve()),
+                storage_path=cfg.output.path,
+                storage_filesystem=None if cfg.output.local else cfg.output.fs,
                 # Restarts after a fault are ours (`fit_with_restarts`): Ray Train would also restart
                 # after a deterministic error. Preemptions keep Ray Train's own (separate) budget.
                 failure_config=FailureConfig(max_failures=0),
@@ -753,7 +776,7 @@ def chain_configs(
         if init_from is not None or stage == "stage1":
             init = init_from
         else:
-            init = str(Path(output_dir) / CHAIN[CHAIN.index(stage) - 1] / "export")
+            init = f"{str(output_dir).rstrip('/')}/{CHAIN[CHAIN.index(stage) - 1]}/export"  # a path or a URI
         if init is not None:
             base.append(f"model.init_from={init}")
         cfgs.append(build_config(stage, profile, base + mine))

@@ -45,31 +45,32 @@ def test_prepare_fails_on_a_missing_bucket_before_ray_without_a_local_s3_folder(
     assert not (tmp_path / "ftp:").exists()
 
 
-def test_train_refuses_uris_naming_the_flag_field(tmp_path, capsys, monkeypatch):
+def test_train_checks_object_store_locations_before_ray_naming_the_field(tmp_path, capsys, monkeypatch, s3_server):
     monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(common, "init_ray", lambda *a, **k: pytest.fail("Ray started before the checks"))
     data = tmp_path / "shards"
     data.mkdir()
-    argv = ["--stage", "stage1", "--data", str(data), "--init-from", "tiny", "--profile", "cpu"]
-    assert train.main([*argv, "--output-dir", "s3://my-bucket/breen/train"]) == 2
-    assert "output_dir: s3://my-bucket/breen/train: s3:// is not supported yet" in capsys.readouterr().err
-    assert train.main(["--stage", "stage1", "--data", "gs://b/shards", "--init-from", "tiny", "--profile", "cpu",
-                       "--output-dir", str(tmp_path / "out")]) == 2  # fmt: skip
-    assert "data.paths[0]: gs://b/shards: gs:// is not supported yet" in capsys.readouterr().err
-    assert not (tmp_path / "s3:").exists() and not (tmp_path / "gs:").exists()
+    endpoint = f"storage.endpoint_override={s3_server}"
+    argv = ["--stage", "stage1", "--data", str(data), "--init-from", "tiny", "--profile", "cpu", endpoint]
+    assert train.main([*argv, "--output-dir", "s3://no-such-bucket/breen/train"]) == 2
+    assert "output_dir: s3://no-such-bucket/breen/train: bucket 'no-such-bucket' not found" in capsys.readouterr().err
+    assert train.main(["--stage", "stage1", "--data", "s3://breen-test/no/shards", "--init-from", "tiny",
+                       "--profile", "cpu", "--output-dir", str(tmp_path / "out"), endpoint]) == 2  # fmt: skip
+    assert "data.paths[0]: s3://breen-test/no/shards: not found" in capsys.readouterr().err
+    assert train.main([*argv, "--output-dir", "ftp://host/train"]) == 2
+    assert "output_dir: ftp://host/train: unknown storage scheme ftp://" in capsys.readouterr().err
+    assert not (tmp_path / "s3:").exists() and not (tmp_path / "ftp:").exists()
 
 
-@pytest.mark.parametrize(
-    ("argv", "needle"),
-    [
-        (["--model", "s3://b/export"], "--model: s3://b/export: s3:// is not supported yet"),
-        (["--model", "/nonexistent/export"], "--model: /nonexistent/export: not a BREEN directory"),
-    ],
-)
-def test_generate_checks_its_inputs_before_loading_the_model(tmp_path, capsys, argv, needle):
-    with pytest.raises(SystemExit) as exit_info:
-        generate.main([*argv, "--prompt", "hi"])
-    assert exit_info.value.code == 2
-    assert needle in capsys.readouterr().err
+def test_generate_checks_its_inputs_before_loading_the_model(tmp_path, capsys, monkeypatch, s3_server):
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_server)
+    for model, needle in [("s3://breen-test/no/export", "--model: s3://breen-test/no/export: not a BREEN directory"),
+                          ("/nonexistent/export", "--model: /nonexistent/export: not a BREEN directory"),
+                          ("ftp://h/export", "--model: ftp://h/export: unknown storage scheme")]:  # fmt: skip
+        with pytest.raises(SystemExit) as exit_info:
+            generate.main(["--model", model, "--prompt", "hi"])
+        assert exit_info.value.code == 2
+        assert needle in capsys.readouterr().err
 
 
 def test_generate_checks_the_image_before_loading_the_model(tmp_path, capsys):

@@ -10,6 +10,9 @@
   latest checkpoint and the run ends with the same final weights as the uninterrupted run.
 - A deterministic error (a TypeError) in the first step: reported once with its traceback, exit 1, no
   restart although `checkpoint.max_failures` allows three.
+- Everything in a bucket (a real S3 API, `moto_server`): shards, Ray Train storage, checkpoints (uploaded
+  asynchronously), metrics and export; a worker killed after a checkpoint resumes from the bucket with the
+  uninterrupted run's losses and weights, and `breen.generate` answers from the exported ``s3://`` model.
 
 Run:  .venv/bin/python -m pytest tests/test_train.py -m slow
 """
@@ -18,6 +21,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import threading
 import time
@@ -28,6 +32,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from breen.storage import Store, fetch_dir
 from jobs import train
 from jobs.checkpoint import latest_checkpoint
 from jobs.tiny import write_tiny_shards
@@ -36,7 +41,7 @@ pytestmark = pytest.mark.slow
 CPU = ["--profile", "cpu", "--num-cpus", "4"]
 
 
-def losses(run_dir: Path) -> dict[int, float]:
+def losses(run_dir: Path | Store) -> dict[int, float]:
     """step -> loss from metrics.jsonl (a step logged twice, after a restart, must agree with itself)."""
     out: dict[int, float] = {}
     for line in (run_dir / "metrics.jsonl").read_text().splitlines():
@@ -224,3 +229,48 @@ def test_a_deterministic_first_step_error_stops_at_once_without_restarts(shards,
     assert "error: stage1: rank 0 failed before its first step, not restarted" in err
     assert "TypeError: debug.error_at_step=0: injected deterministic error on rank 0" in err
     assert "Traceback (most recent call last)" in err and "in maybe_fail" in err  # the real traceback
+
+
+def test_stage1_on_s3_resumes_a_killed_worker_from_the_bucket(shards, uninterrupted, s3_server, tmp_path, capsys,
+                                                               monkeypatch):  # fmt: skip
+    from breen import generate
+
+    bucket = Store.at("s3://breen-test/train-s3", endpoint_override=s3_server)
+    bucket.joinpath("shards").upload_dir(shards)
+    run = bucket / "runs" / "stage1"
+    killed: list[int] = []
+
+    def kill_after_a_checkpoint() -> None:
+        deadline = time.monotonic() + 600
+        while time.monotonic() < deadline:
+            latest = latest_checkpoint(run)  # Ray Train's snapshot, read from the bucket
+            if latest is not None and 3 <= latest[1]["step"] < 9:
+                workers = train_workers()
+                if workers:
+                    os.kill(workers[-1].pid, signal.SIGKILL)
+                    killed.append(latest[1]["step"])
+                    return
+            time.sleep(0.05)
+
+    watcher = threading.Thread(target=kill_after_a_checkpoint, daemon=True)
+    watcher.start()
+    argv = stage1_argv(Path("unused"), Path("unused"), "checkpoint.max_failures=1", "checkpoint.async_upload=true",
+                       f"storage.endpoint_override={s3_server}")  # fmt: skip
+    argv[argv.index("--data") + 1] = (bucket / "shards").uri
+    argv[argv.index("--output-dir") + 1] = (bucket / "runs").uri
+    assert train.main(argv) == 0
+    watcher.join(timeout=5)
+    out = capsys.readouterr().out
+    assert killed, "no Ray Train worker was killed (the run ended first?)"
+    assert not (tmp_path / "s3:").exists() and not Path("s3:").exists()
+    assert losses(run) == losses(uninterrupted)
+    export = fetch_dir(run / "export", endpoint_override=s3_server)
+    assert_same_weights(weights(uninterrupted / "export"), weights(export))
+    assert [n for n in run.names() if n.startswith("step-")] == [] and len(run.dirs()) >= 2
+    stalls = [float(m) for m in re.findall(r"step loop stalled ([0-9.]+) s \(async upload\)", out)]
+    sync = [float(m) for m in re.findall(r"step loop stalled ([0-9.]+) s \(sync upload\)", out)]
+    assert stalls and sync, out[-2000:]
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_server)
+    generate.main(["--model", (run / "export").uri, "--prompt", "What is this?", "--max-new-tokens", "4"])
+    print(f"\nworker killed after checkpoint step {killed[0]}; checkpoint stalls with async upload to the "
+          f"bucket: {', '.join(f'{x:.2f}' for x in stalls)} s; the last (sync) one: {', '.join(f'{x:.2f}' for x in sync)} s")
