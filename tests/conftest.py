@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import os
-import socket
 from pathlib import Path
 
 import pytest
+
+from bench.s3server import free_port
 
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
@@ -22,42 +23,14 @@ for _k, _v in {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test", "AW
 CONFIGS = Path(__file__).resolve().parent.parent / "pipelines" / "configs"
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="session")
 def s3_server():
-    """A real S3 API (`moto_server`, a subprocess on a free 127.0.0.1 port) with one bucket `breen-test`;
-    credentials are the dummy values set above. Yields the endpoint URL."""
-    import subprocess
-    import sys
-    import time
+    """A real S3 API (`moto_server`, a subprocess on a free 127.0.0.1 port: `bench.s3server`) with one
+    bucket `breen-test`; credentials are the dummy values set above. Yields the endpoint URL."""
+    from bench.s3server import local_s3_server
 
-    import boto3
-
-    port = free_port()
-    server = Path(sys.executable).parent / "moto_server"
-    proc = subprocess.Popen([str(server), "-H", "127.0.0.1", "-p", str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
-    endpoint = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                break
-            except OSError:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"moto_server did not start on port {port}") from None
-                time.sleep(0.2)
-        boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket="breen-test")
+    with local_s3_server(buckets=("breen-test",)) as endpoint:
         yield endpoint
-    finally:
-        proc.terminate()
-        proc.wait(timeout=10)
 
 
 @pytest.fixture(scope="session")
