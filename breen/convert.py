@@ -1,4 +1,4 @@
-"""Build a BREEN model from a local Hugging Face Qwen2 checkpoint (the stage-1 starting point).
+"""Build a BREEN model from a Hugging Face Qwen2 checkpoint (the stage-1 starting point).
 
 Reads a Qwen2 directory: ``config.json``, ``model.safetensors`` or sharded ``model-*.safetensors`` (with or
 without ``model.safetensors.index.json``), and the tokenizer files. Writes a BREEN directory in Hugging
@@ -14,7 +14,9 @@ Run with:
     python -m breen.convert --qwen /models/Qwen2.5-7B-Instruct --out /models/breen-7b-init \\
         [--dtype bfloat16] [--seed 0] [--set image_size=672 ...]
 The 7B conversion needs about 27 GB of host memory in bf16 (the model is built on the meta device and
-filled tensor by tensor; no fp32 copy of Qwen is kept).
+filled tensor by tensor; no fp32 copy of Qwen is kept). Either directory may be on an object store
+(``s3://``, ``gs://``; endpoint from ``AWS_ENDPOINT_URL``): ``--qwen`` is fetched once into
+``$BREEN_CACHE``, ``--out`` is written locally then uploaded with ``config.json`` last.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -30,6 +33,7 @@ from safetensors import safe_open
 
 from breen.config import BreenConfig
 from breen.model import BreenForCausalLM
+from breen.storage import StorageError, Store, fetch_dir
 
 TOKENIZER_FILES = (
     "tokenizer.json",
@@ -140,8 +144,9 @@ def fresh_parameter_names(config: BreenConfig) -> list[str]:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--qwen", required=True, help="local Hugging Face Qwen2 directory (safetensors)")
-    parser.add_argument("--out", required=True, help="output BREEN directory")
+    parser.add_argument("--qwen", required=True,
+                        help="Hugging Face Qwen2 directory (safetensors): a folder, or s3:// / gs:// (fetched once)")
+    parser.add_argument("--out", required=True, help="output BREEN directory: a folder, or s3:// / gs://")  # fmt: skip
     parser.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--set", nargs="*", default=[], metavar="FIELD=JSON", help="BreenConfig overrides")
@@ -150,13 +155,23 @@ def main(argv: list[str] | None = None) -> None:
     for item in args.set:
         field, _, value = item.partition("=")
         overrides[field] = json.loads(value)
-    model = convert_qwen2(args.qwen, dtype=getattr(torch, args.dtype), seed=args.seed, **overrides)
-    model.save_pretrained(args.out)
-    copied = []
-    for name in TOKENIZER_FILES:
-        if (Path(args.qwen) / name).exists():
-            shutil.copy2(Path(args.qwen) / name, Path(args.out) / name)
-            copied.append(name)
+    try:  # both locations checked before the conversion (minutes for 7B)
+        out = Store.at(args.out, "--out")
+        out.check_writable("--out")
+        qwen = fetch_dir(args.qwen, "--qwen")
+    except StorageError as e:
+        parser.error(str(e))
+    model = convert_qwen2(qwen, dtype=getattr(torch, args.dtype), seed=args.seed, **overrides)
+    with tempfile.TemporaryDirectory(prefix="breen-convert-") as tmp:
+        local = Path(out.path) if out.local else Path(tmp)
+        model.save_pretrained(local)
+        copied = []
+        for name in TOKENIZER_FILES:
+            if (qwen / name).exists():
+                shutil.copy2(qwen / name, local / name)
+                copied.append(name)
+        if not out.local:  # config.json last: a reader that finds it finds the whole directory
+            out.upload_dir(local, last=("config.json",))
     print(
         f"BREEN model written to {args.out}: {model.num_params() / 1e9:.3f}B stored, "
         f"{model.num_params(active=True) / 1e9:.3f}B active; tokenizer files: {copied}"

@@ -372,3 +372,26 @@ def fetch_dir(location: Location, field: str = "path", endpoint_override: str | 
 
         shutil.rmtree(tmp, ignore_errors=True)
     return dest
+
+
+def fetch_file(location: Location, field: str = "path", endpoint_override: str | None = None) -> Path:
+    """A local copy of one file: the file itself when it is local; for a remote one a copy under
+    `cache_root()/fetched/`, fetched once and reused while the object is unchanged (size and time)."""
+    import hashlib
+
+    store = Store.at(location, field, endpoint_override)
+    if store.local:
+        return Path(store.path)
+    info = store._info()
+    if info.type != pafs.FileType.File:
+        raise StorageError(f"{field}: {store.uri}: not found")
+    key = hashlib.sha256(json.dumps([store.uri, info.size, info.mtime_ns], default=str).encode()).hexdigest()[:24]
+    dest = cache_root() / "fetched" / key / store.name
+    if not dest.is_file():
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp = temporary_name(str(dest))
+        with store.fs.open_input_stream(store.path) as src, open(tmp, "wb") as out:
+            while block := src.read(1 << 24):
+                out.write(block)
+        os.replace(tmp, dest)
+    return dest

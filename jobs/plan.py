@@ -21,7 +21,12 @@ The model behind the numbers (all of it in the functions below, each returning p
   GPU phase takes the longer of its GPU time and samples / (ingest rate * CPUs on the GPU nodes).
 - GPU-hours and CPU-hours are *allocated* hours (devices reserved x wall time); CPU-hours of a GPU
   phase are the CPUs of its GPU nodes.
-- Storage is what each phase writes to the shared volume: image bytes once (download; the training
+- With `--storage bucket` (datasets and checkpoints in an object store instead of a shared volume) every
+  phase is also bounded by the bytes it moves to and from the bucket over its nodes' bandwidth:
+  wall >= bytes / (nodes * `--bucket-gbps-per-node`). Request costs are negligible (a shard is one
+  object of megabytes, a few PUTs and GETs per shard); per-node bandwidth and egress are what bound it.
+  Training checkpoints are uploaded asynchronously; the plan states each upload's time.
+- Storage is what each phase writes to the shared volume or bucket: image bytes once (download; the training
   shards reference them), a few hundred bytes of text and decisions per row in the other data steps,
   100 x 1024 float16 features per training row; training adds the last K
   ZeRO-3 checkpoints (bf16 weights + fp32 master weights and Adam moments of trainable parameters)
@@ -93,6 +98,9 @@ SOURCES: dict[str, str] = {
     "BREEN 13M pre-training / 4M SFT)",
     "keep_checkpoints": "checkpoint.keep_last of the training config (jobs/config.py)",
     "convert_gbps": "assumed: one pod reading and writing the shared volume",
+    "bucket_gbps_per_node": "assumed: pyarrow's S3/GCS client with parallel range reads and multipart uploads "
+    "sustains several Gbit/s per node on a 25-100 Gbit/s NIC in the bucket's region; measure yours (the "
+    "cloud's per-instance limit, or an S3-compatible store's disks and network)",
 }
 
 
@@ -130,6 +138,10 @@ class Assumptions:
     sft_sample_kb: float = 130.0  # stored SFT row (image + conversation) before features
     keep_checkpoints: int | None = None  # ZeRO-3 checkpoints kept per stage; None: the training config's
     convert_gbps: float = 0.5  # GB/s the conversion reads and writes on the shared volume (assumed)
+    storage: str = "volume"  # "volume" (a shared ReadWriteMany volume) or "bucket" (an object store)
+    bucket_gbps_per_node: float = 10.0  # Gbit/s each node reads and writes the bucket at (SOURCES)
+    gpus_per_node: int = 8  # full overlay: 8 GPUs per GPU node
+    cpu_cores_per_node: int = 32  # full overlay: 32 CPUs per CPU pod
     preset: str = "qwen2.5-7b"
     rates: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_RATES))
     rate_sources: dict[str, str] = field(default_factory=dict)
@@ -181,7 +193,9 @@ class Assumptions:
             "download_ok": 0 < self.download_ok <= 1, "filter_keep": 0 < self.filter_keep <= 1,
             "stage1_fraction": 0 <= self.stage1_fraction <= 1, "sft_samples": self.sft_samples >= 0,
             "image_tokens": self.image_tokens >= 0, "keep_checkpoints": self.checkpoints >= 1,
-            "convert_gbps": self.convert_gbps > 0,
+            "convert_gbps": self.convert_gbps > 0, "storage": self.storage in ("volume", "bucket"),
+            "bucket_gbps_per_node": self.bucket_gbps_per_node > 0, "gpus_per_node": self.gpus_per_node > 0,
+            "cpu_cores_per_node": self.cpu_cores_per_node > 0,
             "stage3_gpus": self.stage3_gpus is None or self.stage3_gpus > 0,
         }  # fmt: skip
         bad = [k for k, ok in checks.items() if not ok]
@@ -342,11 +356,54 @@ def stage_phase(a: Assumptions, stage: str) -> Phase:
                  cpus * wall / 3600, storage, "GPU" if gpu_wall >= ingest_wall else "CPU ingest", notes)  # fmt: skip
 
 
+def storage_traffic(a: Assumptions, phase: str) -> tuple[float, int]:
+    """(bytes the phase reads from and writes to the datasets' storage, nodes moving them)."""
+    cpu_nodes = max(1, math.ceil(a.cpu_cores / a.cpu_cores_per_node))
+    row_with_features = a.image_kb * 1e3 + FEATURE_BYTES_PER_IMAGE + ROW_METADATA_BYTES
+    if phase == "download":  # writes every stored image once
+        return a.downloaded * (a.image_kb * 1e3 + ROW_METADATA_BYTES), cpu_nodes
+    if phase == "filter":  # reads every image (decode check, hash), writes decisions
+        return a.downloaded * (a.image_kb * 1e3 + 2 * ROW_METADATA_BYTES), cpu_nodes
+    if phase == "teacher":  # reads the kept images, writes features
+        return a.pairs * row_with_features, max(1, math.ceil(a.gpus / a.gpus_per_node))
+    if phase == "sft_teacher":
+        return a.sft_samples * (2 * a.sft_sample_kb * 1e3 + FEATURE_BYTES_PER_IMAGE), max(
+            1, math.ceil(a.gpus / a.gpus_per_node))  # fmt: skip
+    if phase == "convert":  # one pod reads Qwen2 and writes the BREEN init
+        from breen.config import BreenConfig
+
+        counts = BreenConfig.preset(a.preset).param_counts()
+        qwen = 2.0 * sum(counts[c] for c in ("embed_tokens", "lm_head", "attention", "norms", "text_experts"))
+        return qwen + 2.0 * counts["stored"], 1
+    # a training stage: the ingest reads image + features + text of every sample once
+    return a.stage_samples(phase) * row_with_features, max(1, math.ceil(a.stage_gpus(phase) / a.gpus_per_node))
+
+
+def bound_by_bucket(a: Assumptions, p: Phase) -> None:
+    """With the datasets in a bucket: the phase takes at least its traffic over its nodes' bandwidth."""
+    moved, nodes = storage_traffic(a, p.name)
+    wall = moved * 8 / (nodes * a.bucket_gbps_per_node * 1e9)
+    p.notes.append(f"bucket: moves {_b(moved)} over {nodes} node(s) at {a.bucket_gbps_per_node:g} Gbit/s each: "
+                   f"{_t(wall)}")  # fmt: skip
+    if p.name in STAGES:
+        upload = checkpoint_bytes(a, p.name) * 8 / (nodes * a.bucket_gbps_per_node * 1e9)
+        p.notes.append(f"bucket: each checkpoint ({_b(checkpoint_bytes(a, p.name))}) uploads in {upload:,.0f} s, "
+                       "in the background (asynchronous upload); keep the checkpoint interval longer")  # fmt: skip
+    if wall > p.wall_s:
+        scale = wall / p.wall_s if p.wall_s > 0 else 1.0
+        p.gpu_hours, p.cpu_hours = p.gpu_hours * scale, p.cpu_hours * scale
+        p.wall_s, p.bound = wall, "bucket"
+
+
 def plan(a: Assumptions) -> list[Phase]:
     """Every phase in run order (each starts when the previous one ends)."""
     a.validate()
     phases = [download_phase(a), filter_phase(a), teacher_phase(a), sft_teacher_phase(a), convert_phase(a)]
-    return phases + [stage_phase(a, s) for s in STAGES]
+    phases += [stage_phase(a, s) for s in STAGES]
+    if a.storage == "bucket":
+        for p in phases:
+            bound_by_bucket(a, p)
+    return phases
 
 
 def timeline(phases: list[Phase]) -> list[tuple[str, float, float]]:
@@ -417,6 +474,16 @@ def describe(a: Assumptions) -> list[str]:
         f"{SOURCES['keep_checkpoints'] if a.keep_checkpoints is None else 'given'}) + the final bf16 weights",
         "phases run back to back; GPU/CPU-hours are allocated hours (devices x wall time); scaling is "
         "linear in workers (no straggler or start-up time)",
+        (f"storage: a bucket (object store); each phase also bounded by its traffic at "
+         f"{a.bucket_gbps_per_node:g} Gbit/s per node ({a.cpu_cores_per_node} cores per CPU node, "
+         f"{a.gpus_per_node} GPUs per GPU node) "
+         f"({SOURCES['bucket_gbps_per_node'] if a.bucket_gbps_per_node == Assumptions.bucket_gbps_per_node else 'given'}); "
+         "request costs negligible (one object of megabytes per shard file, a few requests per shard); "
+         "egress charges apply only across regions: keep the cluster in the bucket's region"
+         if a.storage == "bucket" else
+         f"storage: a shared ReadWriteMany volume (--storage bucket plans an object store instead, at "
+         f"--bucket-gbps-per-node {Assumptions.bucket_gbps_per_node:g} by default: "
+         f"{SOURCES['bucket_gbps_per_node']})"),
     ]
     for key in DEFAULT_RATES:
         lines.append(f"rate {key} = {a.rates[key]:g}: {a.rate_sources.get(key, 'default')}")
@@ -510,6 +577,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="checkpoints kept per stage (default: checkpoint.keep_last of the training config)",
     )
     ap.add_argument("--convert-gbps", type=float, default=d.convert_gbps, help="conversion disk GB/s")
+    ap.add_argument("--storage", choices=("volume", "bucket"), default=d.storage,
+                    help="datasets and checkpoints on a shared volume (default) or in an object store")
+    ap.add_argument("--bucket-gbps-per-node", type=float, default=d.bucket_gbps_per_node,
+                    help="Gbit/s each node moves to and from the bucket (--storage bucket)")
+    ap.add_argument("--gpus-per-node", type=int, default=d.gpus_per_node)
+    ap.add_argument("--cpu-cores-per-node", type=int, default=d.cpu_cores_per_node)  # fmt: skip
     ap.add_argument("--preset", default=d.preset, help="BREEN model preset (breen.config)")
     ap.add_argument("--rates", type=Path, default=DEFAULT_RATES_FILE, help="per-core rates JSON")
     ap.add_argument(
@@ -529,7 +602,8 @@ def main(argv: list[str] | None = None) -> int:
         source_image_kb=args.source_image_kb, image_kb=args.image_kb, stage1_fraction=args.stage1_fraction,
         sft_samples=args.sft_samples, image_tokens=args.image_tokens, caption_tokens=args.caption_tokens,
         sft_text_tokens=args.sft_text_tokens, keep_checkpoints=args.keep_checkpoints, preset=args.preset,
-        convert_gbps=args.convert_gbps,
+        convert_gbps=args.convert_gbps, storage=args.storage, bucket_gbps_per_node=args.bucket_gbps_per_node,
+        gpus_per_node=args.gpus_per_node, cpu_cores_per_node=args.cpu_cores_per_node,
         rates=rates, rate_sources=sources,
     )  # fmt: skip
     try:

@@ -304,19 +304,20 @@ def _apply_override(data: dict[str, Any], item: str) -> None:
 
 
 def check_locations(cfg: PrepareConfig, where: str) -> None:
-    """Data locations (output_dir, URL lists, SFT inputs) may be local or on an object store: an unknown
-    scheme or a URI with credentials fails here, naming the field. The teacher's files must be local
-    (`breen.storage.require_local`)."""
+    """Data locations (output_dir, URL lists, SFT inputs, the teacher weights) may be local or on an object
+    store: an unknown scheme or a URI with credentials fails here, naming the field. A custom teacher
+    model config must be local (`breen.storage.require_local`)."""
     from breen.storage import require_local
 
     fields = {"output_dir": cfg.output_dir, **{f"input.urls[{i}]": u for i, u in enumerate(cfg.input.urls)}}
     if cfg.input.sft is not None:
         fields |= {"input.sft.json": cfg.input.sft.json, "input.sft.image_folder": cfg.input.sft.image_folder}
+    if cfg.teacher.weights is not None:
+        fields["teacher.weights"] = cfg.teacher.weights
     try:
         for name, value in fields.items():
             cfg.location(value, name)
-        for name in ("weights", "model_config"):
-            setattr(cfg.teacher, name, require_local(getattr(cfg.teacher, name), f"teacher.{name}"))
+        cfg.teacher.model_config = require_local(cfg.teacher.model_config, "teacher.model_config")
     except ValueError as e:  # StorageError included
         raise ConfigError(f"{where}: {e}") from None
 
@@ -369,7 +370,7 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Prepare
         if value is not None:
             value = resolve(value)
             setattr(cfg.teacher, name, value)
-            if not Path(value).is_file():
+            if scheme(value) is None and not Path(value).is_file():
                 raise ConfigError(f"{path}: teacher.{name}: file not found: {value}")
     try:
         apply_preset(cfg.filter)

@@ -77,9 +77,13 @@ def check(cfg: PrepareConfig, steps: Iterable[str]) -> None:
         sft_json(cfg.location(cfg.input.sft.json, "input.sft.json"))
         readable(cfg.location(cfg.input.sft.image_folder, "input.sft.image_folder"), "input.sft.image_folder")
     if cfg.teacher.weights and steps & set(graph.TRAINING.values()):
+        from breen.storage import fetch_file
         from pipelines.teacher import check_weights
 
-        check_weights(cfg.teacher.weights)
+        weights = cfg.location(cfg.teacher.weights, "teacher.weights")
+        if not weights.local:
+            readable(weights, "teacher.weights")
+        check_weights(str(fetch_file(weights, "teacher.weights")))  # a remote file is fetched once, here
 
 
 def steps_of(cfg: PrepareConfig) -> list[str]:

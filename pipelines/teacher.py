@@ -54,7 +54,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from breen import shard_format as sf
-from breen.storage import Store
+from breen.storage import Store, fetch_file
 from breen.teacher import PREPROCESS_VERSION, last_block_grid, letterbox, pool_targets
 from pipelines import common, graph
 from pipelines.config import ConfigError, PrepareConfig, TeacherConfig, from_dict, to_dict
@@ -62,11 +62,11 @@ from pipelines.config import ConfigError, PrepareConfig, TeacherConfig, from_dic
 # ----------------------------------------------------------------------------- the teacher model
 
 
-def teacher_identity(cfg: TeacherConfig) -> tuple[str, str]:
+def teacher_identity(cfg: TeacherConfig, endpoint: str | None = None) -> tuple[str, str]:
     """(model name, weights id) without building the model."""
     name = Path(cfg.model_config).stem if cfg.model_config else cfg.model
     if cfg.weights:
-        return name, "sha256:" + common.sha256_file(cfg.weights)
+        return name, "sha256:" + common.sha256_file(fetch_file(cfg.weights, "teacher.weights", endpoint))
     if cfg.pretrained:
         return name, f"open_clip-pretrained:{cfg.pretrained}"
     return name, f"random-init-seed:{cfg.random_init_seed}"
@@ -157,9 +157,12 @@ def features(model, pixels: np.ndarray, device: str) -> tuple[np.ndarray, np.nda
 class TeacherWorker(common.ShardWorker):
     """One actor = one model replica; builds whole training-shard files in fixed-size batches."""
 
-    def __init__(self, in_dir: Store, out_dir: Store, step: str, cfg: dict, identity: tuple[str, str]) -> None:
+    def __init__(self, in_dir: Store, out_dir: Store, step: str, cfg: dict, identity: tuple[str, str],
+                 endpoint: str | None = None) -> None:  # fmt: skip
         super().__init__(in_dir, out_dir)
         self.cfg: TeacherConfig = from_dict(TeacherConfig, cfg, "teacher")
+        if self.cfg.weights:  # on an object store: fetched once per node
+            self.cfg.weights = str(fetch_file(self.cfg.weights, "teacher.weights", endpoint))
         self.sources = Sources(self.in_dir.parent, step)
         self.plan = (self.out_dir / PLAN).read_json()["files"]
         self.device = resolve_device(self.cfg)
@@ -362,13 +365,13 @@ def run_training_shards(cfg: PrepareConfig, step: str) -> dict[str, Any]:
     rows_dir, out = cfg.out / info.rows_from, cfg.out / step
     names = common.require_dataset(rows_dir, info.rows_from)
     t = cfg.teacher
-    if t.weights:
-        check_weights(t.weights)  # first: before hashing it and before any actor starts
+    if t.weights:  # first: before hashing it and before any actor starts
+        check_weights(str(fetch_file(t.weights, "teacher.weights", cfg.storage.endpoint_override)))
     counts = [[s["shard"], s["kept"]] for s in common.read_stats(rows_dir, names)]
     files = write_plan(out, step, counts, cfg.shards.rows_per_file)
     todo = common.unfinished(out, files)
     check_preprocess(out, [n for n in files if n not in todo], t.preprocess)
-    name, weights_id = teacher_identity(t)
+    name, weights_id = teacher_identity(t, cfg.storage.endpoint_override)
     if todo:
         common.init_ray(cfg.ray.address, cfg.ray.num_cpus)
         gpus = ray.cluster_resources().get("GPU", 0) if t.device != "cpu" else 0
@@ -376,7 +379,7 @@ def run_training_shards(cfg: PrepareConfig, step: str) -> dict[str, Any]:
         print(f"[{step}] teacher on {len(todo)} of {len(files)} files, {t.num_actors} actor(s), "
               f"{'GPU' if num_gpus else 'CPU'}", flush=True)  # fmt: skip
         kwargs = {"in_dir": rows_dir, "out_dir": out, "step": step, "cfg": to_dict(t),
-                  "identity": (name, weights_id)}  # fmt: skip
+                  "identity": (name, weights_id), "endpoint": cfg.storage.endpoint_override}  # fmt: skip
         common.run_shards(step, todo, TeacherWorker, kwargs,
                           num_actors=t.num_actors, num_cpus=t.cpus_per_actor, num_gpus=num_gpus)  # fmt: skip
     else:

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -19,6 +22,11 @@ for _k, _v in {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test", "AW
                "AWS_EC2_METADATA_DISABLED": "true"}.items():  # fmt: skip
     os.environ.setdefault(_k, _v)
 
+
+# Remote folders and files the tests fetch (`breen.storage.fetch_dir`) go to a cache of this session only.
+if "BREEN_CACHE" not in os.environ:
+    os.environ["BREEN_CACHE"] = tempfile.mkdtemp(prefix="breen-test-cache-")
+    atexit.register(shutil.rmtree, os.environ["BREEN_CACHE"], ignore_errors=True)
 
 CONFIGS = Path(__file__).resolve().parent.parent / "pipelines" / "configs"
 

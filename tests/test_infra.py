@@ -39,11 +39,17 @@ REPO = Path(__file__).resolve().parent.parent
 KUBERAY = REPO / "infra" / "kuberay"
 DOCKERFILE = REPO / "infra" / "docker" / "Dockerfile"
 CRD_DIR = REPO.parent / "shared" / "kuberay" / "crds"
-CLUSTER_OVERLAYS = ("overlays/dev", "overlays/full", "overlays/kueue")
-JOB_OVERLAYS = ("overlays/dev/jobs", "overlays/full/jobs")
+CLUSTER_OVERLAYS = ("overlays/dev", "overlays/full", "overlays/kueue", "overlays/bucket")
+JOB_OVERLAYS = ("overlays/dev/jobs", "overlays/full/jobs", "overlays/bucket/jobs")
+BUCKET_OVERLAYS = {"overlays/bucket": "s3://breen-bucket"}  # no shared volume: every path in this bucket
 PREP_STEPS = ("download", "captions", "filter", "shards", "sft-import", "report")  # pipelines.graph + report
 TRAIN_STEPS = ("convert", "stage1", "stage2", "stage3")
-SHARED = "/mnt/breen"  # the shared volume's mount path in every pod
+SHARED = "/mnt/breen"  # the shared volume's mount path in every pod (node-local scratch in the bucket overlay)
+
+
+def data_root(overlay: str) -> str:
+    """Where an overlay keeps inputs, datasets, checkpoints and exports: the shared volume or a bucket."""
+    return BUCKET_OVERLAYS.get(cluster_overlay(overlay), SHARED)
 CONFIG_MOUNT = "/etc/breen"  # the ConfigMap's mount path
 
 _Loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
@@ -52,7 +58,7 @@ _Loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 # ============================================================================ kustomize, in Python
 # Exactly what the overlays use: resources (files and folders), configMapGenerator (files, behavior
 # create/replace/merge, options.disableNameSuffixHash + labels), patches with a target and a JSON6902
-# operation list (add, replace, remove, test), images (name -> newName/newTag/digest). Anything else
+# operation list (add, replace, remove, test) or a strategic-merge ``$patch: delete`` of the target, images (name -> newName/newTag/digest). Anything else
 # fails loudly, so a new kustomize feature in the manifests cannot be silently mis-built here.
 SUPPORTED_KEYS = {"apiVersion", "kind", "resources", "configMapGenerator", "patches", "images"}
 
@@ -83,11 +89,19 @@ def py_kustomize(folder: Path) -> list[dict[str, Any]]:
         ops = yaml.load(
             patch["patch"] if "patch" in patch else (folder / patch["path"]).read_text(), Loader=_Loader
         )
-        if not isinstance(ops, list):
-            raise KustomizeError(f"{folder}: strategic-merge patches are not handled: {patch}")
         matched = [o for o in objs if _matches(o, patch["target"])]
         if not matched:
             raise KustomizeError(f"{folder}: patch target {patch['target']} matches nothing")
+        if isinstance(ops, dict) and ops.get("$patch") == "delete":  # the one strategic-merge patch handled
+            if set(ops) - {"$patch", "apiVersion", "kind", "metadata"} or any(
+                (ops.get("kind"), ops.get("metadata", {}).get("name")) != (o["kind"], o["metadata"]["name"])
+                for o in matched
+            ):
+                raise KustomizeError(f"{folder}: a delete patch names exactly its target: {patch}")
+            objs = [o for o in objs if not any(o is m for m in matched)]
+            continue
+        if not isinstance(ops, list):
+            raise KustomizeError(f"{folder}: strategic-merge patches are not handled: {patch}")
         for obj in matched:
             for op in ops:
                 _json6902(obj, op)
@@ -255,7 +269,10 @@ def test_overlay_builds(overlay):
     objs = build(overlay)
     keys = by_key(objs)  # no duplicates
     kinds = {k for k, _ in keys}
-    if overlay in CLUSTER_OVERLAYS:
+    if overlay in BUCKET_OVERLAYS:
+        assert kinds == {"RayCluster", "ConfigMap", "NetworkPolicy"}, kinds  # no volume claim
+        assert len(of_kind(objs, "RayCluster")) == 1
+    elif overlay in CLUSTER_OVERLAYS:
         assert kinds == {"RayCluster", "PersistentVolumeClaim", "ConfigMap", "NetworkPolicy"}, kinds
         assert len(of_kind(objs, "RayCluster")) == 1
     else:
@@ -405,7 +422,13 @@ def test_raycluster_operator_rules(overlay):
         volumes = {v["name"]: v for v in pod["volumes"]}
         mounts = {m["mountPath"]: m["name"] for m in pod["containers"][0]["volumeMounts"]}
         assert set(mounts.values()) <= set(volumes), f"{group}: a volumeMount names no volume"
-        assert volumes[mounts[SHARED]]["persistentVolumeClaim"]["claimName"] in pvcs
+        if overlay in BUCKET_OVERLAYS:  # node-local scratch (the fetch cache), credentials from the Secret
+            assert "emptyDir" in volumes[mounts[SHARED]] and "persistentVolumeClaim" not in volumes[mounts[SHARED]]
+            env = {e["name"]: e.get("value") for e in pod["containers"][0]["env"]}
+            assert env["BREEN_CACHE"].startswith(SHARED + "/")
+            assert {"secretRef": {"name": "breen-object-store", "optional": True}} in pod["containers"][0]["envFrom"]
+        else:
+            assert volumes[mounts[SHARED]]["persistentVolumeClaim"]["claimName"] in pvcs
         assert volumes[mounts[CONFIG_MOUNT]]["configMap"]["name"] in configmaps
         assert volumes[mounts["/dev/shm"]]["emptyDir"]["medium"] == "Memory"
         if group == "head":
@@ -639,7 +662,7 @@ def prep_config(job_overlay: str, path: str):
 
 def _paths_in(value: Any) -> list[str]:
     if isinstance(value, str):
-        return [value] if value.startswith("/") else []
+        return [value] if value.startswith("/") or "://" in value else []  # paths and storage URIs
     if isinstance(value, dict):
         return [p for v in value.values() for p in _paths_in(v)]
     if isinstance(value, list):
@@ -657,7 +680,7 @@ def test_pipeline_entrypoints_and_configs(overlay):
             continue
         module, args = module_of(argv), argv[3:]
         if module == "pipelines.report":
-            assert len(args) == 1 and args[0].startswith(SHARED + "/"), f"{name}: report DIR expected"
+            assert len(args) == 1 and args[0].startswith(data_root(overlay) + "/"), f"{name}: report DIR expected"
             configs.add(("report", args[0]))
             continue
         # `common.step_main`: --config FILE and --set KEY=VALUE pairs only.
@@ -668,7 +691,7 @@ def test_pipeline_entrypoints_and_configs(overlay):
         assert cfg.input.synthetic is None, "the cluster config must read real inputs"
         assert cfg.teacher.weights and cfg.teacher.device == "cuda"
         for p in _paths_in(dataclasses.asdict(cfg)):
-            assert p.startswith(SHARED + "/"), f"{name}: {p} is not on the shared volume"
+            assert p.startswith(data_root(overlay) + "/"), f"{name}: {p} is not in {data_root(overlay)}"
         (cluster,) = of_kind(build(cluster_overlay(overlay)), "RayCluster")
         gpu = next(g for g in cluster["spec"]["workerGroupSpecs"] if g["groupName"] == "gpu")
         gpu_pod = gpu["template"]["spec"]
@@ -712,8 +735,10 @@ def test_training_entrypoints_resolve_and_fit(overlay):
     convert = jobs["breen-convert"]
     assert module_of(convert) == "breen.convert"
     init_dir = convert[convert.index("--out") + 1]
-    assert init_dir.startswith(SHARED + "/") and convert[convert.index("--qwen") + 1].startswith(SHARED + "/")
-    expected_workers = {"overlays/full/jobs": {"stage1": 64, "stage2": 64, "stage3": 32}}.get(overlay)
+    root = data_root(overlay)
+    assert init_dir.startswith(root + "/") and convert[convert.index("--qwen") + 1].startswith(root + "/")
+    recipe = {"stage1": 64, "stage2": 64, "stage3": 32}
+    expected_workers = {"overlays/full/jobs": recipe, "overlays/bucket/jobs": recipe}.get(overlay)
     export = {}
     for stage in ("stage1", "stage2", "stage3"):
         argv = jobs[f"breen-{stage}"]
@@ -733,7 +758,7 @@ def test_training_entrypoints_resolve_and_fit(overlay):
         )
         want = [f"{prep.output_dir}/sft_shards"] if stage == "stage3" else [f"{prep.output_dir}/shards"]
         assert cfg.data.paths == want, f"{stage} reads {cfg.data.paths}, the prep config writes {want}"
-        assert cfg.output_dir.startswith(SHARED + "/"), "checkpoints must live on the shared volume"
+        assert cfg.output_dir.startswith(root + "/"), f"checkpoints must live in {root}"
         expected_init = init_dir if stage == "stage1" else export[f"stage{int(stage[-1]) - 1}"]
         assert cfg.model.init_from == expected_init, f"{stage} starts from {cfg.model.init_from}"
         export[stage] = str(cfg.export_dir)

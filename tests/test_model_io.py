@@ -165,6 +165,33 @@ def test_convert_then_generate_cli(tmp_path, capsys):
     assert first and capsys.readouterr().out == first  # deterministic
 
 
+def test_convert_and_generate_with_both_directories_in_a_bucket(tmp_path, capsys, monkeypatch, s3_server):
+    """`breen.convert` reads Qwen2 from s3:// and writes BREEN to s3:// (a real S3 API); `breen.generate`
+    answers from the s3:// model exactly as from a local copy of the same files."""
+    from breen.convert import main as convert_main
+    from breen.generate import main as generate_main
+    from breen.storage import Store, fetch_dir
+
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_server)
+    monkeypatch.setenv("BREEN_CACHE", str(tmp_path / "cache"))
+    qwen = save_tiny_qwen2_dir(tmp_path / "qwen")
+    Store.at("s3://breen-test/models/qwen").upload_dir(qwen)
+    convert_main(["--qwen", "s3://breen-test/models/qwen", "--out", "s3://breen-test/models/breen", "--dtype",
+                  "float32"])  # fmt: skip
+    remote = Store.at("s3://breen-test/models/breen")
+    assert "config.json" in remote.names() and remote.names(".safetensors")
+    local = fetch_dir(remote)
+    assert local.is_relative_to(tmp_path / "cache") and fetch_dir(remote) == local  # fetched once, reused
+    (tmp_path / "img.png").write_bytes(png_bytes(40, 30))
+    args = ["--image", str(tmp_path / "img.png"), "--prompt", "What is it?", "--max-new-tokens", "4",
+            "--device", "cpu"]  # fmt: skip
+    capsys.readouterr()
+    generate_main(["--model", remote.uri, *args])
+    from_bucket = capsys.readouterr().out
+    generate_main(["--model", str(local), *args])
+    assert from_bucket and capsys.readouterr().out == from_bucket
+
+
 def test_breen_imports_neither_ray_nor_deepspeed():
     code = (
         "import sys, breen.model, breen.data, breen.convert, breen.stages, breen.generate, breen.config;"

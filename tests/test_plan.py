@@ -185,3 +185,27 @@ def test_sft_teacher_and_conversion_are_on_the_timeline():
     assert p["stage3"].storage_bytes == pytest.approx(
         3 * plan.checkpoint_bytes(a, "stage3") + 2 * counts["stored"]
     )
+
+
+def test_object_storage_bounds_each_phase_by_its_traffic_over_the_nodes_bandwidth(capsys):
+    volume, bucket = phases(rates=FAST_INGEST), phases(rates=FAST_INGEST, storage="bucket")
+    a = Assumptions(rates=FAST_INGEST, storage="bucket")
+    for name in plan.PHASES:
+        moved, nodes = plan.storage_traffic(a, name)
+        floor = moved * 8 / (nodes * a.bucket_gbps_per_node * 1e9)
+        assert math.isclose(bucket[name].wall_s, max(volume[name].wall_s, floor)), name
+        assert bucket[name].storage_bytes == volume[name].storage_bytes  # the same bytes, elsewhere
+    # stage 1 reads every sample's image, features and text once, on its 8 GPU nodes
+    moved, nodes = plan.storage_traffic(a, "stage1")
+    assert nodes == 8 and math.isclose(
+        moved, a.stage_samples("stage1") * (a.image_kb * 1e3 + plan.FEATURE_BYTES_PER_IMAGE + plan.ROW_METADATA_BYTES))
+    # a slow store becomes the bound, and the hours follow the longer wall time
+    slow = phases(rates=FAST_INGEST, storage="bucket", bucket_gbps_per_node=0.01)
+    assert slow["stage1"].bound == "bucket" and slow["stage1"].wall_s > volume["stage1"].wall_s
+    assert math.isclose(slow["stage1"].gpu_hours / slow["stage1"].wall_s, volume["stage1"].gpu_hours / volume["stage1"].wall_s)
+    assert any("uploads in" in n and "asynchronous" in n for n in bucket["stage2"].notes)
+    assert plan.main(["--storage", "bucket", "--out", "/tmp/breen-plan-bucket"]) == 0
+    text = capsys.readouterr().out
+    assert "request costs negligible" in text and "Gbit/s per node" in text
+    with pytest.raises(ValueError, match="storage"):
+        plan.plan(Assumptions(storage="nfs"))

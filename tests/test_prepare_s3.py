@@ -1,7 +1,7 @@
 """`pipelines.prepare` with every path on `s3://`: a real S3 API (`moto_server` on 127.0.0.1), real
 img2dataset against a local HTTP server, real Ray, real Parquet.
 
-The inputs (URL list, SFT JSON and its image folder) are objects in the bucket; `output_dir` is a prefix
+The inputs (URL list, SFT JSON and its image folder, the teacher weights) are objects in the bucket; `output_dir` is a prefix
 of the same bucket. Checked: the accounting balances; a rerun skips every shard and changes no object
 (ETag and last-modified time); the same inputs prepared into a local folder give byte-identical shards;
 a download step killed mid-run and relaunched loses and duplicates no row.
@@ -62,14 +62,14 @@ def inputs(s3_server, tmp_path_factory):
         upload(root / "urls.parquet", bucket / "urls.parquet")
         upload(sft, bucket / "sft.json")
         upload(root / "images", bucket / "images")
-        weights = write_tiny_teacher_weights(root / "tiny-vit.safetensors")
+        upload(write_tiny_teacher_weights(root / "tiny-vit.safetensors"), bucket / "tiny-vit.safetensors")
         yield [
             f"storage.endpoint_override={s3_server}",
             "input.synthetic=null",
             f"input.urls=['s3://{BUCKET}/in/urls.parquet']",
             f"input.sft={{json: 's3://{BUCKET}/in/sft.json', image_folder: 's3://{BUCKET}/in'}}",
             "teacher.random_init_seed=null",
-            f"teacher.weights={weights}",
+            f"teacher.weights=s3://{BUCKET}/in/tiny-vit.safetensors",
             f"teacher.model_config={CONFIGS / 'tiny-vit.json'}",
             "download.rows_per_shard=24",
             "shards.rows_per_file=16",
