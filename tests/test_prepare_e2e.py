@@ -47,12 +47,12 @@ def all_rows(dataset: Path, columns: list[str], rejected: bool = False) -> list[
 def test_every_shard_and_the_total_balance(prepared):
     cfg, acc, _, _ = prepared
     for step in graph.DATASETS:
-        stats = common.read_stats(cfg.out / step)
+        stats = common.read_stats(Path(cfg.out.path) / step)
         assert stats, step
         for s in stats:
             assert s["rows_in"] == s["kept"] + sum(s["rejected"].values()), (step, s)
-            kept = pq.read_metadata(cfg.out / step / f"{s['shard']}.parquet").num_rows
-            rej = pq.read_metadata(cfg.out / step / "rejected" / f"{s['shard']}.parquet").num_rows
+            kept = pq.read_metadata(Path(cfg.out.path) / step / f"{s['shard']}.parquet").num_rows
+            rej = pq.read_metadata(Path(cfg.out.path) / step / "rejected" / f"{s['shard']}.parquet").num_rows
             assert (kept, rej) == (s["kept"], sum(s["rejected"].values())), (step, s)
     urls = pq.read_table(cfg.input.urls[0])
     p = acc["pretrain"]
@@ -60,8 +60,8 @@ def test_every_shard_and_the_total_balance(prepared):
     # Keys: no row is lost or duplicated between the URL list and kept + rejected of all steps.
     keys = Counter()
     for step in PRETRAIN:
-        keys.update(r["key"] for r in all_rows(cfg.out / step, ["key"], rejected=True))
-    keys.update(r["key"] for r in all_rows(cfg.out / "shards", ["key"]))
+        keys.update(r["key"] for r in all_rows(Path(cfg.out.path) / step, ["key"], rejected=True))
+    keys.update(r["key"] for r in all_rows(Path(cfg.out.path) / "shards", ["key"]))
     assert len(keys) == urls.num_rows and set(keys.values()) == {1}
 
 
@@ -69,12 +69,12 @@ def test_bad_inputs_are_rejected_with_the_right_reason(prepared):
     cfg, _, _, _ = prepared
     fate: dict[str, tuple[str, str]] = {}
     for step in PRETRAIN:
-        for r in all_rows(cfg.out / step, ["key", "reason"], rejected=True):
+        for r in all_rows(Path(cfg.out.path) / step, ["key", "reason"], rejected=True):
             fate[r["key"]] = (step, r["reason"])
-    kept = {r["key"]: r for r in all_rows(cfg.out / "shards", ["key", "width", "height"])}
+    kept = {r["key"]: r for r in all_rows(Path(cfg.out.path) / "shards", ["key", "width", "height"])}
     by_tag: dict[str, list] = defaultdict(list)
     groups: dict[str, list] = defaultdict(list)
-    src = [r for f in sorted((cfg.out / "download" / "_input").glob("*.arrow"))
+    src = [r for f in sorted((Path(cfg.out.path) / "download" / "_input").glob("*.arrow"))
            for r in pa.ipc.open_file(f).read_all().select(["key", "expect", "dup_group"]).to_pylist()]  # fmt: skip
     for r in src:
         outcome = ("kept", None) if r["key"] in kept else fate[r["key"]]
@@ -120,7 +120,7 @@ def test_bad_inputs_are_rejected_with_the_right_reason(prepared):
 
 def test_images_are_downscaled_never_upscaled(prepared):
     cfg, _, _, _ = prepared
-    rows = all_rows(cfg.out / "download", ["expect", "width", "height", "original_width", "original_height"])
+    rows = all_rows(Path(cfg.out.path) / "download", ["expect", "width", "height", "original_width", "original_height"])
     for r in rows:
         long_side = max(r["original_width"], r["original_height"])
         assert max(r["width"], r["height"]) == min(long_side, 672), r
@@ -163,7 +163,7 @@ def _reference_features(weights: Path, image: bytes) -> tuple[np.ndarray, np.nda
 
 def test_teacher_features_equal_a_direct_open_clip_forward(prepared):
     cfg, _, _, weights = prepared
-    f = sorted((cfg.out / "shards").glob("part-*.parquet"))[0]
+    f = sorted((Path(cfg.out.path) / "shards").glob("part-*.parquet"))[0]
     table = pq.read_table(f)  # plain pyarrow, no Ray
     images = sf.resolve_images(table, sf.images_dir(f))  # the bytes the download step stored
     meta = table.schema.metadata
@@ -184,13 +184,13 @@ def test_teacher_features_equal_a_direct_open_clip_forward(prepared):
         for got, ref in [(fine[i], ref_f), (coarse[i], ref_c)]:
             # float16 rounding: relative 2^-11, plus fp32 noise from a different code path.
             np.testing.assert_allclose(got.astype(np.float32), ref, rtol=2**-10, atol=2e-3)
-    manifest = json.loads((cfg.out / "shards" / "manifest.json").read_text())
+    manifest = json.loads((Path(cfg.out.path) / "shards" / "manifest.json").read_text())
     assert manifest["teacher"]["weights"] == meta[b"breen.teacher_weights"].decode()
 
 
 def test_training_shards_layout(prepared):
     cfg, acc, _, _ = prepared
-    files = sorted((cfg.out / "shards").glob("part-*.parquet"))
+    files = sorted((Path(cfg.out.path) / "shards").glob("part-*.parquet"))
     sizes = [pq.read_metadata(f).num_rows for f in files]
     assert all(s == 16 for s in sizes[:-1]) and 0 < sizes[-1] <= 16
     assert sum(sizes) == acc["steps"]["shards"]["kept"]
@@ -200,7 +200,7 @@ def test_training_shards_layout(prepared):
     assert {"key", "image_shard", "image_row", "caption", "fine", "coarse"} <= set(t.column_names)
     assert "image" not in t.column_names  # referenced in download/, never copied
     assert t.schema.metadata[b"breen.teacher"] == b"tiny-vit"
-    sft = pq.read_table(sorted((cfg.out / "sft_shards").glob("part-*.parquet"))[0])
+    sft = pq.read_table(sorted((Path(cfg.out.path) / "sft_shards").glob("part-*.parquet"))[0])
     assert "conversations" in sft.column_names
     convs = [json.loads(c) for c in sft.column("conversations").to_pylist()]
     assert all(c[0]["from"] == "human" for c in convs)
@@ -211,9 +211,9 @@ def test_training_shards_layout(prepared):
 
 def test_report_is_written(prepared):
     cfg, _, _, _ = prepared
-    html = (cfg.out / "report" / "index.html").read_text()
+    html = (Path(cfg.out.path) / "report" / "index.html").read_text()
     assert "download" in html and "teacher" in html
-    assert list((cfg.out / "report").glob("*.png"))
+    assert list((Path(cfg.out.path) / "report").glob("*.png"))
 
 
 def _snapshot(root: Path) -> dict[str, tuple[str, int]]:
@@ -224,9 +224,9 @@ def _snapshot(root: Path) -> dict[str, tuple[str, int]]:
 def test_rerun_skips_every_shard_and_changes_no_byte(prepared, capsys):
     cfg, acc, overrides, _ = prepared
     capsys.readouterr()
-    before = _snapshot(cfg.out)
+    before = _snapshot(Path(cfg.out.path))
     again = prepare.run(load_config(CONFIGS / "demo.yaml", overrides))
-    after = _snapshot(cfg.out)
+    after = _snapshot(Path(cfg.out.path))
     out = capsys.readouterr().out
     assert again == acc
     changed = sorted(k for k in before if before[k][0] != after.get(k, ("gone",))[0])

@@ -99,7 +99,7 @@ def corpus_run(tmp_path_factory, ray_local):
         urls = root / "urls.parquet"
         n_rows = write_url_list(cases, urls)
         cfg = load_config(corpus_config(root, urls))
-        out = cfg.out / "download"
+        out = Path(cfg.out.path) / "download"
         names = download.make_input_shards(cfg.input.urls, cfg.download.rows_per_shard, out / "_input")
         task = ray.remote(download_shard_under_tripwire).options(
             num_cpus=cfg.download.cpus_per_shard, max_retries=0
@@ -126,15 +126,15 @@ def corpus_run(tmp_path_factory, ray_local):
 
 def fates_by_case(cfg) -> tuple[dict[str, list[Fate]], Counter]:
     """Fate of every input row, grouped by case; and how many times each input key was accounted for."""
-    source = [r for f in sorted((cfg.out / "download" / "_input").glob("part-*.arrow"))
+    source = [r for f in sorted((Path(cfg.out.path) / "download" / "_input").glob("part-*.arrow"))
               for r in pa.ipc.open_file(f).read_all().select(["key", "case"]).to_pylist()]  # fmt: skip
     seen: Counter = Counter()
     fate: dict[str, Fate] = {}
     for step in STEPS:
-        for r in rows_of(cfg.out / step, ["key", "reason", "detail"], rejected=True):
+        for r in rows_of(Path(cfg.out.path) / step, ["key", "reason", "detail"], rejected=True):
             seen[r["key"]] += 1
             fate[r["key"]] = Fate(step, r["reason"], r["detail"])
-    for f in sorted((cfg.out / "shards").glob("part-*.parquet")):
+    for f in sorted((Path(cfg.out.path) / "shards").glob("part-*.parquet")):
         table = pq.read_table(f, columns=["key", "caption", "width", "height", "image_shard", "image_row"])
         images = shard_format.resolve_images(table, shard_format.images_dir(f))  # stored by download
         for r, image in zip(table.to_pylist(), images, strict=True):
@@ -191,16 +191,16 @@ def test_bad_corpus_every_row_accounted_for_and_rejected_with_a_reason(corpus_ru
     assert total["kinds"] >= 30
     # Per-shard accounting, as every step checks it before writing; training shards hold every kept row.
     for step in STEPS:
-        for s in common.read_stats(cfg.out / step):
+        for s in common.read_stats(Path(cfg.out.path) / step):
             assert s["rows_in"] == s["kept"] + sum(s["rejected"].values()), (step, s)
     kept = sum(f.step == "kept" for fs in by_case.values() for f in fs)
-    assert sum(pq.read_metadata(f).num_rows for f in (cfg.out / "shards").glob("part-*.parquet")) == kept
+    assert sum(pq.read_metadata(f).num_rows for f in (Path(cfg.out.path) / "shards").glob("part-*.parquet")) == kept
 
 
 def test_time_and_size_caps_bound_every_download(corpus_run):
     """Trickling and silent servers are cut: no download shard takes much longer than the time cap."""
     cfg = corpus_run["cfg"]
-    stats = common.read_stats(cfg.out / "download")
+    stats = common.read_stats(Path(cfg.out.path) / "download")
     slowest = max(s["seconds"] for s in stats)
     # total_timeout_s = 6 (timeout_s = 4) per download; without the cap the trickles take minutes
     # (~11 kB at 16 bytes per 0.1 s: ~65 s; the header trickle 300 s). Generous margin: shared machine.
