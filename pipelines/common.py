@@ -12,9 +12,11 @@ location is a `breen.storage.Store`) holds:
 A shard is finished only when its `.done` marker exists, and the marker is written last. On local disk
 every file is written to a temporary name and renamed; on an object store each object is one PUT (all or
 nothing). A killed step may leave a shard's data without its marker: a relaunch redoes that shard and
-overwrites it, so only finished shards are ever read downstream. Whether a shard is finished is read from
-its marker, never from a listing. Invariant checked on every shard: rows_in == kept + sum(rejected by
-reason).
+overwrites it, so only finished shards are ever read downstream. A step schedules the shards whose
+marker a listing does not show (one listing, not a request per shard); each worker then reads its
+shard's marker directly before skipping it, so a lagging listing costs a check, never a skipped shard.
+Downstream, a listing with fewer finished shards than the upstream manifest counts is an error.
+Invariant checked on every shard: rows_in == kept + sum(rejected by reason).
 """
 
 from __future__ import annotations
@@ -114,12 +116,6 @@ def read_table(path: Location | list[Location], columns: list[str] | None = None
     return pq.read_table(where, columns=columns, filesystem=files[0].fs, **kwargs)
 
 
-def parquet_file(path: Location) -> pq.ParquetFile:
-    """An open `pyarrow.parquet.ParquetFile` (footer read once; row groups read on demand)."""
-    path = Store.at(path)
-    return pq.ParquetFile(path.fs.open_input_file(path.path))
-
-
 def read_schema(path: Location) -> pa.Schema:
     path = Store.at(path)
     return pq.read_schema(path.path, filesystem=path.fs)
@@ -201,11 +197,6 @@ def write_shard(
     stats_path(dataset, name).write_json(stats)
     done_marker(dataset, name).write_bytes(b"")
     return stats
-
-
-def read_shard(dataset: Location, name: str, columns: list[str] | None = None) -> pa.Table:
-    dataset = Store.at(dataset)
-    return read_table(dataset / f"{name}.parquet", columns=columns)
 
 
 # ----------------------------------------------------------------------------- manifest
@@ -299,6 +290,11 @@ def require_dataset(dataset: Location, produced_by: str) -> list[str]:
         raise FileNotFoundError(
             f"no finished shards in {dataset} (expected the output of the `{produced_by}` step; run it first)"
         )
+    manifest = dataset / "manifest.json"
+    claimed = manifest.read_json()["counts"]["shards"] if manifest.exists() else 0
+    if len(names) < claimed:  # a listing that lags behind the writes (a store without consistent listing)
+        raise RuntimeError(f"{dataset}: the listing shows {len(names)} finished shards but its manifest counts "
+                           f"{claimed}; retry when the store's listing has caught up")  # fmt: skip
     return names
 
 

@@ -1,4 +1,5 @@
-"""pipelines.common: the embedded Ray keeps idle workers (Ray 2.60 aborts some idle exits).
+"""pipelines.common: the embedded Ray keeps idle workers (Ray 2.60 aborts some idle exits); shard
+bookkeeping: a listing that lags behind the upstream manifest is an error, not fewer shards.
 
 Ray ends a worker that stays idle for 1 s beyond the node's CPU count, and in Ray 2.60 about 1 such
 exit in 80 aborts in the worker's own shutdown ("Mutex corrupt", SIGABRT). `init_ray` starts the
@@ -27,3 +28,20 @@ def test_the_embedded_ray_keeps_the_workers_a_burst_started(ray_local):
     time.sleep(4.0)  # Ray's default would end the surplus idle workers after 1 s
     ended = [p for p in pids if not psutil.pid_exists(p)]
     assert not ended, f"{len(ended)} of {len(pids)} idle workers were ended"
+
+
+def test_a_listing_behind_the_upstream_manifest_is_an_error_not_fewer_shards(tmp_path):
+    import pyarrow as pa
+    import pytest
+
+    from pipelines import common
+
+    empty = common.with_reason(pa.table({"key": pa.array([], pa.string())}), [], [])
+    for i in range(2):
+        common.write_shard(tmp_path, common.shard_name(i), pa.table({"key": [f"k{i}"]}), empty, 1)
+    common.write_manifest(tmp_path, "download", [], {})
+    assert common.require_dataset(tmp_path, "download") == ["part-00000", "part-00001"]
+    assert common.unfinished(tmp_path, ["part-00000", "part-00001", "part-00002"]) == ["part-00002"]
+    (tmp_path / "part-00001.done").unlink()  # what a listing that lags behind the writes would show
+    with pytest.raises(RuntimeError, match="shows 1 finished shards but its manifest counts 2"):
+        common.require_dataset(tmp_path, "download")
