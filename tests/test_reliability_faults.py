@@ -273,6 +273,7 @@ def snapshot(dataset: Path) -> dict[str, tuple[int, bytes]]:
     for name in common.finished_shards(dataset):
         for f in (dataset / f"{name}.parquet", dataset / common.REJECTED / f"{name}.parquet",
                   common.stats_path(dataset, name), common.done_marker(dataset, name)):  # fmt: skip
+            f = Path(str(f))  # a local dataset: the markers' Store is a plain path here
             out[str(f)] = (f.stat().st_mtime_ns, f.read_bytes())
     return out
 
