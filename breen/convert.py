@@ -27,13 +27,15 @@ import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-from safetensors import safe_open
-
-from breen.config import BreenConfig
-from breen.model import BreenForCausalLM
 from breen.storage import StorageError, Store, fetch_dir
+
+if TYPE_CHECKING:  # torch, transformers and the model load only when converting: `--help` returns at once
+    import torch
+
+    from breen.config import BreenConfig
+    from breen.model import BreenForCausalLM
 
 TOKENIZER_FILES = (
     "tokenizer.json",
@@ -79,6 +81,8 @@ def qwen2_key_map(config: BreenConfig) -> dict[str, tuple[str, ...]]:
 
 def iter_safetensors(directory: str | Path) -> Iterator[tuple[str, torch.Tensor]]:
     """(key, tensor) for every tensor of every ``*.safetensors`` file in `directory`, one file at a time."""
+    from safetensors import safe_open
+
     files = sorted(Path(directory).glob("*.safetensors"))
     if not files:
         raise FileNotFoundError(f"no *.safetensors in {directory} (only safetensors checkpoints are loaded)")
@@ -91,11 +95,17 @@ def iter_safetensors(directory: str | Path) -> Iterator[tuple[str, torch.Tensor]
 def convert_qwen2(
     qwen_dir: str | Path,
     *,
-    dtype: torch.dtype = torch.float32,
+    dtype: torch.dtype | None = None,
     seed: int = 0,
     **config_overrides,
 ) -> BreenForCausalLM:
-    """Load a local Qwen2 checkpoint into a new `BreenForCausalLM` (on CPU, in `dtype`)."""
+    """Load a local Qwen2 checkpoint into a new `BreenForCausalLM` (on CPU, in `dtype`: float32 if None)."""
+    import torch
+
+    from breen.config import BreenConfig
+    from breen.model import BreenForCausalLM
+
+    dtype = dtype or torch.float32
     qwen_dir = Path(qwen_dir)
     with open(qwen_dir / "config.json") as f:
         config = BreenConfig.from_qwen2_config(json.load(f), **config_overrides)
@@ -136,6 +146,10 @@ def convert_qwen2(
 
 def fresh_parameter_names(config: BreenConfig) -> list[str]:
     """BREEN parameters with no Qwen2 counterpart (initialised by `init_weights` rules)."""
+    import torch
+
+    from breen.model import BreenForCausalLM
+
     targets = {t for ts in qwen2_key_map(config).values() for t in ts}
     with torch.device("meta"):
         model = BreenForCausalLM(config)
@@ -161,6 +175,8 @@ def main(argv: list[str] | None = None) -> None:
         qwen = fetch_dir(args.qwen, "--qwen")
     except StorageError as e:
         parser.error(str(e))
+    import torch
+
     model = convert_qwen2(qwen, dtype=getattr(torch, args.dtype), seed=args.seed, **overrides)
     with tempfile.TemporaryDirectory(prefix="breen-convert-") as tmp:
         local = Path(out.path) if out.local else Path(tmp)

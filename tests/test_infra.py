@@ -640,6 +640,32 @@ def test_entrypoint_modules_resolve_and_help_works():
         assert "usage" in out.lower(), f"python -m {m} --help printed no usage"
 
 
+# Entrypoints whose `--help` must answer without importing the heavy libraries (seconds each). jobs.train
+# still imports them at start-up (issue 20).
+LIGHT_HELP = ("pipelines.prepare", "pipelines.download", "pipelines.captions", "pipelines.filter",
+              "pipelines.teacher", "pipelines.sft_import", "pipelines.report", "jobs.plan", "breen.generate",
+              "breen.convert")  # fmt: skip
+HEAVY = ("torch", "ray", "transformers", "deepspeed", "open_clip")
+
+
+@pytest.mark.parametrize("module", LIGHT_HELP)
+def test_help_imports_no_heavy_library(module):
+    probe = (
+        "import contextlib, io, runpy, sys\n"
+        f"sys.argv = [{module!r}, '--help']\n"
+        "with contextlib.redirect_stdout(io.StringIO()) as out:\n"
+        "    try:\n"
+        f"        runpy.run_module({module!r}, run_name='__main__')\n"
+        "    except SystemExit as e:\n"
+        "        assert e.code in (0, None), e.code\n"
+        "assert 'usage' in out.getvalue().lower()\n"
+        f"print(sorted(m for m in {HEAVY!r} if m in sys.modules))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", probe], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "[]", f"python -m {module} --help imports {done.stdout.strip()}"
+
+
 def configmap_file(job_overlay: str, path: str) -> str:
     """The content a pod sees at `path` under the ConfigMap mount, from the matching cluster overlay."""
     assert path.startswith(CONFIG_MOUNT + "/"), f"config {path} is not in the ConfigMap mount {CONFIG_MOUNT}"
