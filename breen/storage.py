@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 import fnmatch
+import functools
 import json
 import os
 import posixpath
@@ -94,6 +95,19 @@ def _endpoint(value: str | None) -> tuple[str | None, str | None]:
     return value, "https"
 
 
+@functools.cache
+def _aws_region(bucket: str) -> str | None:
+    """AWS_REGION / AWS_DEFAULT_REGION, else the bucket's own region (one request, remembered); None
+    leaves pyarrow's default when S3 cannot be asked (the first real request then names the error)."""
+    region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+    if region:
+        return region
+    try:
+        return pafs.resolve_s3_region(bucket)
+    except OSError:
+        return None
+
+
 @dataclass(frozen=True)
 class Store:
     """A location: a pyarrow filesystem and a path in it (no trailing slash)."""
@@ -132,7 +146,10 @@ class Store:
             host, http = _endpoint(endpoint_override or (query.get("endpoint_override") or [None])[0])
             if host and (query.get("scheme") or [None])[0]:
                 http = query["scheme"][0]
-            fs = pafs.S3FileSystem(endpoint_override=host, scheme=http) if host else pafs.S3FileSystem()
+            if host:
+                fs = pafs.S3FileSystem(endpoint_override=host, scheme=http)
+            else:  # AWS: the bucket's region from the environment, else asked of S3 once per bucket
+                fs = pafs.S3FileSystem(region=_aws_region(parts.netloc))
         else:
             fs = pafs.GcsFileSystem()
         return cls(fs, path, clean)
