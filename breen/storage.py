@@ -20,8 +20,8 @@ workload identity): a URI carrying keys is refused, and `uri` (what logs and man
 holds a query string. Unknown schemes and missing buckets fail at once with `StorageError`, naming the
 config field and the URI (`check_readable`, `check_writable` run before Ray starts).
 
-`require_local` guards the paths that must be on a local disk (a model loaded by transformers, for
-example), so a URI fails naming the field instead of being written to a local folder called `s3:`.
+`require_local` guards the few paths that must be local files (a custom open_clip model config), so a URI
+fails naming the field instead of being read as a local folder called `s3:`.
 """
 
 from __future__ import annotations
@@ -70,7 +70,7 @@ def scheme(path: str) -> str | None:
 
 def require_local(path: str | None, field: str) -> str | None:
     """`path` unchanged when it is a local path (a `file://` URI becomes its path); a ValueError naming
-    `field` for any other URI (for the paths not yet on this layer)."""
+    `field` for any other URI (for the few files that must be local)."""
     if path is None:
         return None
     kind = scheme(path)
@@ -79,8 +79,7 @@ def require_local(path: str | None, field: str) -> str | None:
     if kind == "file":
         return str(path)[len("file://") :]
     raise ValueError(
-        f"{field}: {path}: {kind}:// is not supported yet, only local or mounted paths (mount the bucket, "
-        "or use a ReadWriteMany volume: docs/cluster.md)"
+        f"{field}: {path}: must be a local file ({kind}:// is not read here: copy it to local disk)"
     )
 
 

@@ -535,28 +535,24 @@ def resolve_init(cfg: TrainConfig, files: list[ingest.ShardFile]) -> tuple[str, 
 
 
 def absolute_paths(cfg: TrainConfig) -> None:
-    """Make every local path absolute: Ray Train workers do not run in the driver's directory. The
-    training shards may be on an object store (a URI is checked, naming the field); the other paths must
-    be local (`breen.storage.require_local`)."""
-    from breen.storage import Store, require_local
+    """Every location as the workers need it: a local path made absolute (Ray Train workers do not run in
+    the driver's directory), a URI normalised (`breen.storage`: an unknown scheme or a URI with
+    credentials fails here, naming the field)."""
+    from breen.storage import Store
 
-    def fix(p: str | None, field: str, remote_ok: bool = False) -> str | None:
-        try:
-            if remote_ok and p is not None:
-                store = Store.at(p, field, cfg.storage.endpoint_override)
-                return store.uri if not store.local else store.path
-            p = require_local(p, field)
-        except ValueError as e:  # StorageError included
-            raise ConfigError(str(e)) from None
+    def fix(p: str | None, field: str) -> str | None:
         if p is None or p == TINY_INIT:
             return p
-        return str(Path(p).expanduser().resolve())
+        try:
+            store = Store.at(p, field, cfg.storage.endpoint_override)
+        except ValueError as e:  # StorageError
+            raise ConfigError(str(e)) from None
+        return store.path if store.local else store.uri
 
-    cfg.output_dir = fix(cfg.output_dir, "output_dir", remote_ok=True)
-    cfg.data.paths = [fix(p, f"data.paths[{i}]", remote_ok=True) for i, p in enumerate(cfg.data.paths)]
-    if cfg.model.init_from != TINY_INIT:
-        cfg.model.init_from = fix(cfg.model.init_from, "model.init_from", remote_ok=True)
-    cfg.model.tokenizer = fix(cfg.model.tokenizer, "model.tokenizer", remote_ok=True)
+    cfg.output_dir = fix(cfg.output_dir, "output_dir")
+    cfg.data.paths = [fix(p, f"data.paths[{i}]") for i, p in enumerate(cfg.data.paths)]
+    cfg.model.init_from = fix(cfg.model.init_from, "model.init_from")
+    cfg.model.tokenizer = fix(cfg.model.tokenizer, "model.tokenizer")
 
 
 def check_inputs(cfg: TrainConfig) -> list[ingest.ShardFile]:

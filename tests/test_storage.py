@@ -23,8 +23,8 @@ def test_require_local():
     assert storage.require_local("runs/x", "output_dir") == "runs/x"
     assert storage.require_local("file:///tmp/x", "output_dir") == "/tmp/x"
     assert storage.require_local(None, "output_dir") is None
-    with pytest.raises(ValueError, match=r"^input\.urls\[0\]: s3://b/u\.parquet: s3:// is not supported yet"):
-        storage.require_local("s3://b/u.parquet", "input.urls[0]")
+    with pytest.raises(ValueError, match=r"^teacher\.model_config: s3://b/m\.json: must be a local file"):
+        storage.require_local("s3://b/m.json", "teacher.model_config")
 
 
 def test_prepare_fails_on_a_missing_bucket_before_ray_without_a_local_s3_folder(tmp_path, capsys, monkeypatch,
