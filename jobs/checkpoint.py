@@ -191,6 +191,42 @@ def restore_checkpoint(engine, directory: str | Path, rank: int) -> TrainState:
     return state
 
 
+@contextlib.contextmanager
+def local_checkpoint(checkpoint, local_rank: int) -> Iterator[str | None]:
+    """The Ray Train checkpoint as a local folder to read: its own folder on local disk; a remote one is
+    downloaded once per node, under a file lock, and shared by the node's ranks (`Checkpoint.as_directory`
+    lets a second process download again over files the first one is reading: seen as a truncated
+    ``config.json`` when two ranks restarted from S3). On a normal exit the node's ranks meet at a barrier
+    and local rank 0 removes the download."""
+    import pyarrow.fs as pafs
+
+    if checkpoint is None:
+        yield None
+        return
+    if isinstance(checkpoint.filesystem, pafs.LocalFileSystem):
+        yield checkpoint.path
+        return
+    import hashlib
+
+    import filelock
+
+    key = hashlib.sha256(f"{checkpoint.filesystem.type_name}:{checkpoint.path}".encode()).hexdigest()[:16]
+    dest = Path(tempfile.gettempdir()) / f"breen-checkpoint-{key}"
+    with filelock.FileLock(f"{dest}.lock"):
+        if not (dest / ".complete").exists():
+            shutil.rmtree(dest, ignore_errors=True)
+            remote = Store(checkpoint.filesystem, checkpoint.path, f"{checkpoint.filesystem.type_name}://{checkpoint.path}")
+            remote.download_dir(dest)
+            (dest / ".complete").write_text(remote.uri + "\n")
+    yield str(dest)
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()  # every rank of the node has read it
+    if local_rank == 0:
+        shutil.rmtree(dest, ignore_errors=True)
+
+
 def latest_checkpoint(run_dir: str | Path | Store) -> tuple[Store, dict[str, Any]] | None:
     """(folder, reported metrics) of the run's latest registered checkpoint, from Ray Train's snapshot
     (the one Ray restores on a restart or rerun), or None. The run folder may be on an object store."""

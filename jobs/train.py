@@ -34,7 +34,6 @@ for each step: learning rate, micro-batches (forward, backward, step), metrics, 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import itertools
 import math
 import os
@@ -55,6 +54,7 @@ from jobs.checkpoint import (
     checkpoint_name,
     export_model,
     latest_checkpoint,
+    local_checkpoint,
     restore_checkpoint,
     save_checkpoint,
 )
@@ -180,7 +180,7 @@ def run_worker(loop_config: dict[str, Any], progress: dict[str, int]) -> None:
     # --- resume rule: this run's latest checkpoint if any, else init_from (weights only)
     checkpoint = ray.train.get_checkpoint()
     endpoint = cfg.storage.endpoint_override
-    with checkpoint.as_directory() if checkpoint else contextlib.nullcontext() as ckpt_dir:
+    with local_checkpoint(checkpoint, ctx.get_local_rank()) as ckpt_dir:
         source = Path(ckpt_dir, MODEL_DIR) if ckpt_dir else fetch_dir(plan["init_dir"], "model.init_from", endpoint)
         model_config = BreenConfig.from_pretrained(source)
         tokenizer = ingest.load_tokenizer(
