@@ -38,6 +38,7 @@ import http.server
 import io
 import json
 import os
+import signal
 import socket
 import struct
 import sys
@@ -814,8 +815,11 @@ def main(argv: list[str] | None = None) -> int:
         rows = write_url_list(corpus, server.base_url, urls, args.format)
         print(f"wrote {urls} ({rows} rows)")
         print(f"serving {args.out_dir} at {server.base_url} (Ctrl-C to stop)", flush=True)
+        # Ctrl-C stops the server even when the process started with SIGINT ignored (what a shell does to a
+        # command it runs in the background with `&`, and its children inherit).
+        signal.signal(signal.SIGINT, signal.default_int_handler)
         try:
-            while True:  # short sleeps: Ctrl-C (SIGINT) is handled within 0.2 s, never lost in a long wait
+            while True:
                 time.sleep(0.2)
         except KeyboardInterrupt:
             print("stopped", file=sys.stderr)

@@ -6,6 +6,7 @@ import csv
 import hashlib
 import itertools
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -370,6 +371,7 @@ def test_cli_serve_until_interrupted(tmp_path: Path) -> None:
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        env={**os.environ, "PYTHONFAULTHANDLER": "1"},
     )
     try:
         assert proc.stdout is not None
@@ -383,7 +385,13 @@ def test_cli_serve_until_interrupted(tmp_path: Path) -> None:
         assert first["url"].startswith(base_url + "/")
         assert _get(first["url"])[0] == 200
         proc.send_signal(signal.SIGINT)
-        assert proc.wait(timeout=10) == 0
+        try:
+            code = proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:  # say where it is stuck: faulthandler dumps every thread on SIGABRT
+            proc.send_signal(signal.SIGABRT)
+            proc.wait(timeout=10)
+            pytest.fail(f"no exit 30 s after SIGINT; the server's threads:\n{proc.stderr.read()[-4000:]}")
+        assert code == 0, proc.stderr.read()[-2000:]
     finally:
         if proc.poll() is None:
             proc.kill()
