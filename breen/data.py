@@ -24,6 +24,13 @@ Layouts (reference section 1.3):
   supervised, and so is the assistant content; role words, their ``\\n`` and system/user content are not.
   Text-only samples get no image, no query block and no repetition.
 
+Special tokens in data text are neutralised, not rejected: captions, conversation turns (the system
+prompt included) and inference questions are tokenised as plain text (``split_special_tokens=True``), so
+a caption containing ``<|im_end|>`` or ``<|im_start|>system`` becomes the ordinary tokens that spell those
+characters, never a control token: data cannot close a turn, open a system turn or fake an end of
+sequence, and the sample keeps its text. Only the layout itself emits ``<|im_start|>`` / ``<|im_end|>``.
+Text without special-token strings encodes exactly as before.
+
 Length: ``max_length`` bounds the whole spliced sequence (stricter than the released code, which truncated
 text only and let images overflow). Text is cut at the end; image and query tokens are never cut. A sample
 whose image and queries do not fit, or that keeps no supervised answer token, raises `SampleRejected` with
@@ -66,7 +73,8 @@ class SampleRejected(ValueError):
     Reasons: ``decode_error``, ``image_too_large``, ``image_exceeds_max_length``,
     ``question_exceeds_max_length`` (stage 3: the first question precedes the queries), ``empty_text``,
     ``no_answer_after_truncation``, ``bad_conversation``, ``placeholder_without_image``,
-    ``targets_without_image``.
+    ``targets_without_image``, ``bad_target`` (teacher targets of the wrong shape, with a nan or inf,
+    or only one of fine/coarse).
     """
 
     def __init__(self, reason: str, detail: str = ""):
@@ -140,7 +148,8 @@ class _Tok:
         return int(tid)
 
     def encode(self, text: str) -> list[int]:
-        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+        """`text` as plain text: special-token strings in it are split into ordinary tokens."""
+        return list(self.tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"])
 
     def turn(self, seq: _Seq, role: str, content: list[int], image_tokens: int = 0) -> None:
         """Append one ChatML turn with the reference's label masking."""
@@ -222,7 +231,7 @@ def encode_sample(
     n_image = rows * cols
     n_query = config.num_queries if n_image else 0
     if (fine is None) != (coarse is None):
-        raise ValueError("fine and coarse must be given together")
+        raise SampleRejected("bad_target", f"{'coarse' if fine is None else 'fine'} without the other target")
     if fine is not None:
         if not n_image:
             raise SampleRejected("targets_without_image", "fine/coarse given for a sample without image")
@@ -302,12 +311,24 @@ def encode_prompt(
     return out
 
 
-def _check_targets(config: BreenConfig, fine: np.ndarray, coarse: np.ndarray) -> None:
-    want_f, want_c = (config.num_fine_queries, config.clip_dim), (config.num_coarse_queries, config.clip_dim)
-    if tuple(np.shape(fine)) != want_f or tuple(np.shape(coarse)) != want_c:
-        raise ValueError(
-            f"fine/coarse shapes {np.shape(fine)}/{np.shape(coarse)}, expected {want_f}/{want_c}"
-        )
+def _check_targets(config: BreenConfig, fine: Any, coarse: Any) -> None:
+    """Raise `SampleRejected` ("bad_target") unless fine/coarse are finite floats of the model's shapes."""
+    want = {
+        "fine": (config.num_fine_queries, config.clip_dim),
+        "coarse": (config.num_coarse_queries, config.clip_dim),
+    }
+    for name, value in (("fine", fine), ("coarse", coarse)):
+        try:
+            arr = np.asarray(value)
+        except Exception as err:  # ragged nested lists, objects numpy cannot hold
+            raise SampleRejected("bad_target", f"{name}: not an array ({type(err).__name__})") from err
+        if arr.shape != want[name]:
+            raise SampleRejected("bad_target", f"{name} has shape {arr.shape}, expected {want[name]}")
+        if not np.issubdtype(arr.dtype, np.floating):
+            raise SampleRejected("bad_target", f"{name} has dtype {arr.dtype}, expected floats")
+        if not np.isfinite(arr).all():
+            bad = int((~np.isfinite(arr)).sum())
+            raise SampleRejected("bad_target", f"{name} has {bad} nan/inf values of {arr.size}")
 
 
 # ----------------------------------------------------------------------------- batching

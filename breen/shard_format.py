@@ -127,9 +127,10 @@ def teacher_of(schema: pa.Schema) -> tuple[str, str, str]:
 
 
 def parquet_file(path: str | Path | Store) -> pq.ParquetFile:
-    """An open Parquet file (its footer read; row groups read on demand) on local disk or a store."""
+    """An open Parquet file (its footer read; row groups read on demand) on local disk or a store; pages
+    are checked against their checksums as they are read (files written by the pipeline carry them)."""
     store = Store.at(path)
-    return pq.ParquetFile(store.fs.open_input_file(store.path))
+    return pq.ParquetFile(store.fs.open_input_file(store.path), page_checksum_verification=True)
 
 
 def read_rows(path: str | Path | Store, columns: Sequence[str], rows: np.ndarray) -> pa.Table:
@@ -157,7 +158,8 @@ def read_by_key(
     """`columns` of the rows of the Parquet file `path` with these keys (in this order), and those rows'
     positions in the file; a key the file does not hold is an error naming it."""
     store = Store.at(path)
-    keys_of = pq.read_table(store.path, columns=[KEY], filesystem=store.fs).column(KEY)
+    keys_of = pq.read_table(store.path, columns=[KEY], filesystem=store.fs,
+                            page_checksum_verification=True).column(KEY)  # fmt: skip
     pos = row_positions(keys, keys_of, str(store))
     return read_rows(store, columns, pos), pos
 

@@ -114,6 +114,9 @@ class Store:
     fs: pafs.FileSystem = dataclasses.field(compare=False)
     path: str
     uri: str  # what the user named, normalised; never credentials (equality and hashing use path and uri)
+    # an S3-compatible endpoint as a URL ("http://127.0.0.1:9000"); None on AWS, GCS and local disk (what
+    # clients other than pyarrow need, e.g. `breen.lease`'s conditional writes)
+    endpoint: str | None = dataclasses.field(default=None, compare=False)
 
     @classmethod
     def at(cls, uri: str | Path | Store, field: str = "path", endpoint_override: str | None = None) -> Store:
@@ -147,11 +150,10 @@ class Store:
                 http = query["scheme"][0]
             if host:
                 fs = pafs.S3FileSystem(endpoint_override=host, scheme=http)
-            else:  # AWS: the bucket's region from the environment, else asked of S3 once per bucket
-                fs = pafs.S3FileSystem(region=_aws_region(parts.netloc))
-        else:
-            fs = pafs.GcsFileSystem()
-        return cls(fs, path, clean)
+                return cls(fs, path, clean, f"{http}://{host}")
+            # AWS: the bucket's region from the environment, else asked of S3 once per bucket
+            return cls(pafs.S3FileSystem(region=_aws_region(parts.netloc)), path, clean)
+        return cls(pafs.GcsFileSystem(), path, clean)
 
     # ------------------------------------------------------------------ path-like
     @property
@@ -169,7 +171,7 @@ class Store:
     def _at(self, path: str) -> Store:
         """Another location on the same filesystem (the URI keeps this one's scheme)."""
         prefix = self.uri[: len(self.uri) - len(self.path)]  # "" locally, "s3://" or "gs://" otherwise
-        return Store(self.fs, path, prefix + path)
+        return Store(self.fs, path, prefix + path, self.endpoint)
 
     def __truediv__(self, part: str) -> Store:
         part = str(part).strip("/")
@@ -273,6 +275,12 @@ class Store:
         """Every file under this location, at any depth, that ends with `suffix`, sorted by path."""
         return [self._at(i.path) for i in sorted(self._entries(True), key=lambda i: i.path)
                 if i.base_name.endswith(suffix)]  # fmt: skip
+
+    def sizes(self, suffix: str = "") -> dict[str, int]:
+        """{path relative to this folder: size in bytes} of every file under it that ends with `suffix` (one
+        listing)."""
+        return {posixpath.relpath(i.path, self.path): i.size for i in self._entries(True)
+                if i.base_name.endswith(suffix)}  # fmt: skip
 
     def delete(self) -> None:
         """Remove this file, or this folder / prefix and everything under it; nothing if absent."""

@@ -33,7 +33,7 @@ import pyarrow.compute as pc
 
 from breen.storage import Store
 from pipelines import common, graph
-from pipelines.config import CaptionsConfig, PrepareConfig, from_dict, to_dict
+from pipelines.config import CaptionsConfig, PrepareConfig, from_dict, output_fields, to_dict
 
 STEP = "captions"
 STEP_INFO = graph.step(STEP)
@@ -331,11 +331,12 @@ class CaptionsWorker(common.ShardWorker):
 
     def process(self, name: str) -> dict[str, Any]:
         t0 = time.monotonic()
-        table = common.read_table(self.in_dir / f"{name}.parquet", columns=list(READS))
+        source = self.in_dir / f"{name}.parquet"
+        table = common.read_table(source, columns=list(READS))
         kept, rejected = clean_table(table, self.cfg)
         return common.write_shard(
             self.out_dir, name, kept, rejected, table.num_rows,
-            extra_stats={"seconds": round(time.monotonic() - t0, 3)},
+            extra_stats={"seconds": round(time.monotonic() - t0, 3)}, inputs=[source],
         )  # fmt: skip
 
 
@@ -344,15 +345,17 @@ def run(cfg: PrepareConfig) -> dict[str, Any]:
     in_dir = cfg.out / STEP_INFO.rows_from
     out = cfg.out / STEP
     names = common.require_dataset(in_dir, STEP_INFO.rows_from)
-    common.init_ray(cfg.ray.address, cfg.ray.num_cpus)
-    todo = common.unfinished(out, names)
-    print(f"[{STEP}] {len(names)} input shards, {len(names) - len(todo)} already finished", flush=True)
-    common.run_shards(
-        STEP, todo, CaptionsWorker,
-        {"in_dir": in_dir, "out_dir": out, "captions": to_dict(cfg.captions)},
-        num_actors=cfg.captions.num_actors, num_cpus=cfg.captions.cpus_per_actor,
-    )  # fmt: skip
-    return common.finish_step(out, STEP, [common.dataset_input(in_dir)], {"captions": to_dict(cfg.captions)})
+    with common.open_step(cfg, STEP, {"captions": output_fields(cfg.captions)}) as output:
+        todo = common.todo_shards(output, names)
+        print(f"[{STEP}] {len(names)} input shards, {len(names) - len(todo)} already finished", flush=True)
+        if todo:
+            common.init_ray(cfg.ray.address, cfg.ray.num_cpus)
+        common.run_shards(
+            STEP, todo, CaptionsWorker,
+            {"in_dir": in_dir, "out_dir": out, "captions": to_dict(cfg.captions)},
+            num_actors=cfg.captions.num_actors, num_cpus=cfg.captions.cpus_per_actor,
+        )  # fmt: skip
+        return common.finish_step(output, [common.dataset_input(in_dir)], {"captions": to_dict(cfg.captions)})
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -5,9 +5,12 @@ location is a `breen.storage.Store`) holds:
 
     part-00000.parquet          kept rows of input shard 00000
     rejected/part-00000.parquet dropped rows, with `reason` and `detail` columns
-    part-00000.stats.json       per-shard counts and timings
+    part-00000.stats.json       per-shard counts, timings, fingerprint, the sha256 and size of the shard's
+                                files and of the upstream files it was made from
     part-00000.done             completion marker, written last
-    manifest.json               inputs with checksums, resolved config, versions, counts
+    fingerprint.json            what the dataset is made from (`pipelines.fingerprint`), written first
+    manifest.json               inputs with checksums, resolved config, versions, counts, fingerprint
+    _lease.json                 while a run writes the dataset: its lease (`breen.lease`)
 
 A shard is finished only when its `.done` marker exists, and the marker is written last. On local disk
 every file is written to a temporary name and renamed; on an object store each object is one PUT (all or
@@ -17,11 +20,16 @@ marker a listing does not show (one listing, not a request per shard); each work
 shard's marker directly before skipping it, so a lagging listing costs a check, never a skipped shard.
 Downstream, a listing with fewer finished shards than the upstream manifest counts is an error.
 Invariant checked on every shard: rows_in == kept + sum(rejected by reason).
+
+Integrity on read: Parquet files are written with page checksums (CRC32) and read with them verified, and a
+file that cannot be read raises `CorruptShard` naming it; `pipelines.verify` checks whole files against the
+sha256 in their stats. A step's finished shard is redone when its size no longer matches its stats.
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import re
@@ -30,6 +38,7 @@ import sys
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
@@ -39,7 +48,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from breen import envlock
+from breen.lease import LeaseHeld
 from breen.storage import Location, Store, temporary_name
+from pipelines import fingerprint
 
 REJECTED = "rejected"
 REJECT_FIELDS = [pa.field("reason", pa.string()), pa.field("detail", pa.string())]
@@ -47,6 +58,10 @@ REJECT_FIELDS = [pa.field("reason", pa.string()), pa.field("detail", pa.string()
 
 class AccountingError(RuntimeError):
     """Rows were lost or duplicated: rows_in != kept + rejected."""
+
+
+class CorruptShard(RuntimeError):
+    """A dataset file that cannot be read or does not match its recorded size or checksum."""
 
 
 # ----------------------------------------------------------------------------- names and markers
@@ -79,20 +94,63 @@ def unfinished(dataset: Location, names: Iterable[str]) -> list[str]:
     return [n for n in names if n not in done]
 
 
+def _read_json_or_none(path: Store) -> dict[str, Any] | None:
+    try:
+        return path.read_json()
+    except (FileNotFoundError, ValueError):
+        return None
+
+
+def _parallel(fn: Callable[[Any], Any], items: list[Any]) -> list[Any]:
+    """`fn` over `items` in threads (object stores answer many small reads at once), in order."""
+    if len(items) < 8:
+        return [fn(i) for i in items]
+    with ThreadPoolExecutor(max_workers=32) as pool:
+        return list(pool.map(fn, items))
+
+
 def read_stats(dataset: Location, names: Iterable[str] | None = None) -> list[dict[str, Any]]:
     dataset = Store.at(dataset)
-    names = finished_shards(dataset) if names is None else names
-    return [stats_path(dataset, n).read_json() for n in names]
+    names = finished_shards(dataset) if names is None else list(names)
+    return _parallel(lambda n: stats_path(dataset, n).read_json(), names)
+
+
+def read_stats_many(root: Location, shards: list[tuple[str, str]]) -> list[dict[str, Any] | None]:
+    """Stats of (dataset, shard) pairs under `root` (None where absent), read in parallel."""
+    root = Store.at(root)
+    return _parallel(lambda d_n: _read_json_or_none(stats_path(root / d_n[0], d_n[1])), shards)
 
 
 # ----------------------------------------------------------------------------- Parquet through the store
 
 
+class _Checksummed(io.RawIOBase):
+    """A write-only stream that forwards to `raw` and keeps the sha256 and size of what passed."""
+
+    def __init__(self, raw: Any) -> None:
+        super().__init__()
+        self.raw, self.sha256, self.size = raw, hashlib.sha256(), 0
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data: Any) -> int:
+        data = bytes(data)
+        self.sha256.update(data)
+        self.size += len(data)
+        self.raw.write(data)
+        return len(data)
+
+    def tell(self) -> int:
+        return self.size
+
+
 def write_table(
     path: Location, table: pa.Table, metadata: dict[str, str] | None = None, row_group_size: int = 1024
-) -> None:
-    """Write a Parquet file: under a temporary name then renamed on local disk, streamed as one object
-    (completed only when the file is whole) on an object store."""
+) -> dict[str, Any]:
+    """Write a Parquet file (with page checksums) and return its {"bytes", "sha256"}, computed while
+    writing: under a temporary name then renamed on local disk, streamed as one object (completed only
+    when the file is whole) on an object store."""
     path = Store.at(path)
     if metadata:
         merged = dict(table.schema.metadata or {})
@@ -100,20 +158,48 @@ def write_table(
         table = table.replace_schema_metadata(merged)
     # Encoded images are already compressed: store them as is; zstd for everything else.
     codecs = {f.name: "none" if f.name == "image" else "zstd" for f in table.schema}
+    options = {"compression": codecs, "row_group_size": row_group_size, "write_page_checksum": True}
     if path.local:
         path.parent.mkdir()
         tmp = temporary_name(path.path)
-        pq.write_table(table, tmp, compression=codecs, row_group_size=row_group_size)
+        with open(tmp, "wb") as raw:
+            sink = _Checksummed(raw)
+            pq.write_table(table, sink, **options)
+            raw.flush()
+            os.fsync(raw.fileno())
         os.replace(tmp, path.path)
     else:
-        pq.write_table(table, path.path, filesystem=path.fs, compression=codecs, row_group_size=row_group_size)
+        with path.fs.open_output_stream(path.path) as raw:
+            sink = _Checksummed(raw)
+            pq.write_table(table, sink, **options)
+    return {"bytes": sink.size, "sha256": sink.sha256.hexdigest()}
+
+
+def _named(files: list[Store], err: Exception) -> CorruptShard:
+    what = files[0] if len(files) == 1 else f"one of {len(files)} files from {files[0]}"
+    return CorruptShard(f"{what}: cannot be read ({type(err).__name__}: {err}); `python -m pipelines.verify "
+                        f"{files[0].parent.parent if files[0].parent.name == REJECTED else files[0].parent}` names "
+                        "the damaged files")  # fmt: skip
 
 
 def read_table(path: Location | list[Location], columns: list[str] | None = None, **kwargs: Any) -> pa.Table:
-    """`pyarrow.parquet.read_table` of one file or several (on one filesystem)."""
+    """`pyarrow.parquet.read_table` of one file or several (on one filesystem), page checksums verified;
+    `CorruptShard` naming the file when it cannot be read."""
     files = [Store.at(f) for f in (path if isinstance(path, list) else [path])]
     where = [f.path for f in files] if isinstance(path, list) else files[0].path
-    return pq.read_table(where, columns=columns, filesystem=files[0].fs, **kwargs)
+    try:
+        return pq.read_table(where, columns=columns, filesystem=files[0].fs, page_checksum_verification=True,
+                             **kwargs)  # fmt: skip
+    except FileNotFoundError:
+        raise
+    except (pa.ArrowInvalid, OSError) as e:
+        if len(files) > 1:  # name the damaged one
+            for f in files:
+                try:
+                    pq.read_table(f.path, columns=columns, filesystem=f.fs, page_checksum_verification=True)
+                except (pa.ArrowInvalid, OSError) as one:
+                    raise _named([f], one) from None
+        raise _named(files, e) from None
 
 
 def read_schema(path: Location) -> pa.Schema:
@@ -123,8 +209,13 @@ def read_schema(path: Location) -> pa.Schema:
 
 def num_rows(path: Location) -> int:
     path = Store.at(path)
-    with path.fs.open_input_file(path.path) as f:
-        return pq.read_metadata(f).num_rows
+    try:
+        with path.fs.open_input_file(path.path) as f:
+            return pq.read_metadata(f).num_rows
+    except FileNotFoundError:
+        raise
+    except (pa.ArrowInvalid, OSError) as e:
+        raise _named([path], e) from None
 
 
 def write_arrow(path: Location, table: pa.Table) -> None:
@@ -174,10 +265,14 @@ def write_shard(
     rows_in: int,
     extra_stats: dict[str, Any] | None = None,
     metadata: dict[str, str] | None = None,
+    inputs: Iterable[Location] = (),
 ) -> dict[str, Any]:
     """Write one finished shard: kept rows, rejected rows, stats, then the marker.
 
-    Checks the accounting invariant before anything becomes visible.
+    Checks the accounting invariant before anything becomes visible. The dataset's fingerprint (its
+    `fingerprint.json`, recorded when the step started) goes into the files' metadata and the stats, with
+    each file's size and sha256, and the sha256 of the upstream files `inputs` it was made from (from their
+    own stats), so a later run can tell when an upstream file was redone since.
     """
     dataset = Store.at(dataset)
     reasons = Counter(rejected.column("reason").to_pylist()) if rejected.num_rows else Counter()
@@ -185,18 +280,59 @@ def write_shard(
         raise AccountingError(
             f"{dataset.name}/{name}: rows_in={rows_in} but kept={kept.num_rows} + rejected={rejected.num_rows}"
         )
-    write_table(dataset / REJECTED / f"{name}.parquet", rejected, metadata)
-    write_table(dataset / f"{name}.parquet", kept, metadata)
+    record = fingerprint.recorded(dataset)
+    if record is None:
+        raise RuntimeError(f"{dataset}: no {fingerprint.SPEC_FILE}: a step writes shards only after "
+                           "`pipelines.fingerprint.open_output`")  # fmt: skip
+    fp = record["fingerprint"]
+    metadata = {**(metadata or {}), fingerprint.META_KEY: fp}
+    files = {
+        f"{REJECTED}/{name}.parquet": write_table(dataset / REJECTED / f"{name}.parquet", rejected, metadata),
+        f"{name}.parquet": write_table(dataset / f"{name}.parquet", kept, metadata),
+    }
     stats = {
         "shard": name,
         "rows_in": rows_in,
         "kept": kept.num_rows,
         "rejected": dict(sorted(reasons.items())),
         **(extra_stats or {}),
+        "fingerprint": fp,
+        "files": files,
+        "inputs": input_checksums(dataset.parent, inputs),
     }
     stats_path(dataset, name).write_json(stats)
     done_marker(dataset, name).write_bytes(b"")
     return stats
+
+
+def input_checksums(root: Store, files: Iterable[Location]) -> dict[str, str | None]:
+    """{path relative to `root`: sha256} of upstream dataset files, from their datasets' stats."""
+    rels = sorted({Store.at(f).relative_to_dir(root) for f in files})
+    keys = [(rel.rpartition("/")[0], rel.rpartition("/")[2].split(".")[0]) for rel in rels]
+    out = {}
+    for rel, (up, _), stats in zip(rels, keys, read_stats_many(root, keys), strict=True):
+        out[rel] = ((stats or {}).get("files", {}).get(rel[len(up) + 1 :]) or {}).get("sha256")
+    return out
+
+
+def damaged_shards(dataset: Location, names: Iterable[str]) -> dict[str, str]:
+    """{shard: why} for finished shards whose files are missing or differ in size from their stats (one
+    listing: cheap enough to run at every step start; `pipelines.verify` also compares checksums)."""
+    dataset = Store.at(dataset)
+    names = list(names)
+    sizes = dataset.sizes(".parquet") if names else {}
+    out = {}
+    for name, stats in zip(names, read_stats_many(dataset.parent, [(dataset.name, n) for n in names]),
+                           strict=True):  # fmt: skip
+        if stats is None:
+            out[name] = f"{name}.stats.json is missing or unreadable"
+            continue
+        for rel, entry in stats.get("files", {}).items():
+            if rel not in sizes:
+                out[name] = f"{rel} is missing"
+            elif sizes[rel] != entry["bytes"]:
+                out[name] = f"{rel} is {sizes[rel]} bytes, its stats say {entry['bytes']}"
+    return out
 
 
 # ----------------------------------------------------------------------------- manifest
@@ -247,11 +383,17 @@ def write_manifest(
     step: str,
     inputs: list[dict[str, Any]],
     config: dict[str, Any],
+    fp: str,
     extra: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Write `manifest.json` (only when its content changed, so reruns leave it byte-identical)."""
+    """Write `manifest.json` (only when its content changed, so reruns leave it byte-identical): the step's
+    completion record, for fingerprint `fp`. Every finished shard must carry that fingerprint."""
     dataset = Store.at(dataset)
     stats = read_stats(dataset)
+    mixed = [s["shard"] for s in stats if s.get("fingerprint") != fp]
+    if mixed:
+        raise fingerprint.FingerprintMismatch(f"{dataset}: shards {mixed[:3]} carry another fingerprint than "
+                                              f"{fp:.12}; rerun with --redo")  # fmt: skip
     manifest = {
         "step": step,
         "inputs": inputs,
@@ -259,6 +401,7 @@ def write_manifest(
         "versions": envlock.environment(),
         "code_version": code_version(),
         "counts": summarize(stats),
+        "fingerprint": fp,
         **(extra or {}),
     }
     write_json_if_changed(dataset / "manifest.json", manifest)
@@ -330,17 +473,49 @@ class Progress:
             )
 
 
+def open_step(cfg: Any, step: str, config: dict[str, Any], external: dict[str, Any] | None = None
+              ) -> fingerprint.Output:  # fmt: skip
+    """Start writing `step`'s dataset under `cfg.out` (`pipelines.fingerprint.open_output`): its spec is
+    the fingerprints of the upstream datasets `pipelines.graph` says it reads (each must be complete),
+    the `external` inputs' checksums, `config` and the step module's code. `cfg.redo` (``--redo``)
+    recomputes a dataset made from another spec; `cfg.wait_s` (``--wait``) waits for another run's lease."""
+    from pipelines import graph
+
+    upstream = graph.upstream(step)
+    inputs = {u: fingerprint.upstream(cfg.out / u, u) for u in upstream}
+    spec = fingerprint.spec(step, {**inputs, **(external or {})}, config, graph.step(step).module)
+    return fingerprint.open_output(cfg.out / step, spec, redo=cfg.redo, wait_s=cfg.wait_s,
+                                   reads=tuple(cfg.out / u for u in upstream))  # fmt: skip
+
+
+def todo_shards(output: fingerprint.Output, names: list[str], also: tuple[Store, ...] = ()) -> list[str]:
+    """The shards of `names` this run must (re)do: those without a marker, plus finished ones whose files
+    are damaged (size differs from their stats) or whose upstream files were redone since (their markers
+    are removed, with a line saying why; and from the step's private datasets `also`, when the upstream
+    changed)."""
+    dataset = output.dataset
+    finished = [n for n in names if n in set(finished_shards(dataset))]
+    redo = damaged_shards(dataset, finished)
+    for name in fingerprint.stale_shards(dataset, output.fingerprint, finished):
+        redo[name] = "an upstream file it was made from was redone since"
+        for private in also:
+            done_marker(private, name).delete()
+    for name, why in sorted(redo.items()):
+        print(f"[{output.spec['step']}] redoing {dataset / name}: {why}", flush=True)
+        done_marker(dataset, name).delete()
+    return unfinished(dataset, names)
+
+
 def finish_step(
-    dataset: Location,
-    step: str,
+    output: fingerprint.Output,
     inputs: list[dict[str, Any]],
     config: dict[str, Any],
     extra: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """End of a step: write the manifest, print the accounting, return the manifest."""
-    dataset = Store.at(dataset)
-    manifest = write_manifest(dataset, step, inputs, config, extra)
-    print_accounting(dataset.name, manifest["counts"])
+    """End of a step: write the manifest (the lease still ours), print the accounting, return the manifest."""
+    output.check()
+    manifest = write_manifest(output.dataset, output.spec["step"], inputs, config, output.fingerprint, extra)
+    print_accounting(output.dataset.name, manifest["counts"])
     return manifest
 
 
@@ -503,12 +678,22 @@ def step_main(doc: str, run: Callable[[Any], Any], steps: Callable[[Any], Any] |
     parser.add_argument(
         "--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field"
     )
+    parser.add_argument("--redo", action="store_true",
+                        help="recompute a dataset made from another config, input or code version (instead of "
+                             "refusing it); finished shards of the same spec are still reused")  # fmt: skip
+    parser.add_argument("--wait", type=float, default=0.0, metavar="SECONDS",
+                        help="when another run is writing a dataset of this step, wait up to SECONDS for it "
+                             "(default: fail at once)")  # fmt: skip
     args = parser.parse_args(argv)
     try:
         cfg = load_config(args.config, args.set)
+        cfg.redo, cfg.wait_s = args.redo, args.wait
         preflight.check(cfg, steps(cfg) if callable(steps) else steps)
         run(cfg)
     except (ConfigError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except (fingerprint.FingerprintMismatch, fingerprint.IncompleteUpstream, LeaseHeld, CorruptShard) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 3
     return 0

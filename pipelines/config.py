@@ -12,6 +12,7 @@ fast with a `ConfigError` naming the dotted field (e.g. `filter.min_short_side`)
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -26,6 +27,21 @@ from breen.teacher import PREPROCESS_RULES, PREPROCESS_VERSION  # numpy and PIL 
 
 class ConfigError(ValueError):
     """A bad config value; the message names the field and the file."""
+
+
+# Field metadata of settings that change how fast a step runs, never what it writes (actor counts, CPUs,
+# GPUs, batch sizes, threads, retries): left out of dataset fingerprints (`output_fields`).
+RESOURCE = {"resource": True}
+
+
+def output_fields(obj: Any) -> Any:
+    """`to_dict(obj)` without its `RESOURCE` fields, at every level: what a dataset fingerprint records."""
+    if dataclasses.is_dataclass(obj):
+        return {f.name: output_fields(getattr(obj, f.name)) for f in dataclasses.fields(obj)
+                if not f.metadata.get("resource")}  # fmt: skip
+    if isinstance(obj, list | tuple):
+        return [output_fields(v) for v in obj]
+    return obj
 
 
 @dataclass
@@ -68,17 +84,17 @@ class DownloadConfig:
     image_size: int = 672  # long side <= image_size, never upscaled
     encode_format: str = "jpg"
     encode_quality: int = 95
-    threads_per_shard: int = 32
+    threads_per_shard: int = field(default=32, metadata=RESOURCE)
     timeout_s: float = 10.0  # per socket operation (connect, each read)
     # Total time of one download (connect, redirects, headers, body); None: max(3 * timeout_s, 30).
     total_timeout_s: float | None = None
     retries: int = 0  # img2dataset per-URL retries
-    max_shard_retries: int = 3  # Ray task retries per shard
+    max_shard_retries: int = field(default=3, metadata=RESOURCE)  # Ray task retries per shard
     max_response_bytes: int = 32 * 1024 * 1024
     # Hosts or CIDRs explicitly allowed even though they are loopback/private/link-local.
     allow_private: list[str] = field(default_factory=list)
     user_agent: str = "breen-pipeline/0.1 (img2dataset)"
-    cpus_per_shard: float = 1.0
+    cpus_per_shard: float = field(default=1.0, metadata=RESOURCE)
 
 
 @dataclass
@@ -97,8 +113,8 @@ class FilterConfig:
     near_dup_max_distance: int | None = (
         3  # perceptual-hash Hamming distance (<= 3: exact recall); None disables
     )
-    cpus_per_actor: float = 1.0
-    num_actors: int = 2
+    cpus_per_actor: float = field(default=1.0, metadata=RESOURCE)
+    num_actors: int = field(default=2, metadata=RESOURCE)
 
 
 @dataclass
@@ -107,8 +123,8 @@ class CaptionsConfig:
     min_chars: int = 1
     remove_urls: bool = True
     remove_emails: bool = True
-    cpus_per_actor: float = 0.5
-    num_actors: int = 2
+    cpus_per_actor: float = field(default=0.5, metadata=RESOURCE)
+    num_actors: int = field(default=2, metadata=RESOURCE)
 
 
 @dataclass
@@ -118,15 +134,15 @@ class TeacherConfig:
     pretrained: str | None = None  # open_clip pretrained tag (needs the weights cached locally)
     random_init_seed: int | None = None  # tests/demo: random weights from this seed
     model_config: str | None = None  # JSON file with a custom open_clip config (e.g. a tiny ViT)
-    batch_size: int = 32
-    num_actors: int = 1
-    num_gpus_per_actor: float = 1.0  # used only when the cluster has GPUs
-    cpus_per_actor: float = 1.0
-    device: str = "auto"  # auto | cpu | cuda
+    batch_size: int = field(default=32, metadata=RESOURCE)
+    num_actors: int = field(default=1, metadata=RESOURCE)
+    num_gpus_per_actor: float = field(default=1.0, metadata=RESOURCE)  # used only when the cluster has GPUs
+    cpus_per_actor: float = field(default=1.0, metadata=RESOURCE)
+    device: str = field(default="auto", metadata=RESOURCE)  # auto | cpu | cuda
     # Decode + letterbox threads per actor, running ahead of the model (PIL releases the GIL): -1 = auto
     # (cpus_per_actor on GPU, where decode must keep up with the GPU; 0 on CPU: decode inline).
-    decode_threads: int = -1
-    prefetch_batches: int = 2  # batches decoded ahead of the one in the model (with decode threads)
+    decode_threads: int = field(default=-1, metadata=RESOURCE)
+    prefetch_batches: int = field(default=2, metadata=RESOURCE)  # batches decoded ahead of the one in the model (with decode threads)
     # canvas rule (`breen.teacher.PREPROCESS_RULES`): the released BREEN code's by default;
     # "letterbox-336-mean-bicubic-v1" reproduces datasets made before it
     preprocess: str = PREPROCESS_VERSION
@@ -158,6 +174,10 @@ class PrepareConfig:
     shards: ShardsConfig = field(default_factory=ShardsConfig)
     # Where the config came from (set by the loader; relative paths are resolved against it).
     source: str = ""
+    # Set by the command line, not by config files: `--redo` recomputes a dataset made from another spec
+    # (`pipelines.fingerprint`) instead of refusing it; `--wait` waits this long for another run's lease.
+    redo: bool = False
+    wait_s: float = 0.0
 
     @property
     def out(self) -> Store:
@@ -293,7 +313,14 @@ def _apply_override(data: dict[str, Any], item: str) -> None:
     if "=" not in item:
         raise ConfigError(f"override {item!r}: expected KEY=VALUE (e.g. teacher.batch_size=8)")
     key, raw = item.split("=", 1)
-    value = yaml.safe_load(raw)
+    try:
+        value = yaml.safe_load(raw)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"override {key}: not valid YAML: {e}") from None
+    except RecursionError:  # PyYAML recurses once per nesting level
+        raise ConfigError(
+            f"override {key}: value nested too deeply to parse ({len(raw)} characters)"
+        ) from None
     node = data
     parts = key.split(".")
     for p in parts[:-1]:
@@ -331,6 +358,8 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Prepare
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML: {e}") from e
+    except RecursionError:  # PyYAML recurses once per nesting level
+        raise ConfigError(f"{path}: not valid YAML: nested too deeply to parse") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: top level must be a mapping")
     for item in overrides or []:
@@ -381,12 +410,15 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Prepare
 
 
 def validate(cfg: PrepareConfig, where: str = "config") -> None:
-    """Range checks that types alone cannot express."""
+    """Range checks that types alone cannot express: every float finite (no nan or inf anywhere), then
+    each value in its range."""
 
     def need(cond: bool, field_name: str, msg: str) -> None:
         if not cond:
             raise ConfigError(f"{where}: {field_name}: {msg}")
 
+    for name, value in _floats(to_dict(cfg)):
+        need(math.isfinite(value), name, f"must be a finite number, got {value}")
     need(cfg.download.rows_per_shard > 0, "download.rows_per_shard", "must be > 0")
     need(cfg.download.image_size >= 28, "download.image_size", "must be >= 28")
     need(cfg.download.encode_format in ("jpg", "png", "webp"), "download.encode_format", "jpg, png or webp")
@@ -412,4 +444,17 @@ def validate(cfg: PrepareConfig, where: str = "config") -> None:
     if cfg.filter.max_aspect_ratio is not None:
         need(cfg.filter.max_aspect_ratio >= 1, "filter.max_aspect_ratio", "must be >= 1")
     need(0 < cfg.filter.language_min_ratio <= 1, "filter.language_min_ratio", "must be in (0, 1]")
+    for name in ("download.cpus_per_shard", "filter.cpus_per_actor", "captions.cpus_per_actor",
+                 "teacher.cpus_per_actor", "teacher.num_gpus_per_actor"):  # fmt: skip
+        section, key = name.split(".")
+        need(getattr(getattr(cfg, section), key) > 0, name, "must be > 0")
     need(cfg.teacher.preprocess in PREPROCESS_RULES, "teacher.preprocess", " or ".join(PREPROCESS_RULES))
+
+
+def _floats(node: Any, where: str = "") -> list[tuple[str, float]]:
+    """(dotted name, value) of every float in a `to_dict` tree (dict values and list items included)."""
+    if isinstance(node, dict):
+        return [x for k, v in node.items() for x in _floats(v, f"{where}.{k}" if where else str(k))]
+    if isinstance(node, list):
+        return [x for i, v in enumerate(node) for x in _floats(v, f"{where}[{i}]")]
+    return [(where, node)] if isinstance(node, float) else []

@@ -6,8 +6,8 @@ Writes: `<output_dir>/download/_input/part-NNNNN.arrow` (the deterministic input
         `<output_dir>/download/part-NNNNN.parquet` with
         key, url, caption, image (encoded bytes, long side <= download.image_size, never upscaled),
         width, height, original_width, original_height, sha256 (of the downloaded bytes), extras;
-        `rejected/part-NNNNN.parquet` with `reason` (url_refused, download_error, decode_error) and
-        `detail`; per-shard stats and completion markers; `manifest.json`.
+        `rejected/part-NNNNN.parquet` with `reason` (invalid_unicode, url_refused, download_error,
+        decode_error) and `detail`; per-shard stats and completion markers; `manifest.json`.
 
 Every input shard is one Ray task (retried `download.max_shard_retries` times) that runs
 img2dataset's `Downloader` on it. URLs to loopback/private/link-local/metadata addresses are
@@ -15,6 +15,12 @@ refused (before download, and again for every connection and redirect) unless li
 `download.allow_private`. Keys are the global input row number, stable across runs. URL lists and
 `output_dir` may be local or on an object store (`breen.storage`); img2dataset works in a local
 temporary folder per shard, and the shard is written once, by us.
+
+A row whose url, caption or extra column is not valid Unicode text (invalid UTF-8 bytes, or a lone
+surrogate such as the JSON escape "\\ud800") is rejected as `invalid_unicode`, with a detail naming the
+column; its values are kept in the rejected row with the bad bytes escaped (`guard.escape_text`). The
+file is read all the same: only structure (no `url` column, unreadable format, a JSONL line nested
+deeper than `guard.MAX_JSON_DEPTH`, which crashes pyarrow's JSON reader) fails the step.
 
 Run:  python -m pipelines.download --config pipelines/configs/demo.yaml
       ray job submit --working-dir . -- python -m pipelines.download --config my.yaml
@@ -25,9 +31,11 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -39,21 +47,29 @@ import pyarrow.json as pjson
 
 from breen.storage import Store
 from pipelines import common
-from pipelines.config import ConfigError, DownloadConfig, PrepareConfig, from_dict, to_dict
+from pipelines.config import ConfigError, DownloadConfig, PrepareConfig, from_dict, output_fields, to_dict
 from pipelines.guard import (
+    INVALID_UNICODE,
+    MAX_JSON_DEPTH,
     URL_REFUSED_MARK,
     AddressPolicy,
     Limits,
     UrlVetter,
     check_image_header,
+    escape_text,
     install_guarded_opener,
+    json_depth,
     normalise_image,
+    text_problem,
+    utf8_problem,
 )
 
 STEP = "download"
+# In the input shards: why a row's text is not valid Unicode (null when it is); the row is rejected.
+TEXT_PROBLEM = "_text_problem"
 # Columns the download step writes itself; an input column with one of these names is an error.
 OUTPUT_COLUMNS = {"key", "image", "width", "height", "original_width", "original_height", "sha256", "status",
-                  "error_message", "reason", "detail", "jpg", "txt", "exif"}  # fmt: skip
+                  "error_message", "reason", "detail", "jpg", "txt", "exif", TEXT_PROBLEM}  # fmt: skip
 KEY_DIGITS = 12
 
 
@@ -86,6 +102,10 @@ def url_list_columns(path: str | Path | Store) -> list[str]:
                 names = reader.schema.names
         else:
             first = _first_line(path)
+            if json_depth(first) > MAX_JSON_DEPTH:
+                raise ConfigError(
+                    f"{path}: the first JSON line is nested deeper than {MAX_JSON_DEPTH} levels"
+                )
             record = json.loads(first)
             if not isinstance(record, dict):
                 raise ConfigError(f"{path}: the first JSON line is a {type(record).__name__}, not an object")
@@ -123,11 +143,19 @@ def check_url_columns(path: Store, names: list[str]) -> None:
 
 
 def read_url_list(path: str | Path | Store) -> pa.Table:
-    """Read one URL list as a table of strings; fail fast naming the file on bad structure."""
+    """Read one URL list as a table of strings; fail fast naming the file on bad structure. A value
+    that is not valid Unicode is escaped (`read_url_list_rows` also says which rows have one)."""
+    return read_url_list_rows(path)[0]
+
+
+def read_url_list_rows(path: str | Path | Store) -> tuple[pa.Table, list[str | None]]:
+    """`read_url_list`, and per row None or why its text is not valid Unicode (naming the column): text
+    that is not valid Unicode fails the row (the download step rejects it), not the file."""
     path = Store.at(path)
     if not path.is_file():
         raise FileNotFoundError(f"URL list not found: {path}")
     fmt = _format_of(path)
+    problems: dict[int, str] = {}  # row -> why its text is not valid Unicode
     try:
         if fmt == "parquet":
             table = common.read_table(path)
@@ -136,37 +164,120 @@ def read_url_list(path: str | Path | Store) -> pa.Table:
                 table = pcsv.read_csv(f, parse_options=_csv_options(fmt),
                                       convert_options=pcsv.ConvertOptions(strings_can_be_null=False))  # fmt: skip
         else:
-            with path.open_input() as f:
-                table = pjson.read_json(f)
+            table = _read_jsonl(path, problems)
     except (pa.ArrowInvalid, OSError) as e:
         raise ConfigError(f"{path}: cannot read as {fmt}: {e}") from None
     check_url_columns(path, table.column_names)
     # Everything as strings: extra columns are carried through untouched.
-    return pa.table({n: _as_strings(path, n, table.column(n)) for n in table.column_names})
+    columns = {n: _as_strings(path, n, table.column(n), problems) for n in table.column_names}
+    return pa.table(columns), [problems.get(i) for i in range(table.num_rows)]
 
 
-def _as_strings(path: Store, name: str, col: pa.ChunkedArray) -> pa.ChunkedArray:
-    """A column as UTF-8 strings: invalid UTF-8 bytes become U+FFFD (the captions step drops them)."""
-    t = col.type
-    if pa.types.is_binary(t) or pa.types.is_large_binary(t) or pa.types.is_fixed_size_binary(t):
-        values = [None if v is None else v.decode("utf-8", "replace") for v in col.to_pylist()]
-        return pa.chunked_array([pa.array(values, pa.string())])
+# A \uD800-\uDFFF escape: pyarrow's JSON reader refuses the whole file for a lone one.
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F][0-9a-fA-F]{2}")
+
+
+def _read_jsonl(path: Store, problems: dict[int, str]) -> pa.Table:
+    """pyarrow's JSON reader, after one pass over the lines for what it cannot take. A line nested deeper
+    than `MAX_JSON_DEPTH` fails the file, naming the line (pyarrow crashes the process on ~10,000
+    levels). A line with a lone surrogate (pyarrow refuses the whole file) is parsed here: its row gets a
+    problem in `problems` and pyarrow reads it re-serialised with the surrogate escaped."""
+    fixed: dict[int, bytes] = {}  # line number -> replacement
+    row = 0
+    with path.open_input() as f:
+        for lineno, line in enumerate(_lines(f), 1):
+            if not line.strip():
+                continue  # pyarrow skips blank lines too
+            if line.count(b"[") + line.count(b"{") > MAX_JSON_DEPTH and json_depth(line) > MAX_JSON_DEPTH:
+                raise ConfigError(f"{path}: line {lineno}: nested deeper than {MAX_JSON_DEPTH} levels")
+            if _SURROGATE_ESCAPE.search(line) and (found := _lone_surrogate(line)):
+                problems[row], fixed[lineno] = found
+            row += 1
+    if not fixed:
+        with path.open_input() as f:
+            return pjson.read_json(f)
+    data = io.BytesIO()
+    with path.open_input() as f:
+        for lineno, line in enumerate(_lines(f), 1):
+            data.write(fixed.get(lineno, line))
+    return pjson.read_json(pa.BufferReader(data.getvalue()))
+
+
+def _lines(f: Any, chunk: int = 1 << 20) -> Iterator[bytes]:
+    """The lines of a binary file, each with its newline (pyarrow's files have no readline)."""
+    rest = b""
+    while block := f.read(chunk):
+        lines = (rest + block).split(b"\n")
+        rest = lines.pop()
+        for line in lines:
+            yield line + b"\n"
+    if rest:
+        yield rest
+
+
+def _lone_surrogate(line: bytes) -> tuple[str, bytes] | None:
+    """(problem naming the column, the line re-serialised with its strings escaped) for a JSONL record
+    with a lone surrogate; None for a line that is fine, or broken (pyarrow reports that)."""
     try:
-        return col.cast(pa.string())
-    except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as e:
-        raise ConfigError(
-            f"{path}: column {name!r} has type {t}, which cannot be read as text: {e}"
-        ) from None
+        record = json.loads(line.decode("utf-8", "surrogateescape"))  # (invalid bytes: as surrogates)
+    except ValueError:
+        return None
+    for k, v in record.items() if isinstance(record, dict) else ():
+        if problem := text_problem(k, "a column name") or text_problem(v, f"column {escape_text(k)!r}"):
+            return problem, json.dumps(_escape_strings(record)).encode() + b"\n"
+    return None
+
+
+def _escape_strings(value: Any) -> Any:
+    """A parsed JSON value (nested at most `MAX_JSON_DEPTH` levels) with `escape_text` on every string."""
+    if isinstance(value, str):
+        return escape_text(value)
+    if isinstance(value, dict):
+        return {escape_text(str(k)): _escape_strings(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_escape_strings(v) for v in value]
+    return value
+
+
+def _as_strings(path: Store, name: str, col: pa.ChunkedArray, problems: dict[int, str]) -> pa.ChunkedArray:
+    """A column as valid UTF-8 strings: a value with invalid UTF-8 (a binary column, or a string column
+    that a writer did not validate) is escaped, and its row's problem, naming the column, goes into
+    `problems` (the first one per row)."""
+    t = col.type
+    binary = pa.types.is_binary(t) or pa.types.is_large_binary(t) or pa.types.is_fixed_size_binary(t)
+    if not binary:
+        try:
+            col = col.cast(pa.string())
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as e:
+            raise ConfigError(
+                f"{path}: column {name!r} has type {t}, which cannot be read as text: {e}"
+            ) from None
+        try:
+            col.validate(full=True)  # checks the UTF-8 of every value
+            return col
+        except pa.ArrowInvalid:
+            col = col.cast(pa.binary())
+    values = col.to_pylist()
+    for i, v in enumerate(values):
+        if v is not None and (problem := utf8_problem(v, f"column {name!r}")) is not None:
+            problems.setdefault(i, problem)
+            v = escape_text(v)
+        values[i] = v if v is None or isinstance(v, str) else v.decode("utf-8")
+    return pa.chunked_array([pa.array(values, pa.string())])
 
 
 def make_input_shards(urls: list[str | Store], rows_per_shard: int, dest: str | Path | Store) -> list[str]:
-    """Split the URL lists into Arrow IPC shards with a global `key`; deterministic; reused if present."""
+    """Split the URL lists into Arrow IPC shards with a global `key` and `TEXT_PROBLEM` (null, or why the
+    row's text is not valid Unicode); deterministic; reused if present."""
     dest = Store.at(dest)
     success = dest / "_SUCCESS.json"
     fingerprint = {"inputs": [common.sha256_file(u) for u in urls], "rows_per_shard": rows_per_shard}
     if success.exists() and (done := success.read_json()).get("fingerprint") == fingerprint:
         return done["shards"]
-    tables = [read_url_list(u) for u in urls]  # first: a bad list fails before anything is written
+    tables = []
+    for u in urls:  # first: a bad list fails before anything is written
+        table, problems = read_url_list_rows(u)
+        tables.append(table.append_column(TEXT_PROBLEM, pa.array(problems, pa.string())))
     dest.delete()
     dest.mkdir()
     table = common.concat(tables) if tables else pa.table({"url": [], "caption": []})
@@ -229,6 +340,14 @@ def download_one_shard(
     t0 = time.monotonic()
     table = common.read_arrow(Store.at(in_dir) / f"{name}.arrow")
     rows_in = table.num_rows
+    # Rows whose text is not valid Unicode (`read_url_list`): rejected before anything else.
+    if TEXT_PROBLEM not in table.column_names:  # input shards written before the column existed
+        table = table.append_column(TEXT_PROBLEM, pa.nulls(rows_in, pa.string()))
+    bad_text = table.column(TEXT_PROBLEM).is_valid()
+    invalid = table.filter(bad_text)
+    invalid = common.with_reason(invalid.drop_columns([TEXT_PROBLEM]), INVALID_UNICODE,
+                                 invalid.column(TEXT_PROBLEM).to_pylist())  # fmt: skip
+    table = table.filter(pc.invert(bad_text)).drop_columns([TEXT_PROBLEM])
     extras = [c for c in table.column_names if c not in ("key", "url", "caption")]
 
     policy = AddressPolicy(cfg.allow_private)
@@ -251,6 +370,7 @@ def download_one_shard(
     seen = set(kept.column("key").to_pylist()) | set(failed.column("key").to_pylist())
     lost = allowed.filter(pa.array([k not in seen for k in allowed.column("key").to_pylist()], pa.bool_()))
     rejected = common.concat([
+        invalid,
         common.with_reason(refused_rows, "url_refused", refused_detail),
         failed,
         common.with_reason(lost, "download_error", "row lost inside img2dataset"),
@@ -350,16 +470,25 @@ def _failure_reason(status: str, message: str | None) -> str:
 
 def run(cfg: PrepareConfig) -> dict[str, Any]:
     """Run the download step for `cfg` on the current (or an embedded) Ray cluster."""
-    import ray
-
     if not cfg.input.urls:
         raise ConfigError(f"{cfg.source}: input.urls: no URL list given")
     out = cfg.out / STEP
     in_dir = out / "_input"
     urls = [cfg.location(u, f"input.urls[{i}]") for i, u in enumerate(cfg.input.urls)]
+    inputs = [{"path": str(u), "sha256": common.sha256_file(u)} for u in urls]
+    config = {"download": output_fields(cfg.download), "max_pixels": cfg.filter.max_pixels}
+    with common.open_step(cfg, STEP, config, {"urls": [i["sha256"] for i in inputs]}) as output:
+        return _run(cfg, output, urls, inputs, in_dir)
+
+
+def _run(cfg: PrepareConfig, output: Any, urls: list[Store], inputs: list[dict[str, Any]], in_dir: Store
+         ) -> dict[str, Any]:  # fmt: skip
+    import ray
+
+    out = output.dataset
     names = make_input_shards(urls, cfg.download.rows_per_shard, in_dir)
     common.init_ray(cfg.ray.address, cfg.ray.num_cpus)
-    todo = common.unfinished(out, names)
+    todo = common.todo_shards(output, names)
     print(f"[{STEP}] {len(names)} input shards, {len(names) - len(todo)} already finished", flush=True)
     task = ray.remote(download_one_shard).options(
         num_cpus=cfg.download.cpus_per_shard,
@@ -380,10 +509,7 @@ def run(cfg: PrepareConfig) -> dict[str, Any]:
             failed[name] = f"{type(e).__name__}: {e}".splitlines()[0]
             print(f"[{STEP}] shard {name} failed after {cfg.download.max_shard_retries} retries: "
                   f"{failed[name]}", file=sys.stderr, flush=True)  # fmt: skip
-    inputs = [{"path": str(u), "sha256": common.sha256_file(u)} for u in urls]
-    manifest = common.finish_step(
-        out, STEP, inputs, {"download": cfg_dict, "max_pixels": cfg.filter.max_pixels}
-    )
+    manifest = common.finish_step(output, inputs, {"download": cfg_dict, "max_pixels": cfg.filter.max_pixels})
     if failed:
         raise RuntimeError(f"{STEP}: {len(failed)} shard(s) failed ({sorted(failed)}); finished shards are kept, "
                            "relaunch the same command to retry only the failed ones")  # fmt: skip

@@ -40,7 +40,7 @@ from PIL import Image
 from breen import shard_format
 from breen.storage import Store
 from pipelines import common, dedup, graph
-from pipelines.config import FilterConfig, PrepareConfig, from_dict, to_dict
+from pipelines.config import FilterConfig, PrepareConfig, from_dict, output_fields, to_dict
 from pipelines.guard import open_image
 
 STEP = "filter"
@@ -293,10 +293,11 @@ def global_dedup(index_dir: Store, names: list[str], dedup_dir: Store, cfg: Filt
 
 
 class SplitWorker(common.ShardWorker):
-    def __init__(self, in_dir: Store, out_dir: Store, index_dir: Store, dedup_dir: Store) -> None:
+    def __init__(self, in_dir: Store, out_dir: Store, index_dir: Store, dedup_dir: Store, images_dir: Store) -> None:
         super().__init__(in_dir, out_dir)
         self.index_dir = index_dir
         self.dedup_dir = dedup_dir
+        self.images_dir = images_dir
 
     def process(self, name: str) -> dict[str, Any]:
         import time
@@ -304,13 +305,18 @@ class SplitWorker(common.ShardWorker):
         t0 = time.monotonic()
         index = common.read_table(self.index_dir / f"{name}.parquet")
         rows_in = common.num_rows(self.in_dir / f"{name}.parquet")
+        # The decisions are global: complete (their success marker) or the step fails, never "no duplicates".
+        if not (self.dedup_dir / "_SUCCESS").exists():
+            raise RuntimeError(f"{self.dedup_dir}: the duplicate decisions are incomplete (no _SUCCESS marker): "
+                               "another run removed them, or phase 2 did not finish")  # fmt: skip
         files = self.dedup_dir.files(".parquet")
         dups = common.read_table(files, filters=[("shard", "=", name)], schema=DECISION_SCHEMA) if files else None
-        return split_shard(self.out_dir, name, index, dups, rows_in, time.monotonic() - t0)
+        sources = [self.in_dir / f"{name}.parquet", self.images_dir / f"{name}.parquet"]
+        return split_shard(self.out_dir, name, index, dups, rows_in, time.monotonic() - t0, sources)
 
 
 def split_shard(out_dir: Store, name: str, index: pa.Table, dups: pa.Table | None, rows_in: int,
-                seconds: float = 0.0) -> dict[str, Any]:  # fmt: skip
+                seconds: float = 0.0, inputs: list[Store] = ()) -> dict[str, Any]:  # fmt: skip
     """Kept rows (key, language, phash) and rejected rows (+ reason, detail) of one shard's index."""
     reason = index.column("reason").to_pylist()
     detail = index.column("detail").to_pylist()
@@ -326,7 +332,7 @@ def split_shard(out_dir: Store, name: str, index: pa.Table, dups: pa.Table | Non
     kept = table.filter(keep)
     rejected = common.with_reason(table.filter(pc.invert(keep)), [r for r in reason if r is not None],
                                   [d for r, d in zip(reason, detail, strict=True) if r is not None])  # fmt: skip
-    return common.write_shard(out_dir, name, kept, rejected, rows_in, {"seconds": round(seconds, 3)})
+    return common.write_shard(out_dir, name, kept, rejected, rows_in, {"seconds": round(seconds, 3)}, inputs=inputs)
 
 
 # ----------------------------------------------------------------------------- the step
@@ -337,27 +343,31 @@ def run(cfg: PrepareConfig) -> dict[str, Any]:
     images_dir = cfg.out / graph.image_store(STEP)
     out = cfg.out / STEP
     names = common.require_dataset(in_dir, STEP_INFO.rows_from)
-    todo = common.unfinished(out, names)
-    if todo:
-        common.init_ray(cfg.ray.address, cfg.ray.num_cpus)
-        f = cfg.filter
+    with common.open_step(cfg, STEP, {"filter": output_fields(cfg.filter)}) as output:
         index_dir, dedup_dir = out / INDEX, out / DEDUP
-        pending = common.unfinished(index_dir, names)
-        print(f"[{STEP}] phase 1/3: rules and hashes on {len(pending)} of {len(names)} shards", flush=True)
-        common.run_shards(f"{STEP}:rules", pending, IndexWorker,
-                          {"in_dir": in_dir, "out_dir": index_dir, "images_dir": images_dir,
-                           "cfg": to_dict(f)},
-                          num_actors=f.num_actors, num_cpus=f.cpus_per_actor)  # fmt: skip
-        print(f"[{STEP}] phase 2/3: global exact and near-duplicate search", flush=True)
-        global_dedup(index_dir, names, dedup_dir, f)
-        print(f"[{STEP}] phase 3/3: writing kept and rejected rows", flush=True)
-        common.run_shards(STEP, todo, SplitWorker,
-                          {"in_dir": in_dir, "out_dir": out, "index_dir": index_dir, "dedup_dir": dedup_dir},
-                          num_actors=f.num_actors, num_cpus=f.cpus_per_actor)  # fmt: skip
-    else:
-        print(f"[{STEP}] nothing to do: all {len(names)} shards are finished", flush=True)
-    return common.finish_step(out, STEP, [common.dataset_input(in_dir), common.dataset_input(images_dir)],
-                              {"filter": to_dict(cfg.filter)})  # fmt: skip
+        todo = common.todo_shards(output, names, also=(index_dir,))
+        if todo:
+            common.init_ray(cfg.ray.address, cfg.ray.num_cpus)
+            f = cfg.filter
+            pending = common.unfinished(index_dir, names)
+            print(f"[{STEP}] phase 1/3: rules and hashes on {len(pending)} of {len(names)} shards", flush=True)
+            common.run_shards(f"{STEP}:rules", pending, IndexWorker,
+                              {"in_dir": in_dir, "out_dir": index_dir, "images_dir": images_dir,
+                               "cfg": to_dict(f)},
+                              num_actors=f.num_actors, num_cpus=f.cpus_per_actor)  # fmt: skip
+            output.check()
+            print(f"[{STEP}] phase 2/3: global exact and near-duplicate search", flush=True)
+            global_dedup(index_dir, names, dedup_dir, f)
+            output.check()
+            print(f"[{STEP}] phase 3/3: writing kept and rejected rows", flush=True)
+            common.run_shards(STEP, todo, SplitWorker,
+                              {"in_dir": in_dir, "out_dir": out, "index_dir": index_dir, "dedup_dir": dedup_dir,
+                               "images_dir": images_dir},
+                              num_actors=f.num_actors, num_cpus=f.cpus_per_actor)  # fmt: skip
+        else:
+            print(f"[{STEP}] nothing to do: all {len(names)} shards are finished", flush=True)
+        return common.finish_step(output, [common.dataset_input(in_dir), common.dataset_input(images_dir)],
+                                  {"filter": to_dict(cfg.filter)})  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -77,6 +77,12 @@ def image_store(step_name: str) -> str:
     return IMAGE_STORE[BY_NAME[step_name].chain]
 
 
+def upstream(step_name: str) -> list[str]:
+    """The datasets `step_name` reads: its rows' dataset, then those it takes columns from."""
+    s = BY_NAME[step_name]
+    return list(dict.fromkeys([*([s.rows_from] if s.rows_from else []), *s.reads]))
+
+
 def runner(s: Step) -> Callable[[Any], Any]:
     module, function = s.entry.split(":")
     return getattr(importlib.import_module(module), function)

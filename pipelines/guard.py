@@ -1,4 +1,4 @@
-"""Network and decode guards for untrusted URLs and image bytes.
+"""Network, decode and text guards for untrusted URLs, image bytes and records.
 
 - `AddressPolicy` refuses loopback, private, link-local, multicast, reserved and
   cloud-metadata addresses unless a host or CIDR is explicitly allowed.
@@ -15,6 +15,10 @@
   the long tail of exotic decoders), and refuses decompression bombs before anything decodes
   the pixels; `normalise_image` applies the EXIF orientation and
   reduces 16-bit samples to 8 bits (OpenCV would clip them) before the pixels are stored.
+- `text_problem` / `utf8_problem` name the field of a record whose text is not valid Unicode (a lone
+  surrogate, invalid UTF-8: reason `INVALID_UNICODE`); `json_array_records` splits a JSON array into its
+  records without parsing them (no recursion, bounded memory) and flags the absurdly nested or huge ones
+  (reason `INVALID_RECORD`); `json_depth` measures one line before a parser that would crash on it.
 """
 
 from __future__ import annotations
@@ -23,10 +27,13 @@ import functools
 import http.client
 import io
 import ipaddress
+import re
 import socket
 import time
 import urllib.request
+from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import Any
 from urllib.parse import urlsplit
 
 from PIL import Image
@@ -441,3 +448,207 @@ def normalise_image(data: bytes, flatten_alpha: bool = False) -> bytes | None:
         out = io.BytesIO()
         img.save(out, "PNG", compress_level=1)
         return out.getvalue()
+
+
+# ----------------------------------------------------------------------------- text and JSON guard
+
+# Rejection reasons for records whose text or structure cannot be stored (one owner for both names).
+INVALID_UNICODE = "invalid_unicode"  # invalid UTF-8, or a lone UTF-16 surrogate ("\ud800" in JSON)
+INVALID_RECORD = "invalid_record"  # not valid JSON, nested deeper than MAX_JSON_DEPTH, or too large
+# Nesting levels one record may have (an SFT record has 3: object, conversations list, turn object).
+# Far below what Python's recursive json decoder survives (~1,000) and what crashes pyarrow's JSON
+# reader (between 5,000 and 20,000 levels: a segmentation fault, not an exception).
+MAX_JSON_DEPTH = 100
+MAX_RECORD_BYTES = 16 * 1024 * 1024  # one JSON record (an SFT conversation is a few kB)
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+_IN_STRING = re.compile(rb'["\\]')  # what ends or escapes inside a JSON string
+_STRUCTURE = re.compile(rb'["\[\]{},]')  # what matters outside strings
+_QUOTE, _BACKSLASH, _COMMA = ord('"'), ord("\\"), ord(",")
+_OPEN, _CLOSE = {ord("["): ord("]"), ord("{"): ord("}")}, (ord("]"), ord("}"))
+_JSON_SPACE = b" \t\r\n"
+
+
+class JsonStructureError(ValueError):
+    """A JSON array whose record boundaries cannot be found (the message gives the byte offset)."""
+
+
+def escape_text(value: str | bytes) -> str:
+    """`value` as storable UTF-8 text: lone surrogates and invalid bytes become backslash escapes
+    (``\\ud800``, ``\\xff``), so a rejected row shows what was there. Valid text is returned as is."""
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "backslashreplace")
+    return value.encode("utf-8", "backslashreplace").decode("utf-8") if _SURROGATE.search(value) else value
+
+
+def utf8_problem(data: bytes, where: str) -> str | None:
+    """None when `data` is valid UTF-8 (Python's codec also refuses encoded surrogates), else the
+    rejection detail naming `where` and the first bad byte."""
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        return f"invalid UTF-8 in {where} (byte 0x{data[e.start]:02x} at offset {e.start})"
+    return None
+
+
+def text_problem(value: Any, where: str = "") -> str | None:
+    """None when every string in the parsed JSON `value` (dict keys included) is valid Unicode, else the
+    rejection detail for the first lone surrogate, naming its field (``conversations[1].value``). Walks
+    the value iteratively (no recursion, whatever the nesting)."""
+    stack: list[tuple[str, Any]] = [(where, value)]
+    while stack:
+        path, v = stack.pop()
+        if isinstance(v, str):
+            if m := _SURROGATE.search(v):
+                return f"lone surrogate U+{ord(m.group()):04X} in {path or 'the record'}"
+        elif isinstance(v, dict):
+            items = []
+            for k, item in v.items():
+                key = f"{path}.{escape_text(str(k))}" if path else escape_text(str(k))
+                if isinstance(k, str) and (m := _SURROGATE.search(k)):
+                    return f"lone surrogate U+{ord(m.group()):04X} in the key {key!r}"
+                items.append((key, item))
+            stack.extend(reversed(items))
+        elif isinstance(v, list):
+            stack.extend(reversed([(f"{path}[{i}]", item) for i, item in enumerate(v)]))
+    return None
+
+
+def json_depth(data: bytes) -> int:
+    """Deepest nesting of brackets and braces in JSON text `data` (strings honoured; nothing parsed)."""
+    depth = deepest = 0
+    pos, in_string = 0, False
+    while True:
+        m = (_IN_STRING if in_string else _STRUCTURE).search(data, pos)
+        if m is None:
+            return deepest
+        c, pos = data[m.start()], m.end()
+        if in_string:
+            if c == _BACKSLASH:
+                pos += 1  # the escaped byte
+            else:
+                in_string = False
+        elif c == _QUOTE:
+            in_string = True
+        elif c in _OPEN:
+            depth += 1
+            deepest = max(deepest, depth)
+        elif c in _CLOSE:
+            depth -= 1
+
+
+def json_array_records(
+    f: Any, max_depth: int = MAX_JSON_DEPTH, max_bytes: int = MAX_RECORD_BYTES, block_size: int = 1 << 20
+) -> Iterator[tuple[bytes, str | None]]:
+    """(raw bytes, problem) of every element of the top-level JSON array in binary file `f`, in order.
+
+    Reads `f` in blocks and never parses an element: a scanner finds the commas and brackets outside
+    strings (escapes honoured), without recursion, so memory is one block plus one element. `problem` is
+    None, or why the element cannot be a record: nested deeper than `max_depth` levels, or larger than
+    `max_bytes` (then only its first `max_bytes` come back). Structure that hides where records begin
+    and end (no array, mismatched brackets, a stray comma, a truncated file, data after the array) raises
+    `JsonStructureError` with the byte offset.
+    """
+    block, offset = f.read(block_size), 0  # offset: of block[0] in the file
+    while len(block) < 3 and (more := f.read(block_size)):  # room for the byte order mark
+        block += more
+    pos = 3 if block.startswith(b"\xef\xbb\xbf") else 0  # a UTF-8 byte order mark
+    while True:  # whitespace, then the opening bracket
+        while pos < len(block) and block[pos] in _JSON_SPACE:
+            pos += 1
+        if pos < len(block) or not block:
+            break
+        offset, block, pos = offset + len(block), f.read(block_size), 0
+    if not block:
+        raise JsonStructureError("empty file: expected a JSON array of records")
+    if block[pos] != ord("["):
+        what = "a JSON object" if block[pos] == ord("{") else f"{chr(block[pos])!r}"
+        raise JsonStructureError(f"expected a JSON array of records, found {what} at byte {offset + pos}")
+    opened = bytearray(b"[")  # open brackets, matched up to max_depth + 1 levels (deeper: only counted)
+    depth, in_string, escape = 1, False, False
+    # the current element: its bytes so far (at most max_bytes), its size, where its unread part of
+    # `block` starts, its offset in the file, its deepest nesting; and how many elements came before
+    element, size, seg, start, deepest, count = bytearray(), 0, pos + 1, offset + pos + 1, 0, 0
+    pos += 1
+
+    def take(end: int) -> tuple[bytes, str | None] | None:
+        """The element that ends at block[end] (a separator), or None for the empty one of `[]`."""
+        nonlocal element, size, seg, start, deepest, count
+        piece = block[seg:end]
+        element += piece[: max(0, max_bytes - len(element))]
+        size += len(piece)
+        raw = bytes(element).strip(_JSON_SPACE)
+        problem = None
+        if deepest > max_depth:
+            problem = f"nesting deeper than {max_depth} levels"
+        elif size > max_bytes:
+            problem = f"record larger than {max_bytes} bytes"
+        if not raw and problem is None:
+            if count or block[end] == _COMMA:
+                raise JsonStructureError(f"empty element (a stray comma?) at byte {start}")
+            return None
+        element, size, seg, start, deepest, count = bytearray(), 0, end + 1, offset + end + 1, 0, count + 1
+        return raw, problem
+
+    while True:
+        n = len(block)
+        while pos < n:
+            if escape:
+                pos, escape = pos + 1, False
+                continue
+            if in_string:
+                m = _IN_STRING.search(block, pos)
+                if m is None:
+                    pos = n
+                    break
+                pos = m.end()
+                escape = block[m.start()] == _BACKSLASH
+                in_string = escape
+                continue
+            m = _STRUCTURE.search(block, pos)
+            if m is None:
+                pos = n
+                break
+            i, c = m.start(), block[m.start()]
+            pos = i + 1
+            if c == _QUOTE:
+                in_string = True
+            elif c in _OPEN:
+                depth += 1
+                deepest = max(deepest, depth - 1)
+                if depth <= max_depth + 1:
+                    opened.append(c)
+            elif c in _CLOSE:
+                if depth == len(opened):  # a level whose opener is tracked
+                    opener = opened.pop()
+                    if c != _OPEN[opener]:
+                        raise JsonStructureError(
+                            f"mismatched brackets: {chr(c)!r} at byte {offset + i} closes a {chr(opener)!r}"
+                        )
+                depth -= 1
+                if depth == 0:  # the array's closing bracket
+                    if (last := take(i)) is not None:
+                        yield last
+                    _expect_only_space(f, block, pos, offset, block_size)
+                    return
+            elif c == _COMMA and depth == 1 and (record := take(i)) is not None:
+                yield record
+        if seg < n:  # the current element continues in the next block
+            piece = block[seg:n]
+            element += piece[: max(0, max_bytes - len(element))]
+            size += len(piece)
+        offset, block, pos, seg = offset + n, f.read(block_size), 0, 0
+        if not block:
+            where = "a string" if in_string else "the array"
+            raise JsonStructureError(f"the file ends inside {where} at byte {offset} (truncated?)")
+
+
+def _expect_only_space(f: Any, block: bytes, pos: int, offset: int, block_size: int) -> None:
+    """After the array's closing bracket: only whitespace to the end of the file."""
+    while block:
+        rest = block[pos:].lstrip(_JSON_SPACE)
+        if rest:
+            raise JsonStructureError(
+                f"data after the array's closing ']' at byte {offset + len(block) - len(rest)}"
+            )
+        offset, block, pos = offset + len(block), f.read(block_size), 0

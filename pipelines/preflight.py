@@ -37,19 +37,21 @@ def readable(path: Store, field: str) -> None:
 
 
 def sft_json(path: str | Path | Store, field: str = "input.sft.json") -> None:
-    """The SFT JSON is readable UTF-8 text starting with a JSON array (the import parses the rest)."""
+    """The SFT JSON is readable UTF-8 text starting with a JSON array (the import parses the rest). A few
+    invalid bytes are one record's problem (the import rejects that record); a head that is mostly not
+    UTF-8 is not a JSON file at all."""
     path = Store.at(path, field)
     readable(path, field)
     try:
         with path.open_input() as f:
             head = f.read(4096)
-        text = codecs.getincrementaldecoder("utf-8-sig")().decode(
-            head, final=False
-        )  # a cut character is fine
     except OSError as e:
         raise ConfigError(f"{field}: {path}: cannot be read: {e}") from None
-    except UnicodeDecodeError as e:
-        raise ConfigError(f"{field}: {path}: not UTF-8 text: {e}") from None
+    # a character cut at the end of the head is fine
+    text = codecs.getincrementaldecoder("utf-8-sig")(errors="replace").decode(head, final=False)
+    if text.lstrip().startswith("\ufffd") or text.count("\ufffd") > max(8, len(text) // 10):
+        raise ConfigError(f"{field}: {path}: not UTF-8 text ({text.count(chr(0xFFFD))} invalid sequences in "
+                          f"its first {len(head)} bytes)")  # fmt: skip
     if not text.lstrip().startswith("["):
         start = text.lstrip()[:40]
         raise ConfigError(

@@ -6,10 +6,19 @@ Reads:  `input.sft.json`, a JSON array of records
         (records without "image" are text-only), and the images under `input.sft.image_folder`.
 Writes: `<output_dir>/sft_import/` (key, id, image bytes with long side <= download.image_size,
         width, height, sha256, caption (first answer, for reports), conversations (JSON string));
-        rejected rows (missing_image, decode_error, bad_conversations) with reasons. The image
+        rejected rows (key, id, the record's first 2000 characters, reason, detail) with reasons
+        invalid_record, invalid_unicode, bad_conversations, missing_image, decode_error. The image
         bytes are stored here once. Then (`python -m pipelines.sft_import`, or `pipelines.prepare`
         as its next step) the teacher writes `sft_shards/`: training shards with `conversations`
         that reference these images; text-only rows get null features.
+
+Records are found by a scanner, not by parsing the whole file (`pipelines.guard.json_array_records`:
+no recursion, one block and one record in memory), and parsed one by one in the import tasks. A record
+is rejected, never the file, when it is not valid JSON, nests deeper than `guard.MAX_JSON_DEPTH` levels
+or is larger than `guard.MAX_RECORD_BYTES` (`invalid_record`), or holds text that is not valid Unicode
+in any string, keys included (invalid UTF-8, a lone surrogate such as "\\ud800": `invalid_unicode`, the
+detail names the field). Only structure that hides where records begin and end (no top-level array,
+mismatched brackets, a stray comma, a truncated file) fails the step, naming the file and the byte.
 
 Conversations are checked: a non-empty list of {"from", "value"} turns, human/gpt (or "Answer")
 roles alternating from human, string values, `<image>` only in records with an image. A record
@@ -32,9 +41,19 @@ from typing import Any
 import pyarrow as pa
 
 from breen.storage import Store
-from pipelines import common
+from pipelines import common, fingerprint
 from pipelines.config import ConfigError, PrepareConfig
-from pipelines.guard import check_image_header, normalise_image
+from pipelines.guard import (
+    INVALID_RECORD,
+    INVALID_UNICODE,
+    JsonStructureError,
+    check_image_header,
+    escape_text,
+    json_array_records,
+    normalise_image,
+    text_problem,
+    utf8_problem,
+)
 
 STEP = "sft_import"
 HUMAN = {"human", "user"}
@@ -43,6 +62,10 @@ OUT_SCHEMA = pa.schema([
     ("key", pa.string()), ("id", pa.string()), ("image", pa.binary()), ("width", pa.int32()),
     ("height", pa.int32()), ("sha256", pa.string()), ("caption", pa.string()), ("conversations", pa.string()),
 ])  # fmt: skip
+# The input shards (`_input/part-NNNNN.arrow`): one raw record per row, and what the scanner found wrong.
+SPLIT_SCHEMA = pa.schema([("key", pa.string()), ("record", pa.binary()), ("problem", pa.string())])
+SPLIT_FORMAT = 2  # in the split's fingerprint: splits of an older layout are redone
+PREVIEW_CHARS = 2000  # of a rejected record, kept in its row
 
 
 def check_conversations(record: dict[str, Any]) -> list[dict[str, str]]:
@@ -77,7 +100,9 @@ def check_conversations(record: dict[str, Any]) -> list[dict[str, str]]:
     return turns
 
 
-def load_image(folder: str | Path | Store, rel: Any, max_side: int, max_pixels: int) -> tuple[bytes, int, int]:
+def load_image(
+    folder: str | Path | Store, rel: Any, max_side: int, max_pixels: int
+) -> tuple[bytes, int, int]:
     """Read an image from inside `folder` (local or on a store); downscale to long side <= max_side
     (never upscale)."""
     from PIL import Image
@@ -124,16 +149,19 @@ def import_shard(name: str, work_dir: str | Store, out_dir: str | Store, folder:
     src = common.read_arrow(Store.at(work_dir) / f"{name}.arrow")
     kept: list[dict[str, Any]] = []
     rejected: list[dict[str, Any]] = []
-    for key, raw in zip(src.column("key").to_pylist(), src.column("record").to_pylist(), strict=True):
-        record = json.loads(raw)
-        rid = str(record.get("id", "")) if isinstance(record, dict) else ""
-        base = {"key": key, "id": rid, "record": raw[:2000]}
-        try:
-            if not isinstance(record, dict):
-                raise ValueError("record is not a JSON object")
-            turns = check_conversations(record)
-        except ValueError as e:
-            rejected.append({**base, "reason": "bad_conversations", "detail": str(e)})
+    for key, raw, problem in zip(*(src.column(c).to_pylist() for c in SPLIT_SCHEMA.names), strict=True):
+        record, reason, detail = parse_record(raw, problem)
+        rid = escape_text(str(record.get("id", ""))) if isinstance(record, dict) else ""
+        base = {"key": key, "id": rid, "record": escape_text(raw[: 4 * PREVIEW_CHARS])[:PREVIEW_CHARS]}
+        if reason is None:
+            try:
+                if not isinstance(record, dict):
+                    raise ValueError("record is not a JSON object")
+                turns = check_conversations(record)
+            except ValueError as e:
+                reason, detail = "bad_conversations", str(e)
+        if reason is not None:
+            rejected.append({**base, "reason": reason, "detail": detail})
             continue
         image, w, h, sha = None, None, None, None
         if "image" in record:
@@ -157,29 +185,60 @@ def import_shard(name: str, work_dir: str | Store, out_dir: str | Store, folder:
     )  # fmt: skip
 
 
+def parse_record(raw: bytes, problem: str | None) -> tuple[Any, str | None, str | None]:
+    """(record, reason, detail) of one raw record: reason None when it parsed into valid Unicode text,
+    else `invalid_record` or `invalid_unicode` with the detail (the field, for text)."""
+    if problem is not None:
+        return None, INVALID_RECORD, problem
+    if (bad := utf8_problem(raw, "the record")) is not None:
+        return None, INVALID_UNICODE, bad
+    try:
+        record = json.loads(raw.decode("utf-8"))
+    except RecursionError:  # not reached below guard.MAX_JSON_DEPTH levels; kept as a last line
+        return None, INVALID_RECORD, "nesting too deep to parse"
+    except json.JSONDecodeError as e:
+        return None, INVALID_RECORD, f"not valid JSON: {e}"
+    if (bad := text_problem(record)) is not None:
+        return record, INVALID_UNICODE, bad
+    return record, None, None
+
+
 def split_records(json_path: str | Path | Store, rows_per_shard: int, dest: str | Path | Store) -> list[str]:
-    """The JSON array -> Arrow shards of (key, raw record JSON); deterministic; reused if unchanged."""
+    """The JSON array -> Arrow shards of (key, raw record bytes, problem), streamed; deterministic;
+    reused if unchanged. Broken array structure is a ConfigError naming the file and the byte."""
     json_path, dest = Store.at(json_path), Store.at(dest)
     success = dest / "_SUCCESS.json"
-    fingerprint = {"input": common.sha256_file(json_path), "rows_per_shard": rows_per_shard}
+    fingerprint = {"input": common.sha256_file(json_path), "rows_per_shard": rows_per_shard,
+                   "format": SPLIT_FORMAT}  # fmt: skip
     if success.exists() and (done := success.read_json()).get("fingerprint") == fingerprint:
         return done["shards"]
-    try:
-        records = json.loads(json_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ConfigError(f"{json_path}: not valid JSON: {e}") from None
-    if not isinstance(records, list):
-        raise ConfigError(f"{json_path}: expected a JSON array of records, got {type(records).__name__}")
     dest.mkdir()
-    names = []
-    for s, start in enumerate(range(0, len(records), rows_per_shard)):
-        chunk = records[start : start + rows_per_shard]
-        table = pa.table({"key": [f"sft{start + i:09d}" for i in range(len(chunk))],
-                          "record": [json.dumps(r, ensure_ascii=False) for r in chunk]})  # fmt: skip
-        name = common.shard_name(s)
+    names: list[str] = []
+    rows: list[tuple[bytes, str | None]] = []
+    total = 0
+
+    def flush() -> None:
+        keys = [f"sft{total - len(rows) + i:09d}" for i in range(len(rows))]
+        # a flagged record keeps only a preview: it is rejected, and may be huge
+        records = [r if p is None else r[: 4 * PREVIEW_CHARS] for r, p in rows]
+        table = pa.table([keys, records, [p for _, p in rows]], schema=SPLIT_SCHEMA)
+        name = common.shard_name(len(names))
         common.write_arrow(dest / f"{name}.arrow", table)
         names.append(name)
-    success.write_json({"fingerprint": fingerprint, "shards": names, "rows": len(records)})
+        rows.clear()
+
+    try:
+        with json_path.open_input() as f:
+            for record in json_array_records(f):
+                rows.append(record)
+                total += 1
+                if len(rows) == rows_per_shard:
+                    flush()
+    except JsonStructureError as e:
+        raise ConfigError(f"{json_path}: not a valid JSON array of records: {e}") from None
+    if rows:
+        flush()
+    success.write_json({"fingerprint": fingerprint, "shards": names, "rows": total})
     return names
 
 
@@ -193,19 +252,23 @@ def run(cfg: PrepareConfig) -> dict[str, Any]:
     work = out / "_input"
     sft_json = cfg.location(cfg.input.sft.json, "input.sft.json")
     folder = cfg.location(cfg.input.sft.image_folder, "input.sft.image_folder")
-    names = split_records(sft_json, cfg.download.rows_per_shard, work)
-    todo = common.unfinished(out, names)
-    if todo:
-        common.init_ray(cfg.ray.address, cfg.ray.num_cpus)
-        task = ray.remote(import_shard).options(num_cpus=0.5, max_retries=3, retry_exceptions=True)
-        progress = common.Progress(STEP, len(todo))
-        refs = [task.remote(n, work, out, folder, cfg.download.image_size, cfg.filter.max_pixels)
-                for n in todo]  # fmt: skip
-        while refs:
-            ready, refs = ray.wait(refs, num_returns=1)
-            progress.update(ray.get(ready[0])["rows_in"])
-    inputs = [{"path": str(sft_json), "sha256": common.sha256_file(sft_json)}, {"path": str(folder)}]
-    return common.finish_step(out, STEP, inputs, {"sft": common_dict(cfg)})
+    json_sha = common.sha256_file(sft_json)
+    images = fingerprint.folder_digest(folder)
+    external = {"json": json_sha, "image_folder": images["listing_sha256"]}
+    with common.open_step(cfg, STEP, {"sft": common_dict(cfg)}, external) as output:
+        names = split_records(sft_json, cfg.download.rows_per_shard, work)
+        todo = common.todo_shards(output, names)
+        if todo:
+            common.init_ray(cfg.ray.address, cfg.ray.num_cpus)
+            task = ray.remote(import_shard).options(num_cpus=0.5, max_retries=3, retry_exceptions=True)
+            progress = common.Progress(STEP, len(todo))
+            refs = [task.remote(n, work, out, folder, cfg.download.image_size, cfg.filter.max_pixels)
+                    for n in todo]  # fmt: skip
+            while refs:
+                ready, refs = ray.wait(refs, num_returns=1)
+                progress.update(ray.get(ready[0])["rows_in"])
+        inputs = [{"path": str(sft_json), "sha256": json_sha}, images]
+        return common.finish_step(output, inputs, {"sft": common_dict(cfg)})
 
 
 def common_dict(cfg: PrepareConfig) -> dict[str, Any]:

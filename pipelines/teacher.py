@@ -9,7 +9,8 @@ Writes: `<output_dir>/shards/` (`sft_shards/`): training shards in the `breen.sh
         row the teacher could not decode, hold fewer): key, image_shard + image_row (a reference to the
         image bytes in `download/`, which are never copied), width, height, caption | conversations,
         fine (64 x D) and coarse (36 x D) float16 `fixed_shape_tensor` (null for text-only rows);
-        `rejected/` with reason decode_error; Parquet metadata and `manifest.json` record the teacher
+        `rejected/` with reason decode_error, or teacher_non_finite (features with a nan or inf, e.g.
+        an activation beyond float16's 65504: never written as a target); Parquet metadata and `manifest.json` record the teacher
         name, the weights sha256, the preprocessing version and the image dataset.
 
 Order is deterministic: upstream shard order, then key order within each shard. Output file j holds
@@ -56,8 +57,10 @@ import pyarrow.compute as pc
 from breen import shard_format as sf
 from breen.storage import Store, fetch_file
 from breen.teacher import PREPROCESS_VERSION, last_block_grid, letterbox, pool_targets
-from pipelines import common, graph
-from pipelines.config import ConfigError, PrepareConfig, TeacherConfig, from_dict, to_dict
+from pipelines import common, fingerprint, graph
+from pipelines.config import ConfigError, PrepareConfig, TeacherConfig, from_dict, output_fields, to_dict
+
+TEACHER_NON_FINITE = "teacher_non_finite"  # reason: a row whose features hold a nan or inf
 
 # ----------------------------------------------------------------------------- the teacher model
 
@@ -184,7 +187,8 @@ class TeacherWorker(common.ShardWorker):
                 sf.META_PREPROCESS: self.cfg.preprocess, sf.META_IMAGES: self.sources.images_rel}  # fmt: skip
         seconds = time.monotonic() - t0
         return common.write_shard(self.out_dir, name, kept, rejected, table.num_rows,
-                                  {"seconds": round(seconds, 3), "device": self.device}, metadata=meta)  # fmt: skip
+                                  {"seconds": round(seconds, 3), "device": self.device}, metadata=meta,
+                                  inputs=self.sources.files(self.plan[name]))  # fmt: skip
 
 
 class Sources:
@@ -197,6 +201,11 @@ class Sources:
         self.text_dir, self.text_columns = graph.text_source(step)
         self.text_dir = root / self.text_dir
         self.images_rel = self.images_dir.relative_to_dir(root / step)
+
+    def files(self, slices: list[tuple[str, int, int]]) -> list[Store]:
+        """The upstream files `rows(slices)` reads."""
+        dirs = dict.fromkeys([self.rows_dir, self.images_dir, self.text_dir])
+        return [d / f"{shard}.parquet" for shard, _, _ in slices for d in dirs]
 
     def rows(self, slices: list[tuple[str, int, int]]) -> pa.Table:
         """key, image (bytes, to compute features; not written), image_shard, image_row, width, height and
@@ -271,34 +280,45 @@ def decoded_batches(
                 yield gather(rows0, [f.result() for f in futures])
 
 
+def non_finite(fine: np.ndarray, coarse: np.ndarray) -> dict[int, str]:
+    """{row: detail} for the rows of a batch (fine [B, 64, D], coarse [B, 36, D]) with a nan or inf."""
+    bad_f = (~np.isfinite(fine)).sum(axis=(1, 2))
+    bad_c = (~np.isfinite(coarse)).sum(axis=(1, 2))
+    return {int(i): f"non-finite teacher features: {bad_f[i]} of {fine[i].size} fine and {bad_c[i]} of "
+                    f"{coarse[i].size} coarse values are nan or inf" for i in np.flatnonzero(bad_f + bad_c)}  # fmt: skip
+
+
 def teacher_table(
     table: pa.Table, model, dim: int, batch_size: int, device: str, decode_threads: int = 0,
     prefetch: int = 2, preprocess: str = PREPROCESS_VERSION,
 ) -> tuple[pa.Table, pa.Table]:  # fmt: skip
-    """Append `fine`/`coarse` to every row with a decodable image (null image -> null features)."""
+    """Append `fine`/`coarse` to every row with a decodable image and finite features (null image -> null
+    features); the other rows are rejected (`decode_error`, `TEACHER_NON_FINITE`)."""
     images = table.column("image").to_pylist()
     n = len(images)
     fine = np.zeros((n, 64, dim), np.float16)
     coarse = np.zeros((n, 36, dim), np.float16)
     has_image = np.array([img is not None for img in images], bool)
-    errors: dict[int, str] = {}
+    problems: dict[int, tuple[str, str]] = {}  # row -> (reason, detail)
     todo = [i for i in range(n) if has_image[i]]
     for idx, pix, errs in decoded_batches(images, todo, batch_size, decode_threads, prefetch, preprocess):
-        errors.update(errs)
+        problems.update((i, ("decode_error", e)) for i, e in errs.items())
         if idx:
             f, c = features(model, np.stack(pix), device)
             fine[idx], coarse[idx] = f, c
+            problems.update((idx[j], (TEACHER_NON_FINITE, d)) for j, d in non_finite(f, c).items())
     bad = np.zeros(n, bool)
-    bad[list(errors)] = True
+    bad[list(problems)] = True
     ok = pa.array(~bad, pa.bool_())
     out = table.append_column(sf.FINE, sf.tensor_array(fine, has_image)).append_column(
         sf.COARSE, sf.tensor_array(coarse, has_image)
     )
     kept = out.filter(ok)
+    rows = sorted(problems)
     rejected = common.with_reason(
         table.filter(pc.invert(ok)).drop_columns(["image"]),
-        "decode_error",
-        [errors[i] for i in sorted(errors)],
+        [problems[i][0] for i in rows],
+        [problems[i][1] for i in rows],
     )
     return kept, rejected
 
@@ -335,8 +355,9 @@ def write_plan(out: Store, step: str, counts: list[list[Any]], rows_per_file: in
     path = out / PLAN
     exists = path.exists()
     if exists and path.read_json() != json.loads(json.dumps(record)):
-        print(f"[{step}] upstream changed since the last run: rebuilding all training shards", flush=True)
-        out.delete()
+        print(f"[{step}] upstream row counts changed since the last run: rebuilding all training shards",
+              flush=True)  # fmt: skip
+        fingerprint.clear(out)
         exists = False
     out.mkdir()
     if not exists:
@@ -359,19 +380,32 @@ def check_preprocess(out: Store, finished: list[str], preprocess: str) -> None:
 
 def run_training_shards(cfg: PrepareConfig, step: str) -> dict[str, Any]:
     """Teacher features for the rows of `step`'s upstream, written as training shards."""
-    import ray
-
     info = graph.step(step)
-    rows_dir, out = cfg.out / info.rows_from, cfg.out / step
+    rows_dir = cfg.out / info.rows_from
     names = common.require_dataset(rows_dir, info.rows_from)
     t = cfg.teacher
     if t.weights:  # first: before hashing it and before any actor starts
         check_weights(str(fetch_file(t.weights, "teacher.weights", cfg.storage.endpoint_override)))
+    name, weights_id = teacher_identity(t, cfg.storage.endpoint_override)
+    external = {"teacher": [name, weights_id]}
+    if t.model_config:
+        external["teacher_model_config"] = common.sha256_file(t.model_config)
+    config = {"teacher": output_fields(t), "shards": output_fields(cfg.shards)}
+    with common.open_step(cfg, step, config, external) as output:
+        return _run(cfg, output, step, names, (name, weights_id))
+
+
+def _run(cfg: PrepareConfig, output: Any, step: str, names: list[str], identity: tuple[str, str]
+         ) -> dict[str, Any]:  # fmt: skip
+    import ray
+
+    info, t = graph.step(step), cfg.teacher
+    rows_dir, out = cfg.out / info.rows_from, output.dataset
+    name, weights_id = identity
     counts = [[s["shard"], s["kept"]] for s in common.read_stats(rows_dir, names)]
     files = write_plan(out, step, counts, cfg.shards.rows_per_file)
-    todo = common.unfinished(out, files)
+    todo = common.todo_shards(output, list(files))
     check_preprocess(out, [n for n in files if n not in todo], t.preprocess)
-    name, weights_id = teacher_identity(t, cfg.storage.endpoint_override)
     if todo:
         common.init_ray(cfg.ray.address, cfg.ray.num_cpus)
         gpus = ray.cluster_resources().get("GPU", 0) if t.device != "cpu" else 0
@@ -392,7 +426,7 @@ def run_training_shards(cfg: PrepareConfig, step: str) -> dict[str, Any]:
         common.dataset_input(d) for d in dict.fromkeys([rows_dir, sources.images_dir, sources.text_dir])
     ]
     return common.finish_step(
-        out, step, inputs, {"teacher": to_dict(t), "shards": to_dict(cfg.shards)},
+        output, inputs, {"teacher": to_dict(t), "shards": to_dict(cfg.shards)},
         extra={"teacher": {"name": name, "weights": weights_id, "preprocess": t.preprocess},
                "images": sources.images_rel,
                "schema": {f.name: str(f.type) for f in schema} if schema else {}},

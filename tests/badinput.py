@@ -340,10 +340,13 @@ def caption_cases() -> list[tuple[str, Any, set, Callable | None, str]]:
         return f"kept caption of {bad[0]} chars > captions.max_chars" if bad else None
 
     long_text = "A quiet wooden house stands near the river under a grey sky while children play. " * 13000
+    bad_text = {(D, "invalid_unicode")}
     return [
-        ("caption_invalid_utf8", b"A red bicycle parked outside the caf\xe9 on the corner \xff\xfe today", {KEPT},
-         clean, "invalid bytes replaced, then removed by the captions step"),
-        ("caption_invalid_utf8_only", b"\xff\xfe\xfd\xc3\x28", empty, None, "nothing left after repair"),
+        ("caption_invalid_utf8", b"A red bicycle parked outside the caf\xe9 on the corner \xff\xfe today", bad_text,
+         None, "text that is not UTF-8 is rejected, not repaired into a caption it never was"),
+        ("caption_invalid_utf8_only", b"\xff\xfe\xfd\xc3\x28", bad_text, None, ""),
+        ("caption_lone_surrogate", "A small dog \ud800 asleep on a sofa", bad_text, None,
+         "a lone UTF-16 surrogate (written as UTF-8 with surrogatepass: ED A0 80)"),
         ("caption_control_characters", "A small boat\x00 floating\x07 on the\x1b quiet lake\u202e at noon\ufeff",
          {KEPT}, clean, "NUL, BEL, ESC, bidi override, BOM removed"),
         ("caption_1mb", long_text[:1_000_000], {KEPT}, short, "cut to captions.max_chars"),
@@ -765,6 +768,158 @@ def file_cases(tmp: Path) -> list[tuple[str, Path, str]]:
         )
     )
     return out  # fmt: skip
+
+
+# ----------------------------------------------------------------------------- bad records (SFT JSON, URL lists)
+
+KEPT_SFT = ("kept", None, None)
+NON_FINITE = (
+    "sft_shards",
+    "teacher_non_finite",
+    r"^non-finite teacher features: \d+ of 4096 fine and \d+ of 2304",
+)
+
+
+def _turns(answer: str, question: str = "<image>\nWhat is in the picture?") -> list[dict[str, str]]:
+    return [{"from": "human", "value": question}, {"from": "gpt", "value": answer}]
+
+
+def sft_bad_corpus(root: Path) -> tuple[Path, Path, list[tuple[str, str | None, str | None]]]:
+    """An SFT JSON array (written as bytes: it holds raw escapes and invalid UTF-8) and its image folder.
+
+    Returns (json, image folder, the expected fate of each record in order: (step, reason, detail regex),
+    step "kept" for records that reach `sft_shards/`). Images: `grey.png` (the CLIP mean colour) and
+    `noise.png` give small teacher activations, `pic1.png` / `pic2.png` large ones (see
+    `fp16_overflow_teacher`).
+    """
+    folder = root / "images"
+    folder.mkdir(parents=True)
+    (folder / "grey.png").write_bytes(encode(Image.new("RGB", (300, 200), (123, 117, 104)), "PNG"))
+    noise = np.random.default_rng(0).integers(0, 255, (240, 320, 3), dtype=np.uint8)
+    (folder / "noise.png").write_bytes(encode(Image.fromarray(noise), "PNG"))
+    for i in (1, 2):
+        (folder / f"pic{i}.png").write_bytes(encode(picture(i), "PNG"))
+
+    def rec(rid: str, answer: str, image: str | None = "grey.png", **extra: Any) -> bytes:
+        r: dict[str, Any] = {
+            "id": rid,
+            **({"image": image} if image else {}),
+            "conversations": _turns(answer),
+        }
+        if image is None:
+            r["conversations"][0]["value"] = "Tell me a story."
+        return json.dumps({**r, **extra}).encode()
+
+    deep = b"[" * 100_000 + b"]" * 100_000
+    cases: list[tuple[bytes, tuple[str, str | None, str | None]]] = [
+        # first and long: the preflight reads the first 4 kB as UTF-8 (the invalid-UTF-8 record comes later)
+        (rec("story", "Once upon a time. " * 300, image=None), KEPT_SFT),
+        (rec("grey", "A grey square."), KEPT_SFT),
+        (rec("noise", "Coloured noise."), KEPT_SFT),
+        (rec("emoji", "A smile \ud83d\ude00 (a valid surrogate pair)."), KEPT_SFT),
+        (rec("brackets", 'He said "]}, {[" and left \\ the room.'), KEPT_SFT),
+        (rec("nested-50", "Fine.", meta=json.loads("[" * 50 + "]" * 50)), KEPT_SFT),
+        (rec("pic1", "A procedural picture.", "pic1.png"), NON_FINITE),
+        (rec("pic2", "Another picture.", "pic2.png"), NON_FINITE),
+        (rec("sur-value", "a \\ud800 b").replace(b"\\\\ud800", b"\\ud800"),
+         ("sft_import", "invalid_unicode", r"^lone surrogate U\+D800 in conversations\[1\]\.value$")),
+        (rec("sur-image", "x", "grey\\udfff.png").replace(b"\\\\udfff", b"\\udfff"),
+         ("sft_import", "invalid_unicode", r"^lone surrogate U\+DFFF in image$")),
+        (rec("sur-id-\\udbff", "x").replace(b"\\\\udbff", b"\\udbff"),
+         ("sft_import", "invalid_unicode", r"^lone surrogate U\+DBFF in id$")),
+        (rec("sur-key", "x", **{"\\ud800meta": 1}).replace(b"\\\\ud800", b"\\ud800"),
+         ("sft_import", "invalid_unicode", r"^lone surrogate U\+D800 in the key")),
+        (rec("bad-utf8", "caf\u00e9").replace(b"caf\\u00e9", b"caf\xe9"),
+         ("sft_import", "invalid_unicode", r"^invalid UTF-8 in the record \(byte 0xe9 at offset \d+\)$")),
+        (b'{"id": "deep", "conversations": ' + deep + b"}",
+         ("sft_import", "invalid_record", r"^nesting deeper than 100 levels$")),
+        (b'{"id": "broken", "conversations": tru}', ("sft_import", "invalid_record", r"^not valid JSON: ")),
+        (rec("last", "The last one."), KEPT_SFT),
+    ]  # fmt: skip
+    path = root / "sft.json"
+    path.write_bytes(b"[\n" + b",\n".join(c for c, _ in cases) + b"\n]\n")
+    return path, folder, [e for _, e in cases]
+
+
+def fp16_overflow_teacher(
+    path: Path, model_config: Path, folder: Path, small: list[str], large: list[str]
+) -> Path:
+    """Teacher weights (safetensors) whose forward overflows float16 on the images `large` but not on `small`.
+
+    A random tiny open_clip ViT with its residual stream scaled by s: `ln_pre` and every block's output
+    projections (attention and MLP) times s multiply the last block's output by exactly s (the blocks'
+    LayerNorms do not see the scale). s sits between the two groups' largest pooled activations, so the
+    float16 targets of `large` hold inf (beyond 65504) and those of `small` stay finite: the failure of a
+    real teacher whose activations outgrow float16.
+    """
+    import open_clip
+    import torch
+    from safetensors.torch import save_file
+
+    from breen.teacher import last_block_grid, pool_targets
+    from pipelines.teacher import decode
+
+    open_clip.add_model_config(str(model_config))
+    torch.manual_seed(0)
+    model = open_clip.create_model(model_config.stem, pretrained=None).eval()
+
+    def peak(name: str) -> float:
+        pixels = torch.from_numpy(decode((folder / name).read_bytes())[None])
+        with torch.inference_mode():
+            return max(float(t.abs().max()) for t in pool_targets(last_block_grid(model.visual, pixels)))
+
+    lo, hi = max(map(peak, small)), min(map(peak, large))
+    assert hi > 1.3 * lo, (lo, hi)  # a clear margin on both sides of float16's 65504
+    scale = 65504 / (lo * hi) ** 0.5
+    state = model.state_dict()
+    for k, v in state.items():
+        if k.startswith("visual.") and any(p in k for p in ("ln_pre.", ".attn.out_proj.", ".mlp.c_proj.")):
+            state[k] = v * scale
+    save_file({k: v.contiguous() for k, v in state.items()}, str(path))
+    return path
+
+
+def url_list_bad_text(root: Path, url: str) -> dict[str, tuple[Path, list[tuple[str, str | None]]]]:
+    """URL lists (JSONL, CSV, TSV, Parquet) with text that is not valid Unicode in the url, the caption or an
+    extra column (a lone surrogate where the format can hold one, invalid UTF-8 everywhere), each beside
+    a good row. {format: (file, expected (reason, detail regex) per row, reason None for kept)}."""
+    root.mkdir(parents=True, exist_ok=True)
+    ok = "A photo of a red bicycle on a sunny street"
+    bad = "invalid_unicode"
+    out: dict[str, tuple[Path, list[tuple[str, str | None]]]] = {}
+    jsonl = root / "urls.jsonl"
+    jsonl.write_bytes(b"\n".join([
+        json.dumps({"url": url, "caption": ok, "src": "a"}).encode(),
+        json.dumps({"url": url + "?\\ud800", "caption": ok, "src": "b"}).encode().replace(b"\\\\ud800", b"\\ud800"),
+        json.dumps({"url": url, "caption": "A cat \\udc00 on a mat", "src": "c"}).encode().replace(b"\\\\udc00", b"\\udc00"),
+        json.dumps({"url": url, "caption": "caf\u00e9 latte on a table", "src": "d"}).encode().replace(b"\\u00e9", b"\xe9"),
+        b"",  # a blank line: skipped, as pyarrow skips it
+        json.dumps({"url": url, "caption": ok, "src": "e\\ud800"}).encode().replace(b"\\\\ud800", b"\\ud800"),
+        json.dumps({"url": url, "caption": ok + " again", "src": "f"}).encode(),
+    ]) + b"\n")  # fmt: skip
+    out["jsonl"] = (jsonl, [(None, None), (bad, r"^lone surrogate U\+D800 in column 'url'$"),
+                            (bad, r"^lone surrogate U\+DC00 in column 'caption'$"),
+                            (bad, r"^invalid UTF-8 in column 'caption' \(byte 0xe9 at offset 3\)$"),
+                            (bad, r"^lone surrogate U\+D800 in column 'src'$"), (None, None)])  # fmt: skip
+    rows = [(url, ok, b"a"), (url.encode() + b"?\xff", ok, b"b"), (url, b"A cat \xed\xa0\x80 on a mat", b"c"),
+            (url, ok, b"e\xfe"), (url, ok + " again", b"f")]  # fmt: skip
+    expect = [(None, None), (bad, r"^invalid UTF-8 in column 'url' \(byte 0xff"),
+              (bad, r"^invalid UTF-8 in column 'caption' \(byte 0xed at offset 6\)$"),
+              (bad, r"^invalid UTF-8 in column 'src' \(byte 0xfe at offset 1\)$"), (None, None)]  # fmt: skip
+    as_bytes = [[v if isinstance(v, bytes) else v.encode() for v in r] for r in rows]
+    for fmt, sep in (("csv", b","), ("tsv", b"\t")):
+        path = root / f"urls.{fmt}"
+        path.write_bytes(
+            sep.join([b"url", b"caption", b"src"]) + b"\n" + b"".join(sep.join(r) + b"\n" for r in as_bytes)
+        )
+        out[fmt] = (path, expect)
+    # Parquet: string columns written without validation (as some writers do), then a binary column
+    cols = list(zip(*as_bytes, strict=True))
+    table = pa.table({"url": pa.array(cols[0], pa.binary()).view(pa.string()),
+                      "caption": pa.array(cols[1], pa.binary()).view(pa.string()), "src": pa.array(cols[2], pa.binary())})  # fmt: skip
+    pq.write_table(table, root / "urls.parquet")
+    out["parquet"] = (root / "urls.parquet", expect)
+    return out
 
 
 # ----------------------------------------------------------------------------- tripwire

@@ -34,12 +34,13 @@ def test_a_listing_behind_the_upstream_manifest_is_an_error_not_fewer_shards(tmp
     import pyarrow as pa
     import pytest
 
-    from pipelines import common
+    from pipelines import common, fingerprint
 
     empty = common.with_reason(pa.table({"key": pa.array([], pa.string())}), [], [])
+    fp = fingerprint.record(tmp_path, {"step": "download"})
     for i in range(2):
         common.write_shard(tmp_path, common.shard_name(i), pa.table({"key": [f"k{i}"]}), empty, 1)
-    common.write_manifest(tmp_path, "download", [], {})
+    common.write_manifest(tmp_path, "download", [], {}, fp)
     assert common.require_dataset(tmp_path, "download") == ["part-00000", "part-00001"]
     assert common.unfinished(tmp_path, ["part-00000", "part-00001", "part-00002"]) == ["part-00002"]
     (tmp_path / "part-00001.done").unlink()  # what a listing that lags behind the writes would show

@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from pipelines import common, download
+from pipelines import common, download, fingerprint
 from pipelines.config import ConfigError, DownloadConfig, to_dict
 from pipelines.guard import (
     AddressPolicy,
@@ -156,6 +156,7 @@ def test_one_shard_with_real_img2dataset(tmp_path):
         in_dir, out = tmp_path / "in", tmp_path / "out"
         (name,) = download.make_input_shards([str(path)], 100, in_dir)
         cfg = DownloadConfig(allow_private=["127.0.0.1"], timeout_s=5)
+        fingerprint.record(out, {"step": "download"})  # what the step records before its shards
         stats = download.download_one_shard(name, str(in_dir), str(out), to_dict(cfg), 10**8)
     assert stats["rows_in"] == 6 and stats["kept"] == 2
     assert stats["rejected"] == {"decode_error": 1, "download_error": 1, "url_refused": 2}

@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from bench import language as language_eval
-from pipelines import common
+from pipelines import common, fingerprint
 from pipelines import filter as filt
 from pipelines.captions import clean_caption
 from pipelines.config import PRESETS, CaptionsConfig, FilterConfig, apply_preset
@@ -83,6 +83,7 @@ def test_split_shard_accounts_for_every_row(tmp_path):
                       "reason": [None, None, "too_small", None], "detail": [None, None, "10x10", None]},
                      schema=filt.INDEX_SCHEMA)  # fmt: skip
     dups = pa.table({"key": ["d"], "shard": ["p"], "reason": ["duplicate"], "detail": ["same bytes as a"]})
+    fingerprint.record(tmp_path, {"step": "filter"})
     stats = filt.split_shard(tmp_path, "part-00000", index, dups, rows_in=4)
     assert stats["rows_in"] == 4 and stats["kept"] == 2
     assert stats["rejected"] == {"duplicate": 1, "too_small": 1}

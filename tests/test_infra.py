@@ -643,8 +643,8 @@ def test_entrypoint_modules_resolve_and_help_works():
 # Entrypoints whose `--help` must answer without importing the heavy libraries (seconds each). jobs.train
 # still imports them at start-up (issue 20).
 LIGHT_HELP = ("pipelines.prepare", "pipelines.download", "pipelines.captions", "pipelines.filter",
-              "pipelines.teacher", "pipelines.sft_import", "pipelines.report", "jobs.plan", "breen.generate",
-              "breen.convert")  # fmt: skip
+              "pipelines.teacher", "pipelines.sft_import", "pipelines.report", "pipelines.verify", "jobs.plan",
+              "breen.generate", "breen.convert")  # fmt: skip
 HEAVY = ("torch", "ray", "transformers", "deepspeed", "open_clip")
 
 

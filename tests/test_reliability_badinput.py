@@ -14,6 +14,7 @@ pytest captures output.
 from __future__ import annotations
 
 import io
+import re
 import time
 import urllib.error
 import urllib.request
@@ -100,6 +101,7 @@ def corpus_run(tmp_path_factory, ray_local):
         n_rows = write_url_list(cases, urls)
         cfg = load_config(corpus_config(root, urls))
         out = Path(cfg.out.path) / "download"
+        output = common.open_step(cfg, "download", {}, {"urls": [common.sha256_file(urls)]})
         names = download.make_input_shards(cfg.input.urls, cfg.download.rows_per_shard, out / "_input")
         task = ray.remote(download_shard_under_tripwire).options(
             num_cpus=cfg.download.cpus_per_shard, max_retries=0
@@ -111,8 +113,9 @@ def corpus_run(tmp_path_factory, ray_local):
                 ray.get(ref)
             except Exception as e:  # a crashed shard: reported, never expected
                 crashes.append(f"download {name}: {common.error_detail(e)}")
-        common.finish_step(out, "download", [{"path": str(urls), "sha256": common.sha256_file(urls)}],
-                           {"download": to_dict(cfg.download)})  # fmt: skip
+        with output:
+            common.finish_step(output, [{"path": str(urls), "sha256": common.sha256_file(urls)}],
+                               {"download": to_dict(cfg.download)})  # fmt: skip
         download_s = time.monotonic() - t0
         for step in graph.chain("pretrain")[1:]:  # captions, filter, teacher into shards
             try:
@@ -194,7 +197,10 @@ def test_bad_corpus_every_row_accounted_for_and_rejected_with_a_reason(corpus_ru
         for s in common.read_stats(Path(cfg.out.path) / step):
             assert s["rows_in"] == s["kept"] + sum(s["rejected"].values()), (step, s)
     kept = sum(f.step == "kept" for fs in by_case.values() for f in fs)
-    assert sum(pq.read_metadata(f).num_rows for f in (Path(cfg.out.path) / "shards").glob("part-*.parquet")) == kept
+    assert (
+        sum(pq.read_metadata(f).num_rows for f in (Path(cfg.out.path) / "shards").glob("part-*.parquet"))
+        == kept
+    )
 
 
 def test_time_and_size_caps_bound_every_download(corpus_run):
@@ -349,13 +355,18 @@ def test_config_errors_name_the_field(tmp_path, body, needle):
     assert needle in str(e.value) and "cfg.yaml" in str(e.value)
 
 
-def test_invalid_utf8_in_csv_captions_is_repaired_not_a_crash(tmp_path):
+def test_invalid_utf8_in_csv_captions_marks_the_row_not_the_file(tmp_path):
     path = tmp_path / "urls.csv"
-    path.write_bytes(b"url,caption,src\nhttp://127.0.0.1/a.jpg,caf\xe9 \xff on a table,x\xfe\n")
-    t = download.read_url_list(path)
-    assert t.schema.field("caption").type == pa.string()
-    assert t.column("caption")[0].as_py() == "caf\ufffd \ufffd on a table"
-    assert t.column("src")[0].as_py() == "x\ufffd"
+    path.write_bytes(
+        b"url,caption,src\nhttp://127.0.0.1/a.jpg,caf\xe9 \xff on a table,x\xfe\nhttp://127.0.0.1/b.jpg,ok,y\n"
+    )
+    t, problems = download.read_url_list_rows(path)
+    assert t.schema.field("caption").type == pa.string() and t.column_names == ["url", "caption", "src"]
+    # the values are escaped (the rejected row shows them), the row marked
+    assert t.column("caption").to_pylist() == ["caf\\xe9 \\xff on a table", "ok"]
+    assert t.column("src").to_pylist() == ["x\\xfe", "y"]
+    assert problems == ["invalid UTF-8 in column 'caption' (byte 0xe9 at offset 3)", None]
+    assert download.read_url_list(path).equals(t)
 
 
 def test_a_step_without_its_input_fails_fast(tmp_path, capsys):
@@ -485,3 +496,162 @@ def test_download_failure_reasons():
     assert download._failure_reason("failed_to_download", URL_REFUSED_MARK + "redirect to x") == "url_refused"
     assert download._failure_reason("failed_to_download", "HTTP Error 500") == "download_error"
     assert download._failure_reason("failed_to_resize", "Image decoding error") == "decode_error"
+
+
+# ----------------------------------------------------------------------------- bad records
+
+
+def _rows(dataset: Path, rejected: bool) -> list[dict]:
+    """Every row of the finished shards of a dataset (or of its rejected rows)."""
+    d = dataset / common.REJECTED if rejected else dataset
+    return [r for n in common.finished_shards(dataset) for r in pq.read_table(d / f"{n}.parquet").to_pylist()]
+
+
+def test_bad_sft_records_are_rejected_with_a_reason_and_the_job_stays_green(tmp_path, ray_local, capsys):
+    """One SFT JSON with lone surrogates (value, image path, id, key), invalid UTF-8, a record nested
+    100,000 levels deep and a broken record, beside good ones; and a teacher whose float16 targets
+    overflow on some images. `python -m pipelines.sft_import` (the import, then the teacher into
+    `sft_shards/`) exits 0; every record is kept or rejected once, with the expected reason and detail;
+    no target with a nan or inf is written."""
+    from pipelines import sft_import
+    from tests.badinput import fp16_overflow_teacher, sft_bad_corpus
+
+    t0 = time.monotonic()
+    sft_json, folder, expect = sft_bad_corpus(tmp_path)
+    weights = fp16_overflow_teacher(tmp_path / "overflow.safetensors", CONFIGS / "tiny-vit.json", folder,
+                                    small=["grey.png", "noise.png"], large=["pic1.png", "pic2.png"])  # fmt: skip
+    cfg = tmp_path / "sft.yaml"
+    cfg.write_text(f"""
+output_dir: {tmp_path / "out"}
+input: {{sft: {{json: {sft_json}, image_folder: {folder}}}}}
+download: {{rows_per_shard: 4}}
+teacher: {{weights: {weights}, model_config: {CONFIGS / "tiny-vit.json"}, batch_size: 4, cpus_per_actor: 0.5}}
+shards: {{rows_per_file: 4}}
+""")
+    assert sft_import.main(["--config", str(cfg)]) == 0, capsys.readouterr().err
+    out = tmp_path / "out"
+    fate: dict[str, tuple[str, str | None, str | None]] = {}
+    seen: Counter = Counter()
+    for step in ("sft_import", "sft_shards"):
+        for r in _rows(out / step, rejected=True):
+            fate[r["key"]] = (step, r["reason"], r["detail"])
+            seen[r["key"]] += 1
+        for s in common.read_stats(out / step):
+            assert s["rows_in"] == s["kept"] + sum(s["rejected"].values()), (step, s)
+    shards = _rows(out / "sft_shards", rejected=False)
+    for r in shards:
+        fate[r["key"]] = ("kept", None, None)
+        seen[r["key"]] += 1
+    keys = [f"sft{i:09d}" for i in range(len(expect))]
+    assert set(seen) == set(keys) and set(seen.values()) == {1}  # each record accounted for exactly once
+    wrong = []
+    for key, (step, reason, detail) in zip(keys, expect, strict=True):
+        got = fate[key]
+        if got[:2] != (step, reason) or (detail and not re.search(detail, got[2] or "")):
+            wrong.append(f"{key}: got {got}, expected {(step, reason, detail)}")
+    assert not wrong, wrong
+
+    # What was kept is clean: finite float16 targets (null for the text-only story), real emoji text.
+    for r in shards:
+        for col in ("fine", "coarse"):
+            assert r[col] is None or np.isfinite(np.asarray(r[col], np.float32)).all(), r["key"]
+    assert sum(r["fine"] is None for r in shards) == 1
+    assert any("\U0001f600" in r["conversations"] for r in shards)
+    # Rejected rows stay readable: escaped id, the record's start.
+    rejected = {r["key"]: r for r in _rows(out / "sft_import", rejected=True)}
+    assert rejected[keys[10]]["id"] == "sur-id-\\udbff" and rejected[keys[13]]["record"].startswith(
+        '{"id": "deep"'
+    )
+    import_stats = common.read_stats(out / "sft_import")
+    totals = sum((Counter(s["rejected"]) for s in import_stats), Counter())
+    assert totals == {"invalid_unicode": 5, "invalid_record": 2}
+    shard_totals = sum((Counter(s["rejected"]) for s in common.read_stats(out / "sft_shards")), Counter())
+    assert shard_totals == {"teacher_non_finite": 2}
+    with capsys.disabled():
+        print(f"\n== bad SFT records: {len(expect)} records, import rejected {dict(totals)}, sft_shards rejected "
+              f"{dict(shard_totals)}, {len(shards)} kept; {time.monotonic() - t0:.0f}s ==")  # fmt: skip
+
+
+def test_url_lists_with_invalid_unicode_reject_rows_not_the_file(tmp_path, ray_local):
+    """JSONL, CSV, TSV and Parquet URL lists with lone surrogates or invalid UTF-8 in the url, the caption
+    or an extra column: the download step (real img2dataset, 127.0.0.1) exits 0, rejects exactly those
+    rows as `invalid_unicode` naming the column, keeps their values escaped, downloads the good rows."""
+    from tests.badinput import url_list_bad_text
+
+    with HostileServer() as server:
+        url = server.add("ok.jpg", encode(picture(5), "JPEG"))
+        lists = url_list_bad_text(tmp_path / "lists", url)
+        cfg = _cfg(
+            tmp_path,
+            f"""input: {{urls: [{", ".join(str(p) for p, _ in lists.values())}]}}
+download: {{rows_per_shard: 4, threads_per_shard: 4, allow_private: ["127.0.0.1"], cpus_per_shard: 1}}
+""",
+        )
+        assert download.main(["--config", str(cfg)]) == 0
+    expect = [e for _, rows in lists.values() for e in rows]
+    out = tmp_path / "out" / "download"
+    rejected = {r["key"]: r for r in _rows(out, rejected=True)}
+    kept = {r["key"]: r for r in _rows(out, rejected=False)}
+    assert len(rejected) + len(kept) == len(expect) == 6 + 3 * 5
+    for i, (reason, detail) in enumerate(expect):
+        key = f"{i:012d}"
+        if reason is None:
+            assert key in kept and kept[key]["image"], key
+        else:
+            assert rejected[key]["reason"] == reason and re.search(detail, rejected[key]["detail"]), rejected[
+                key
+            ]
+    values = {(r["caption"], r["src"]) for r in rejected.values()}
+    assert ("A cat \\udc00 on a mat", "c") in values and ("A cat \\xed\\xa0\\x80 on a mat", "c") in values
+    stats = common.read_stats(out)
+    assert sum(s["rejected"].get("invalid_unicode", 0) for s in stats) == 4 + 3 * 3
+    assert all(s["rows_in"] == s["kept"] + sum(s["rejected"].values()) for s in stats)
+
+
+def test_a_jsonl_line_nested_absurdly_deep_fails_fast_naming_the_line(tmp_path):
+    """pyarrow's JSON reader crashes the process (SIGSEGV) on a line nested ~10,000 levels deep: the
+    download step measures every line first and stops with a message naming it (in a subprocess here, so
+    a regression cannot take the test run down)."""
+    import subprocess
+    import sys
+
+    deep = "[" * 100_000 + "]" * 100_000
+    for name, lines, needle in [
+        ("later.jsonl", ['{"url": "http://127.0.0.1/a.jpg", "caption": "a cat"}',
+                         '{"url": "http://127.0.0.1/b.jpg", "caption": "c", "x": ' + deep + "}"], "line 2: nested deeper"),
+        ("first.jsonl", ['{"url": "u", "caption": "c", "x": ' + deep + "}"], "first JSON line is nested deeper"),
+    ]:  # fmt: skip
+        (tmp_path / name).write_text("\n".join(lines) + "\n")
+        cfg = tmp_path / f"{name}.yaml"
+        cfg.write_text(f"output_dir: {tmp_path / 'out'}\ninput: {{urls: [{tmp_path / name}]}}\n"
+                       "teacher: {random_init_seed: 0}\n")  # fmt: skip
+        run = subprocess.run([sys.executable, "-m", "pipelines.download", "--config", str(cfg)],
+                             capture_output=True, text=True, timeout=120, cwd=Path(__file__).resolve().parent.parent)  # fmt: skip
+        assert run.returncode == 2, (run.returncode, run.stderr[-2000:])
+        assert name in run.stderr and needle in run.stderr and "Traceback" not in run.stderr, run.stderr
+
+
+def test_non_finite_targets_are_counted_as_bad_target_at_ingest(tmp_path):
+    """A nan or inf in a training shard's fine/coarse (a shard written before the teacher checked them)
+    is a rejected row `bad_target` at read time, counted by the worker under that reason, never a
+    sample whose loss is nan."""
+    from _tiny_models import png_bytes, tiny_config, tiny_tokenizer
+
+    from jobs import ingest
+
+    tiny_tokenizer().save_pretrained(tmp_path)
+    config = tiny_config()
+    fine = np.zeros((4, 64, config.clip_dim), np.float16)
+    coarse = np.zeros((4, 36, config.clip_dim), np.float16)
+    fine[1, 3, 5], coarse[2, 0, 0] = np.nan, np.inf
+    rows = pa.table({"key": ["a", "b", "c", "d"], "caption": ["A cat on a mat."] * 4,
+                     shard_format.FINE: shard_format.tensor_array(fine),
+                     shard_format.COARSE: shard_format.tensor_array(coarse)})  # fmt: skip
+    enc = ingest.ReadEncode(str(tmp_path), config.to_dict(), "caption", 512, seed=0)
+    out = enc.encode_rows(rows, 0, [png_bytes(64, 64)] * 4)
+    assert out["ok"].tolist() == [True, False, False, True]
+    assert out["reason"].tolist() == ["", "bad_target", "bad_target", ""]
+    batch = ingest.Collate(config)(out)
+    code = ingest.REJECT_REASONS.index("bad_target")
+    assert batch["reject"].tolist() == [-1, code, code, -1]  # what the worker sums per reason
+    assert batch["align_mask"].tolist() == [True, True] and batch["fine"].float().isfinite().all()

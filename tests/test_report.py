@@ -11,7 +11,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipelines import common, report
+from pipelines import common, fingerprint, report
 from pipelines.captions import clean_table
 from pipelines.config import CaptionsConfig
 
@@ -45,6 +45,7 @@ def build_output_dir(root: Path, n_shards: int = 2, rows: int = 30) -> dict[str,
     """download -> captions -> filter -> shards, two shards each, written with common.write_shard."""
     rng = np.random.default_rng(0)
     expect: dict[str, dict[str, int]] = {}
+    fps = {step: fingerprint.record(root / step, {"step": step}) for step in ("download", "captions", "filter", "shards")}
 
     def add(step: str, rows_in: int, kept: int, rejected: int) -> None:
         e = expect.setdefault(step, {"rows_in": 0, "kept": 0, "rejected": 0})
@@ -92,7 +93,7 @@ def build_output_dir(root: Path, n_shards: int = 2, rows: int = 30) -> dict[str,
         common.write_shard(root / "shards", name, tkept, empty, m, {"seconds": 4.0})
         add("shards", m, m, 0)
     for step in expect:
-        common.write_manifest(root / step, step, [], {step: {"example": 1}})
+        common.write_manifest(root / step, step, [], {step: {"example": 1}}, fps[step])
     return expect
 
 
@@ -138,8 +139,10 @@ def test_missing_steps_and_columns_do_not_crash(tmp_path):
     # only a download step, without original sizes, no seconds
     t = _images(10, 0, np.random.default_rng(1)).drop_columns(["original_width", "original_height"])
     empty = common.with_reason(t.select(["key"]).slice(0, 0), [], [])
+    for step in ("download", "shards", "captions"):
+        fingerprint.record(tmp_path / step, {"step": step})
     common.write_shard(tmp_path / "download", "part-00000", t, empty, 10)
-    (tmp_path / "shards").mkdir()  # a step folder without finished shards
+    # a step folder without finished shards
     page = report.write_report(tmp_path).read_text()
     assert (tmp_path / "report" / "image_size.png").is_file()
     assert (tmp_path / "report" / "aspect_ratio.png").is_file()
@@ -158,6 +161,7 @@ def test_missing_steps_and_columns_do_not_crash(tmp_path):
 def test_discover_steps(tmp_path):
     empty = common.with_reason(pa.table({"key": pa.array([], pa.string())}), [], [])
     for step in ("sft_shards", "custom_step", "captions", "sft_import"):
+        fingerprint.record(tmp_path / step, {"step": step})
         common.write_shard(tmp_path / step, "part-00000", pa.table({"key": ["a"]}), empty, 1)
     (tmp_path / "synthetic").mkdir()  # not a step: no markers, no manifest
     (tmp_path / "synthetic" / "urls.parquet").write_bytes(b"")
