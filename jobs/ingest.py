@@ -52,7 +52,7 @@ from breen.storage import Store, fetch_dir
 REJECT_REASONS = (
     "decode_error", "image_too_large", "image_exceeds_max_length", "question_exceeds_max_length",
     "empty_text", "no_answer_after_truncation", "bad_conversation", "placeholder_without_image",
-    "targets_without_image", "other",
+    "targets_without_image", "bad_target", "other",
 )  # fmt: skip
 READ_COLUMNS = (
     sf.KEY,
