@@ -133,9 +133,13 @@ def write_tiny_shards(
 
     from breen import shard_format as sf
     from breen.storage import Store
-    from pipelines import common
+    from pipelines import common, fingerprint
 
     out = Path(out)
+    # a dataset records what it is made from before its shards (`pipelines.fingerprint`)
+    made_from = [n_rows, clip_dim, rows_per_file, sft, text_only_every, list(corrupt_rows), list(image_sides), seed,
+                 referenced]  # fmt: skip
+    fingerprint.record(out, {"step": "shards", "inputs": {"write_tiny_shards": made_from}})
     rng = np.random.default_rng(seed)
     meta = {
         sf.META_TEACHER: "synthetic",
