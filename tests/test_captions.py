@@ -11,7 +11,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipelines import common
+from pipelines import common, fingerprint
 from pipelines.captions import CaptionsWorker, clean_caption, clean_table
 from pipelines.config import CaptionsConfig, to_dict
 
@@ -211,14 +211,18 @@ def test_detail_is_truncated():
 
 
 def _write_input(dataset: Path, name: str, captions: list[str | None]) -> None:
-    dataset.mkdir(parents=True, exist_ok=True)
-    pq.write_table(_table(captions), dataset / f"{name}.parquet")
-    (dataset / f"{name}.done").write_text("")
+    """One finished shard of a complete upstream dataset (its fingerprint recorded, its manifest written)."""
+    fp = fingerprint.record(dataset, {"step": dataset.name})
+    table = _table(captions)
+    empty = common.with_reason(table.select(["key"]).slice(0, 0), [], [])
+    common.write_shard(dataset, name, table, empty, table.num_rows)
+    common.write_manifest(dataset, dataset.name, [], {}, fp)
 
 
 def test_worker_processes_one_shard(tmp_path):
     src, out = tmp_path / "filter", tmp_path / "captions"
     _write_input(src, "part-00000", CAPTIONS)
+    fingerprint.record(out, {"step": "captions"})  # what `captions.run` records before its shards
     worker = CaptionsWorker(str(src), str(out), to_dict(CFG))
     stats = worker.process("part-00000")
     assert stats["rows_in"] == 8 and stats["kept"] == 3 and stats["rejected"] == {"empty_caption": 5}
