@@ -27,6 +27,7 @@ gs:// has no conditional write through pyarrow: there the lease is written and r
 
 from __future__ import annotations
 
+import abc
 import contextlib
 import json
 import os
@@ -72,26 +73,30 @@ class _Record:
         return (json.dumps(self.__dict__, sort_keys=True) + "\n").encode()
 
 
-class _Backend:
+class _Backend(abc.ABC):
     """Create-if-absent, replace-if-unchanged, read and delete of one small object."""
 
     def __init__(self, store: Store):
         self.store = store
 
+    @abc.abstractmethod
     def read(self) -> tuple[dict[str, Any], float, str] | None:
         """(content, age in seconds since the last write, version) or None when absent."""
-        raise NotImplementedError
+        ...
 
+    @abc.abstractmethod
     def create(self, data: bytes) -> str | None:
         """Write only if absent: the new version, or None when it exists."""
-        raise NotImplementedError
+        ...
 
+    @abc.abstractmethod
     def replace(self, data: bytes, version: str) -> str | None:
         """Write only if still at `version`: the new version, or None when it changed."""
-        raise NotImplementedError
+        ...
 
+    @abc.abstractmethod
     def delete(self, version: str) -> None:
-        raise NotImplementedError
+        ...
 
 
 class _LocalBackend(_Backend):
