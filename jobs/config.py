@@ -16,13 +16,20 @@ key or a bad value raises `ConfigError` naming the field. The resolved config is
 (`train_config.json`), with every checkpoint and with the exported model, and read back by `from_dict`.
 
 Resume rule (OLMo-style, one rule): a run resumes from its own latest checkpoint (``output_dir/name``)
-when one exists; otherwise it starts from ``model.init_from`` (weights only).
+when one exists; otherwise it starts from ``model.init_from`` (weights only). A resume with a config that
+differs from the run's last recorded one in any field outside `RESUME_NEUTRAL` is refused unless asked for
+(`config_changes`; ``jobs.train --allow-config-change``).
+
+Validation (`validate`): types on assignment, then every float finite (no inf/nan anywhere) and every
+value in its range; an override too deeply nested to parse is a `ConfigError` naming the field.
 """
 
 from __future__ import annotations
 
 import copy
 import dataclasses
+import json
+import math
 import re
 import typing
 from dataclasses import dataclass, field
@@ -282,11 +289,15 @@ def build_config(stage: str, profile: str = "cluster", overrides: list[str] | No
 
 
 # ----------------------------------------------------------------------------- overrides
-def _parse_value(raw: str) -> Any:
+def _parse_value(raw: str, key: str) -> Any:
+    """An override's value as YAML (a plain string when it is not YAML); absurd nesting is a ConfigError
+    naming `key` (PyYAML recurses once per level and would raise RecursionError)."""
     try:
         return yaml.safe_load(raw)
     except yaml.YAMLError:
         return raw
+    except RecursionError:
+        raise ConfigError(f"{key}: value nested too deeply to parse ({len(raw)} characters)") from None
 
 
 def apply_override(cfg: TrainConfig, item: str) -> None:
@@ -294,7 +305,7 @@ def apply_override(cfg: TrainConfig, item: str) -> None:
     if "=" not in item:
         raise ConfigError(f"override {item!r}: expected KEY=VALUE (e.g. scale.num_workers=8)")
     key, raw = item.split("=", 1)
-    set_field(cfg, key.strip(), _parse_value(raw))
+    set_field(cfg, key.strip(), _parse_value(raw, key.strip()))
 
 
 def set_field(cfg: Any, key: str, value: Any) -> None:
@@ -350,9 +361,73 @@ def save_config(cfg: TrainConfig, path: str | Path | Store) -> None:
 
 
 def load_config(path: str | Path | Store) -> TrainConfig:
-    data = Store.at(path).read_json()
+    """The `TrainConfig` of a saved ``train_config.json`` (a local path or a URI); a file that is not a
+    config (bad JSON, absurd nesting, unknown keys) is a ConfigError naming it."""
+    store = Store.at(path)
+    try:
+        data = json.loads(store.read_bytes())
+    except (ValueError, RecursionError) as err:
+        raise ConfigError(f"{store}: not a saved training config ({type(err).__name__}: {err})") from None
+    return _config_of(store, data)
+
+
+# ----------------------------------------------------------------------------- the run's config history
+# <run_dir>/train_config.json: the config the run's weights started from (written by a fresh start, never
+# by a resume); <run_dir>/config_history/NNNN.json: one entry per start or resume of the run, in order,
+# {"time", "resumed_from" (checkpoint folder or null), "changes" (`config_changes` vs the entry before),
+# "config" (`config_record`)}.
+HISTORY_DIR = "config_history"
+
+
+def history(run_dir: str | Path | Store) -> list[Store]:
+    """The run's config history entries, oldest first."""
+    folder = Store.at(run_dir) / HISTORY_DIR
+    return [folder / n for n in folder.names(".json") if n[:4].isdigit()]
+
+
+def _config_of(path: Store, data: Any) -> TrainConfig:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: not a saved training config (a JSON {type(data).__name__})")
+    data = dict(data)
     data.pop(ENVIRONMENT_KEY, None)
-    return from_dict(data)
+    try:
+        return from_dict(data)
+    except ConfigError as err:
+        raise ConfigError(f"{path}: {err}") from None
+
+
+def last_recorded(run_dir: str | Path | Store) -> tuple[Store, TrainConfig] | None:
+    """(file, config) the run last recorded: its newest history entry, else its ``train_config.json``
+    (runs from before the history), else None. An unreadable record is a ConfigError naming the file."""
+    run_dir = Store.at(run_dir)
+    entries = history(run_dir)
+    if entries:
+        try:
+            entry = json.loads(entries[-1].read_bytes())
+        except (ValueError, RecursionError) as err:
+            raise ConfigError(
+                f"{entries[-1]}: unreadable config history entry ({type(err).__name__})"
+            ) from None
+        return entries[-1], _config_of(entries[-1], entry.get("config") if isinstance(entry, dict) else None)
+    first = run_dir / "train_config.json"
+    return (first, load_config(first)) if first.is_file() else None
+
+
+def record_config(cfg: TrainConfig, *, resumed_from: str | None, changes: list[str]) -> Store:
+    """Append `cfg` to its run's config history (returns the entry); a fresh start (`resumed_from` None)
+    also writes ``train_config.json``."""
+    import time
+
+    record = config_record(cfg)
+    run_dir = cfg.run_dir
+    entry = run_dir / HISTORY_DIR / f"{len(history(run_dir)):04d}.json"
+    entry.write_json({
+        "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "resumed_from": resumed_from,
+        "changes": changes, "config": record,
+    })  # fmt: skip
+    if resumed_from is None:
+        (run_dir / "train_config.json").write_json(record)
+    return entry
 
 
 # ----------------------------------------------------------------------------- validation
@@ -363,6 +438,8 @@ def validate(cfg: TrainConfig, check_paths: bool = False) -> None:
         if not ok:
             raise ConfigError(f"{name}: {why}")
 
+    for name, value in _floats(to_dict(cfg)):
+        need(math.isfinite(value), name, f"must be a finite number, got {value}")
     s = cfg.scale
     need(cfg.stage in STAGES, "stage", f"must be one of {STAGES}")
     need(bool(cfg.run_name) and "/" not in cfg.run_name, "name", "must be a non-empty name without '/'")
@@ -392,15 +469,19 @@ def validate(cfg: TrainConfig, check_paths: bool = False) -> None:
     need(cfg.data.encode_cpus > 0, "data.encode_cpus", "must be > 0")
     need(cfg.data.prefetch_batches >= 1, "data.prefetch_batches", "must be >= 1")
     need(bool(cfg.optim.lrs), "optim.lrs", "needs at least a 'default' learning rate")
-    need(all(v >= 0 for v in cfg.optim.lrs.values()), "optim.lrs", "learning rates must be >= 0")
-    for name in cfg.optim.lrs:
+    for name, lr in cfg.optim.lrs.items():
         need(name in COMPONENTS or name == "default", f"optim.lrs.{name}",
              f"unknown component; known: {', '.join(COMPONENTS)} and default")  # fmt: skip
+        need(lr > 0, f"optim.lrs.{name}", f"learning rates must be > 0, got {lr}")
     need(0 <= cfg.optim.warmup_ratio < 1, "optim.warmup_ratio", "must be in [0, 1)")
     need(0 <= cfg.optim.min_lr_ratio <= 1, "optim.min_lr_ratio", "must be in [0, 1]")
     need(len(cfg.optim.betas) == 2, "optim.betas", "needs two values")
+    for i, beta in enumerate(cfg.optim.betas):
+        need(0 <= beta < 1, f"optim.betas[{i}]", f"must be in [0, 1), got {beta}")
+    need(cfg.optim.eps > 0, "optim.eps", "must be > 0")
     need(cfg.optim.weight_decay >= 0, "optim.weight_decay", "must be >= 0")
     need(cfg.optim.grad_clip >= 0, "optim.grad_clip", "must be >= 0 (0 disables clipping)")
+    need(cfg.metrics.peak_tflops is None or cfg.metrics.peak_tflops > 0, "metrics.peak_tflops", "must be > 0")
     need(cfg.schedule.epochs >= 1, "schedule.epochs", "must be >= 1")
     need(cfg.schedule.max_steps is None or cfg.schedule.max_steps >= 1, "schedule.max_steps", "must be >= 1")
     need(cfg.checkpoint.every_steps >= 1, "checkpoint.every_steps", "must be >= 1")
@@ -427,3 +508,50 @@ def validate(cfg: TrainConfig, check_paths: bool = False) -> None:
                 "model.tokenizer" if cfg.model.tokenizer else "model.init_from",
                 f"no tokenizer files in {tok}",
             )
+
+
+def _floats(node: Any, where: str = "") -> list[tuple[str, float]]:
+    """(dotted name, value) of every float in a `to_dict` tree (dict values and list items included)."""
+    if isinstance(node, dict):
+        return [x for k, v in node.items() for x in _floats(v, f"{where}.{k}" if where else str(k))]
+    if isinstance(node, list):
+        return [x for i, v in enumerate(node) for x in _floats(v, f"{where}[{i}]")]
+    return [(where, node)] if isinstance(node, float) else []
+
+
+# ----------------------------------------------------------------------------- resume: config changes
+# Fields that cannot change what a run computes, so a resumed run may change them freely: where the run
+# lives (its folder is the same by construction), how checkpoints are kept and exported (resume is exact),
+# logging, fault injection, and ingest parallelism and resources (the data stream is deterministic
+# whatever the timing: `jobs.ingest`). Every other field, `data.paths` and `model.*` included, is compared
+# (`config_changes`). A dotted prefix covers its whole section.
+RESUME_NEUTRAL = (
+    "name", "output_dir", "storage", "checkpoint", "metrics", "debug",
+    "data.encode_batch_size", "data.encode_actors", "data.encode_cpus", "data.prefetch_batches",
+    "scale.cpus_per_worker", "scale.malloc",
+)  # fmt: skip
+
+
+def _leaves(node: Any, where: str = "") -> dict[str, Any]:
+    """{dotted name: leaf} of a `to_dict` tree (lists are leaves)."""
+    if not isinstance(node, dict):
+        return {where: node}
+    out: dict[str, Any] = {}
+    for k, v in node.items():
+        out.update(_leaves(v, f"{where}.{k}" if where else str(k)))
+    return out
+
+
+def config_changes(old: TrainConfig, new: TrainConfig) -> list[str]:
+    """``a.b: old -> new`` for every field outside `RESUME_NEUTRAL` where the two configs differ, sorted."""
+    before, after = _leaves(to_dict(old)), _leaves(to_dict(new))
+    absent = "<absent>"  # a key of a dict field (optim.lrs) set on one side only
+    changes = []
+    for key in sorted(before.keys() | after.keys()):
+        if any(key == p or key.startswith(p + ".") for p in RESUME_NEUTRAL):
+            continue
+        a, b = before.get(key, absent), after.get(key, absent)
+        if a != b:
+            changes.append(f"{key}: {json.dumps(a) if a is not absent else a} -> "
+                           f"{json.dumps(b) if b is not absent else b}")  # fmt: skip
+    return changes

@@ -23,6 +23,12 @@ worker ``r`` receives micro-batch blocks ``r, r + W, r + 2W, ...``. So optimizer
 always holds positions ``[(s*A*W + m*W + r) * B, ... + B)`` for ``m < A`` (W workers, A accumulation
 steps, B micro-batch), whatever the timing; each worker checks this on every batch (`expected_pos`).
 
+Integrity. Before Ray starts, `list_shards` compares every file's size (from the listing) with its
+``part-NNNNN.stats.json`` (``files``: bytes, sha256, written by the data pipeline) and `check_shards`
+checks every file's Arrow schema against `breen.shard_format` and that one directory holds one dataset
+fingerprint (``breen.fingerprint``). The actors read each file's bytes once, check its sha256 against the
+stats, then parse it from memory; any error reading a shard is a `ShardError` naming the file.
+
 Data position and resume. Every step consumes exactly ``global_batch`` positions, so the data position
 after ``s`` steps is ``s * global_batch``. A resumed run rebuilds the plan with that many leading positions
 dropped *before* reading and decoding (whole files skipped, the first file sliced), and the round-robin
@@ -33,20 +39,25 @@ never dropped from the stream, which would shift positions: they travel as rows 
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
 from ray.data.collate_fn import NumpyBatchCollateFn
 
 from breen import shard_format as sf
 from breen.config import BreenConfig
 from breen.data import SampleRejected, collate, encode_sample, pack
-from breen.storage import Store, fetch_dir
+from breen.storage import Store, fetch_dir, is_temporary
+from pipelines.common import stats_path
+from pipelines.fingerprint import META_KEY as META_FINGERPRINT
 
 # `breen.data.SampleRejected` reasons (plus our own "other"), coded as integers in worker batches.
 REJECT_REASONS = (
@@ -67,6 +78,11 @@ READ_COLUMNS = (
 
 
 # ----------------------------------------------------------------------------- shard files
+class ShardError(ValueError):
+    """A training-shard file that cannot be read, does not match its stats or breaks the shard format;
+    the message names the file."""
+
+
 @dataclass(frozen=True)
 class ShardFile:
     path: str  # a local path or a URI (`breen.storage`)
@@ -74,16 +90,43 @@ class ShardFile:
     clip_dim: int | None  # width D of fine/coarse; None when the file has no teacher columns
     columns: tuple[str, ...]
     teacher: tuple[str, ...]  # (name, weights id, preprocessing) from the Parquet metadata
+    size: int | None = None  # bytes, from the directory listing
+    sha256: str | None = None  # from the file's stats (``part-NNNNN.stats.json``), when they list it
+    fingerprint: str | None = None  # the dataset fingerprint in the Parquet metadata, if any
+    schema: pa.Schema | None = field(default=None, compare=False, repr=False)
+
+
+def _listing(d: Store) -> dict[str, int]:
+    """{name: size} of the files directly under `d` (one listing; temporary names left out)."""
+    infos = d.fs.get_file_info(pafs.FileSelector(d.path, recursive=False)) if d.is_dir() else []
+    return {
+        i.base_name: i.size for i in infos if i.type == pafs.FileType.File and not is_temporary(i.base_name)
+    }
+
+
+def _recorded(d: Store, stem: str, names: dict[str, int]) -> dict[str, Any]:
+    """{"bytes", "sha256"} that the stats of shard `stem` (``part-NNNNN``) record for its Parquet file
+    ({} for older datasets, whose stats list no files); `names`: the directory's listing."""
+    stats = stats_path(d, stem)
+    if stats.name not in names:
+        return {}
+    try:
+        entry = (stats.read_json().get("files") or {}).get(f"{stem}.parquet") or {}
+    except (OSError, ValueError, AttributeError) as err:
+        raise ShardError(f"{stats}: unreadable stats ({type(err).__name__}: {err})") from None
+    return entry if isinstance(entry, dict) else {}
 
 
 def list_shards(paths: Sequence[str | Path | Store], endpoint_override: str | None = None) -> list[ShardFile]:
     """Every finished training shard (``part-*.parquet`` with its ``.done`` marker when markers exist)
-    under the given directories (local or on an object store), sorted by directory then name; row counts
-    from the Parquet footers."""
+    under the given directories (local or on an object store), sorted by directory then name; sizes from
+    one listing per directory, checked against the stats' ``files`` before anything else is read (a
+    truncated file fails here, named), then row counts and schemas from the Parquet footers. Raises
+    `ShardError` naming the file."""
     files: list[ShardFile] = []
     for i, d in enumerate(paths):
         d = Store.at(d, f"data.paths[{i}]", endpoint_override)
-        names = d.names()
+        names = _listing(d)
         parquet = sorted(n for n in names if n.startswith("part-") and n.endswith(".parquet"))
         done = {n[: -len(".done")] for n in names if n.startswith("part-") and n.endswith(".done")}
         if done:
@@ -91,11 +134,55 @@ def list_shards(paths: Sequence[str | Path | Store], endpoint_override: str | No
         if not parquet:
             raise FileNotFoundError(f"no training shards (part-*.parquet) in {d}")
         for n in parquet:
-            meta = sf.parquet_file(d / n)
-            schema = meta.schema_arrow
-            files.append(ShardFile((d / n).uri, meta.metadata.num_rows, sf.tensor_dim(schema), tuple(schema.names),
-                                   sf.teacher_of(schema)))  # fmt: skip
+            stem = n[: -len(".parquet")]
+            recorded = _recorded(d, stem, names)
+            if "bytes" in recorded and recorded["bytes"] != names[n]:
+                raise ShardError(
+                    f"data.paths[{i}]: {d / n} is {names[n]} bytes, its stats ({stats_path(d, stem).name}) say "
+                    f"{recorded['bytes']} (truncated or replaced: redo the shards step)"
+                )
+            try:
+                meta = sf.parquet_file(d / n)
+                schema = meta.schema_arrow
+            except (OSError, pa.ArrowException) as err:
+                raise ShardError(f"data.paths[{i}]: {d / n}: not a readable Parquet file ({err})") from None
+            files.append(ShardFile(
+                (d / n).uri, meta.metadata.num_rows, sf.tensor_dim(schema), tuple(schema.names),
+                sf.teacher_of(schema), size=names[n], sha256=recorded.get("sha256"),
+                fingerprint=sf.metadata(schema).get(META_FINGERPRINT), schema=schema,
+            ))  # fmt: skip
     return files
+
+
+def _describe(tp: pa.DataType) -> str:
+    if isinstance(tp, pa.FixedShapeTensorType):
+        return f"fixed_shape_tensor<{tp.value_type}>{list(tp.shape)}"
+    return str(tp)
+
+
+def schema_problem(schema: pa.Schema) -> str | None:
+    """What in a shard's Arrow schema breaks the training-shard format (`breen.shard_format`: the types of
+    its columns; fine/coarse both or neither, as ``fixed_shape_tensor<float16>`` of [64, D] / [36, D] with
+    one D), naming the column; None when it fits. Unknown columns are ignored; D against the model's
+    clip_dim is `check_shards`' business."""
+    for name, want in sf.TYPES.items():
+        if name in schema.names and schema.field(name).type != want:
+            return f"column {name!r} is {schema.field(name).type}, the shard format wants {want}"
+    present = [c for c in sf.TENSOR_COLUMNS if c in schema.names]
+    if len(present) == 1:
+        return f"column {present[0]!r} without {({sf.FINE, sf.COARSE} - set(present)).pop()!r}"
+    widths = set()
+    for name, tokens in ((sf.FINE, sf.FINE_TOKENS), (sf.COARSE, sf.COARSE_TOKENS)):
+        if name not in schema.names:
+            continue
+        got = schema.field(name).type
+        shape = list(got.shape) if isinstance(got, pa.FixedShapeTensorType) else []
+        if len(shape) != 2 or shape[0] != tokens or got.value_type != pa.float16():
+            return f"column {name!r} is {_describe(got)}, the shard format wants fixed_shape_tensor<halffloat>[{tokens}, D]"
+        widths.add(shape[1])
+    if len(widths) > 1:
+        return f"columns 'fine' and 'coarse' have different widths {sorted(widths)}"
+    return None
 
 
 def check_shards(
@@ -105,8 +192,25 @@ def check_shards(
     columns); the message names the config field and the first offending file.
 
     `teacher`: the expected ``breen.teacher`` metadata value of every shard with teacher columns
-    (``data.teacher``); None accepts any single teacher.
+    (``data.teacher``); None accepts any single teacher. Also: every file's schema fits the shard format
+    (`schema_problem`), and the files of one directory share one dataset fingerprint (files without a
+    ``breen.fingerprint`` are accepted when no file of their directory has one: older datasets).
     """
+    for f in files:
+        problem = f.schema is not None and schema_problem(f.schema)
+        if problem:
+            raise ShardError(f"data.paths: {f.path}: {problem}")
+    by_dir: dict[str, list[ShardFile]] = {}
+    for f in files:
+        by_dir.setdefault(str(Store.at(f.path).parent), []).append(f)
+    for d, mine in by_dir.items():
+        marked = [f for f in mine if f.fingerprint is not None]
+        other = next((f for f in mine if marked and f.fingerprint != marked[0].fingerprint), None)
+        if other is not None:
+            raise ShardError(
+                f"data.paths: {d} mixes datasets: {marked[0].path} has fingerprint {marked[0].fingerprint} but "
+                f"{other.path} has {other.fingerprint or 'none'} (redo the shards step)"
+            )
     with_targets = [f for f in files if f.clip_dim is not None]
     if teacher is not None:
         bad = [f for f in with_targets if f.teacher[0] != teacher]
@@ -180,7 +284,7 @@ def row_order(
 
 def epoch_plan(files: Sequence[ShardFile], seed: int, epochs: int, skip: int = 0) -> list[dict[str, Any]]:
     """Work items, one per (epoch, file), in stream order. ``first_pos`` is the global position of the
-    file's first row in that epoch; positions below `skip` (consumed before a resume) are dropped here,
+    file's first row in that epoch, ``sha256`` the file's checksum from its stats ("" when unknown); positions below `skip` (consumed before a resume) are dropped here,
     before anything is read: whole files are left out and the first remaining file starts at ``skip``."""
     total = sum(f.rows for f in files)
     items = []
@@ -191,7 +295,7 @@ def epoch_plan(files: Sequence[ShardFile], seed: int, epochs: int, skip: int = 0
             if pos + f.rows > skip:
                 items.append(
                     {"path": f.path, "epoch": epoch, "file_index": int(idx), "first_pos": pos,
-                     "rows": f.rows, "skip": max(0, skip - pos)}
+                     "rows": f.rows, "skip": max(0, skip - pos), "sha256": f.sha256 or ""}
                 )  # fmt: skip
             pos += f.rows
     return items
@@ -254,13 +358,33 @@ class ReadEncode:
             item = {k: v[i] for k, v in items.items()}
             yield from self.encode_file(item)
 
+    def read_file(self, path: Store, sha256: str) -> pa.Table:
+        """The columns we train on of shard file `path`: its bytes read once, checked against `sha256`
+        (its stats; "" skips the check), then parsed in memory with page checksums verified. Any
+        failure is a `ShardError` naming the file."""
+        try:
+            data = path.read_bytes()
+        except OSError as err:
+            raise ShardError(f"{path}: cannot be read ({type(err).__name__}: {err})") from err
+        if sha256:
+            got = hashlib.sha256(data).hexdigest()
+            if got != sha256:
+                raise ShardError(
+                    f"{path}: sha256 {got[:16]}... but its stats say {sha256[:16]}... ({len(data)} bytes): the "
+                    "file is corrupt or was replaced (redo the shards step)"
+                )
+        try:
+            pf = pq.ParquetFile(pa.BufferReader(data), page_checksum_verification=True)
+            return pf.read(columns=[c for c in READ_COLUMNS if c in pf.schema_arrow.names])
+        except (OSError, pa.ArrowException) as err:
+            raise ShardError(f"{path}: not a readable Parquet file ({type(err).__name__}: {err})") from err
+
     def encode_file(self, item: dict[str, Any]) -> Iterator[dict[str, np.ndarray]]:
         path = Store.at(str(item["path"]), "data.paths", self.endpoint_override)
-        pf = sf.parquet_file(path)
-        table = pf.read(columns=[c for c in READ_COLUMNS if c in pf.schema_arrow.names])
+        table = self.read_file(path, str(item.get("sha256") or ""))
         n = table.num_rows
         if n != int(item["rows"]):
-            raise RuntimeError(f"{item['path']}: {n} rows, the plan expected {item['rows']} (file changed?)")
+            raise ShardError(f"{item['path']}: {n} rows, the plan expected {item['rows']} (file changed?)")
         has_image = sf.has_image(table) if self.group_size else None
         order = row_order(
             n, self.seed, int(item["epoch"]), int(item["file_index"]), has_image, self.group_size
@@ -268,7 +392,12 @@ class ReadEncode:
         start = int(item["skip"])
         rows = table.take(pa.array(order[start:], pa.int64()))
         # Referenced images: read once per file, in one pass over the row groups that hold them.
-        images = sf.resolve_images(rows, sf.images_dir(path))
+        try:
+            images = sf.resolve_images(rows, sf.images_dir(path))
+        except (OSError, ValueError, IndexError, pa.ArrowException) as err:
+            raise ShardError(
+                f"{path}: its referenced images cannot be read ({type(err).__name__}: {err})"
+            ) from err
         for lo in range(0, rows.num_rows, self.chunk_rows):
             chunk = rows.slice(lo, self.chunk_rows)
             yield self.encode_rows(

@@ -6,8 +6,10 @@ Reads:  training shards (`pipelines.teacher` output, `breen.shard_format`: ``--d
         previous stage's export by default.
 Writes: ``<output_dir>/<stage>/`` (Ray Train storage for the run; a folder or ``s3://`` / ``gs://``,
         `breen.storage`, with ``storage.endpoint_override=HOST:PORT`` for S3-compatible stores):
-        ``train_config.json`` (resolved
-        config), ``step-NNNNNNN/`` checkpoints (ZeRO-3 shards + client state, last K kept),
+        ``train_config.json`` (the resolved
+        config the run started with; never rewritten by a resume), ``config_history/NNNN.json`` (every
+        start and resume: config, changes), ``step-NNNNNNN/`` checkpoints (ZeRO-3 shards + client state +
+        completion markers, last K kept; torn ones moved aside to ``torn-step-NNNNNNN-<time>/``),
         ``metrics.jsonl`` and ``tensorboard/`` (rank 0), and at stage end ``export/`` (consolidated
         Hugging Face model, safetensors, tokenizer) that `breen.generate` and the next stage load.
 
@@ -22,7 +24,12 @@ On a cluster:
         --init-from /models/breen-7b-init scale.num_workers=64
 Overrides are dotted KEY=VALUE (``scale.num_workers=8 optim.lrs.patch_embed=2e-4``; with ``--stage all``
 ``stage2.schedule.max_steps=100`` touches one stage); ``--profile cpu`` is the CPU/test scale (see
-`jobs.config`). Rerunning the same command resumes the run from its latest checkpoint. Remote model
+`jobs.config`). Rerunning the same command resumes the run from its latest complete checkpoint (a torn
+one is reported by name and skipped: `jobs.checkpoint.fall_back`); a resume whose config differs from the
+run's last recorded one in a field that can change the weights (`jobs.config.RESUME_NEUTRAL` lists the
+others) is refused before Ray starts, listing each change, unless ``--allow-config-change`` is given (the
+changes are then printed and kept in the run's config history). Scale (workers, batch sizes) cannot change
+on resume even then: the data position is counted in global batches. Remote model
 directories (``--init-from``, checkpoints' model configs) are fetched once per node into
 ``$BREEN_CACHE`` (default ``~/.cache/breen``).
 
@@ -50,13 +57,18 @@ from breen.storage import StorageError, Store, fetch_dir
 from jobs import ingest
 from jobs.checkpoint import (
     MODEL_DIR,
+    CheckpointCorrupt,
+    NoCompleteCheckpoint,
     TrainState,
     checkpoint_name,
     export_model,
+    fall_back,
     latest_checkpoint,
     local_checkpoint,
+    registered_checkpoints,
     restore_checkpoint,
     save_checkpoint,
+    verify_files,
 )
 from jobs.config import (
     CPU_MALLOC_TUNABLES,
@@ -64,9 +76,11 @@ from jobs.config import (
     ConfigError,
     TrainConfig,
     build_config,
+    config_changes,
     config_record,
     from_dict,
-    save_config,
+    last_recorded,
+    record_config,
     to_dict,
     validate,
 )
@@ -126,14 +140,15 @@ def is_fault(err: BaseException) -> bool:
 
 def train_worker(loop_config: dict[str, Any]) -> None:
     """One Ray Train worker (see `run_worker`). An error before this attempt's first step completes that
-    is not a fault (`is_fault`) becomes a `FirstStepError` with the real traceback."""
+    is not a fault (`is_fault`) nor a torn checkpoint (`CheckpointCorrupt`: the driver falls back) becomes
+    a `FirstStepError` with the real traceback."""
     import traceback
 
     progress = {"steps": 0}
     try:
         run_worker(loop_config, progress)
     except Exception as err:
-        if progress["steps"] or is_fault(err):
+        if progress["steps"] or is_fault(err) or isinstance(err, CheckpointCorrupt):
             raise
         import ray.train
 
@@ -181,7 +196,13 @@ def run_worker(loop_config: dict[str, Any], progress: dict[str, int]) -> None:
     checkpoint = ray.train.get_checkpoint()
     endpoint = cfg.storage.endpoint_override
     with local_checkpoint(checkpoint, ctx.get_local_rank()) as ckpt_dir:
-        source = Path(ckpt_dir, MODEL_DIR) if ckpt_dir else fetch_dir(plan["init_dir"], "model.init_from", endpoint)
+        if ckpt_dir:  # sizes and sha256 of what this rank reads (CheckpointCorrupt: the driver falls back)
+            verify_files(ckpt_dir, rank, name=Path(checkpoint.path).name)
+        source = (
+            Path(ckpt_dir, MODEL_DIR)
+            if ckpt_dir
+            else fetch_dir(plan["init_dir"], "model.init_from", endpoint)
+        )
         model_config = BreenConfig.from_pretrained(source)
         tokenizer = ingest.load_tokenizer(
             source if ckpt_dir else fetch_dir(plan["tokenizer_dir"], "model.tokenizer", endpoint)
@@ -197,7 +218,7 @@ def run_worker(loop_config: dict[str, Any], progress: dict[str, int]) -> None:
         optimizer = make_optimizer(cfg, groups)
         engine, optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
         if ckpt_dir:
-            state = restore_checkpoint(engine, ckpt_dir, rank)
+            state = restore_checkpoint(engine, ckpt_dir, rank, name=Path(checkpoint.path).name)
             check_same_scale(state, cfg, world)
             print0(
                 f"[{cfg.stage}] resumed at step {state.step}/{total_steps} (data position {state.data_position})"
@@ -330,7 +351,7 @@ def run_worker(loop_config: dict[str, Any], progress: dict[str, int]) -> None:
             t_ckpt = time.perf_counter()
             local = save_checkpoint(
                 engine, state, rank=rank, train_config=config_record(cfg), model_config=model_config,
-                tokenizer=tokenizer,
+                tokenizer=tokenizer, world_size=world,
             )  # fmt: skip
             asynchronous = cfg.checkpoint.async_upload and not (finished or stop)
             tracker.sync()  # remote run folder: the metrics so far go up with the checkpoint
@@ -497,7 +518,9 @@ def maybe_fail(cfg: TrainConfig, step: int, rank: int) -> None:
 @dataclass
 class DatasetFactory:
     """Builds the training Dataset when Ray Train starts (or restarts) the worker group, skipping the
-    positions already consumed by the run's latest checkpoint before anything is read or decoded."""
+    positions already consumed by the run's latest checkpoint before anything is read or decoded. The
+    tokenizer comes from that checkpoint too (the one the plan named may have been rotated out by
+    ``checkpoint.keep_last`` or set aside as torn since); ``kwargs["tokenizer_dir"]`` serves a fresh start."""
 
     files: list[ingest.ShardFile]
     run_dir: Store
@@ -510,7 +533,21 @@ class DatasetFactory:
         DataContext.get_current().enable_progress_bars = self.progress_bars  # runs in the controller
         latest = latest_checkpoint(self.run_dir)
         skip = int(latest[1].get("data_position", 0)) if latest else 0
-        return ingest.build_dataset(self.files, skip=skip, **self.kwargs)
+        kwargs = dict(self.kwargs)
+        if latest:
+            kwargs["tokenizer_dir"] = (latest[0] / MODEL_DIR).uri
+        return ingest.build_dataset(self.files, skip=skip, **kwargs)
+
+
+def tiny_init_dir(cfg: TrainConfig, files: list[ingest.ShardFile]) -> Store:
+    """Where ``model.init_from=tiny`` builds its model: under output_dir, named by clip_dim (read from the
+    shards) and seed (what the resolved config records as ``model.init_from``)."""
+    return cfg.output / f"init-tiny-d{tiny_clip_dim(files)}-s{cfg.model.tiny_seed}"
+
+
+def tiny_clip_dim(files: list[ingest.ShardFile]) -> int:
+    dims = {f.clip_dim for f in files if f.clip_dim}
+    return dims.pop() if len(dims) == 1 else 32
 
 
 def resolve_init(cfg: TrainConfig, files: list[ingest.ShardFile]) -> tuple[str, str]:
@@ -521,12 +558,10 @@ def resolve_init(cfg: TrainConfig, files: list[ingest.ShardFile]) -> tuple[str, 
 
         from jobs.tiny import save_tiny_breen
 
-        dims = {f.clip_dim for f in files if f.clip_dim}
-        clip_dim = dims.pop() if len(dims) == 1 else 32
-        out = cfg.output / f"init-tiny-d{clip_dim}-s{cfg.model.tiny_seed}"
+        out = tiny_init_dir(cfg, files)
         if not (out / "config.json").exists():
             with tempfile.TemporaryDirectory(prefix="breen-tiny-") as tmp:
-                save_tiny_breen(Path(tmp), clip_dim=clip_dim, seed=cfg.model.tiny_seed)
+                save_tiny_breen(Path(tmp), clip_dim=tiny_clip_dim(files), seed=cfg.model.tiny_seed)
                 out.upload_dir(tmp, last=("config.json",))
             print(f"[{cfg.stage}] tiny random BREEN written to {out}", flush=True)
         cfg.model.init_from = out.uri
@@ -578,13 +613,53 @@ def check_inputs(cfg: TrainConfig) -> list[ingest.ShardFile]:
         return ingest.list_shards(cfg.data.paths, cfg.storage.endpoint_override)
     except FileNotFoundError as err:
         raise ConfigError(f"data.paths: {err}") from None
+    except ingest.ShardError as err:
+        raise ConfigError(str(err)) from None
 
 
-def stage_plan(cfg: TrainConfig) -> dict[str, Any]:
-    """Check inputs and settle everything the workers need (fails fast, naming the field)."""
+def check_resume_config(
+    cfg: TrainConfig, files: list[ingest.ShardFile], allow: bool = False, report: bool = True
+) -> list[str]:
+    """On a resume (the run has registered checkpoints), the changes of `cfg` from the run's last recorded
+    config (`jobs.config.last_recorded`, `config_changes`): a ConfigError listing them, or with `allow`
+    the list (printed when `report`). [] on a fresh start or when nothing changed. Reads only small
+    files (before Ray starts)."""
+    if not registered_checkpoints(cfg.run_dir):
+        return []
+    if cfg.model.init_from == TINY_INIT:  # the resolved config records the tiny model's folder
+        cfg.model.init_from = tiny_init_dir(cfg, files).uri
+    recorded = last_recorded(cfg.run_dir)
+    if recorded is None:
+        return []
+    where, old = recorded
+    changes = config_changes(old, cfg)
+    if not changes:
+        return []
+    listing = "\n  ".join(changes)
+    if not allow:
+        raise ConfigError(
+            f"resume of {cfg.run_dir} with a changed config (vs {where}):\n  {listing}\nRerun with the recorded "
+            "settings, start a new run (--name or output_dir), or pass --allow-config-change to continue with "
+            "the new ones (recorded in the run's config_history/)"
+        )
+    if report:
+        print(f"[{cfg.stage}] --allow-config-change: resuming {cfg.run_dir} with a changed config (vs {where}):\n"
+              f"  {listing}", flush=True)  # fmt: skip
+    return changes
+
+
+def stage_plan(cfg: TrainConfig, allow_config_change: bool = False) -> dict[str, Any]:
+    """Check inputs and settle everything the workers need (fails fast, naming the field): on a resume,
+    the config against the run's record (`check_resume_config`) and the latest checkpoint's completeness
+    (`fall_back`: a torn one is reported and set aside; `StageFailed` when none is complete)."""
     from breen.config import BreenConfig
 
     files = check_inputs(cfg)
+    changes = check_resume_config(cfg, files, allow_config_change)
+    try:
+        fall_back(cfg.run_dir, log=lambda line: print(f"[{cfg.stage}] {line}", flush=True))
+    except NoCompleteCheckpoint as err:
+        raise StageFailed(f"{cfg.stage}: {err}") from None
     resume = latest_checkpoint(cfg.run_dir)
     if resume is not None:
         init_dir = tokenizer_dir = (resume[0] / MODEL_DIR).uri
@@ -594,7 +669,9 @@ def stage_plan(cfg: TrainConfig) -> dict[str, Any]:
             raise ConfigError("model.init_from: no initial model given (--init-from DIR or 'tiny')")
         validate(cfg, check_paths=cfg.model.init_from != TINY_INIT)
         init_dir, tokenizer_dir = resolve_init(cfg, files)
-    model_config = BreenConfig.from_pretrained(fetch_dir(init_dir, "model.init_from", cfg.storage.endpoint_override))
+    model_config = BreenConfig.from_pretrained(
+        fetch_dir(init_dir, "model.init_from", cfg.storage.endpoint_override)
+    )
     try:
         ingest.check_shards(files, model_config, cfg.data.text_field, teacher=cfg.data.teacher)
     except ValueError as err:
@@ -611,20 +688,27 @@ def stage_plan(cfg: TrainConfig) -> dict[str, Any]:
     return {
         "files": files, "model_config": model_config, "init_dir": str(init_dir),
         "tokenizer_dir": str(tokenizer_dir), "total_steps": steps, "total_rows": rows,
+        "resumed_from": resume[0].name if resume else None, "config_changes": changes,
     }  # fmt: skip
 
 
-def run_stage(cfg: TrainConfig, address: str | None = None, num_cpus: int | None = None) -> dict[str, Any]:
-    """Run (or resume) one stage to its end on Ray Train; returns a summary. Raises on failure."""
+def run_stage(
+    cfg: TrainConfig,
+    address: str | None = None,
+    num_cpus: int | None = None,
+    allow_config_change: bool = False,
+) -> dict[str, Any]:
+    """Run (or resume) one stage to its end on Ray Train; returns a summary. Raises on failure.
+    `allow_config_change`: resume even when the config changed (``--allow-config-change``)."""
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from pipelines.common import init_ray
 
-    plan = stage_plan(cfg)
+    plan = stage_plan(cfg, allow_config_change)
     init_ray(address, num_cpus)
     check_resources(cfg, address)
-    save_config(cfg, cfg.run_dir / "train_config.json")
+    record_config(cfg, resumed_from=plan["resumed_from"], changes=plan["config_changes"])
     s = cfg.scale
     resources = {"CPU": s.cpus_per_worker, **({"GPU": 1} if s.use_gpu else {})}
     factory = DatasetFactory(
@@ -683,10 +767,16 @@ class StageFailed(RuntimeError):
 
 
 def fit_with_restarts(cfg: TrainConfig, make_trainer):
-    """Run the stage; after a worker-group failure start it again from its latest checkpoint, up to
-    ``checkpoint.max_failures`` times, unless a rank failed before its first step (`FirstStepError`):
-    then raise `StageFailed` at once, with that rank's traceback."""
+    """Run the stage; after a worker-group failure start it again from its latest complete checkpoint
+    (`fall_back`), up to ``checkpoint.max_failures`` times, unless a rank failed before its first step
+    (`FirstStepError`): then raise `StageFailed` at once, with that rank's traceback. A rank that found
+    the checkpoint it restores torn or unreadable (`CheckpointCorrupt`) makes the driver set that
+    checkpoint aside and start again from the one before (not counted as a restart: each one removes a
+    checkpoint); `StageFailed` when none is left."""
     from ray.train import TrainingFailedError, WorkerGroupError
+
+    def log(line: str) -> None:
+        print(f"[{cfg.stage}] {line}", flush=True)
 
     restarts = 0
     while True:
@@ -698,6 +788,16 @@ def fit_with_restarts(cfg: TrainConfig, make_trainer):
         if err is None:
             return result
         failures = getattr(err, "worker_failures", {}) or {}
+        torn = {rank: e for rank, e in sorted(failures.items()) if isinstance(e, CheckpointCorrupt)}
+        if torn:
+            rank, first = next(iter(torn.items()))
+            if first.name not in registered_checkpoints(cfg.run_dir):
+                raise StageFailed(f"{cfg.stage}: rank {rank}: {first}")
+            try:
+                fall_back(cfg.run_dir, log=log, torn={first.name: f"rank {rank}: {first}"})
+            except NoCompleteCheckpoint as none_left:
+                raise StageFailed(f"{cfg.stage}: {none_left}") from None
+            continue
         bugs = {rank: e for rank, e in sorted(failures.items()) if isinstance(e, FirstStepError)}
         if bugs:
             rank, first = next(iter(bugs.items()))
@@ -710,7 +810,11 @@ def fit_with_restarts(cfg: TrainConfig, make_trainer):
         restarts += 1
         kinds = ", ".join(f"rank {r}: {type(e).__name__}" for r, e in sorted(failures.items()))
         print(f"[{cfg.stage}] worker group failed ({kinds}); restart {restarts} of "
-              f"{cfg.checkpoint.max_failures} from the latest checkpoint", flush=True)  # fmt: skip
+              f"{cfg.checkpoint.max_failures} from the latest complete checkpoint", flush=True)  # fmt: skip
+        try:
+            fall_back(cfg.run_dir, log=log)
+        except NoCompleteCheckpoint as none_left:
+            raise StageFailed(f"{cfg.stage}: {none_left}") from None
 
 
 def check_resources(cfg: TrainConfig, address: str | None) -> None:
@@ -793,6 +897,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--name", default=None, help="run name (default: the stage name)")
     parser.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS or local)")
     parser.add_argument("--num-cpus", type=int, default=None, help="logical CPUs of an embedded local Ray")
+    parser.add_argument(
+        "--allow-config-change", action="store_true",
+        help="resume a run although its config changed (the changes are printed and kept in its config history)",
+    )  # fmt: skip
     args, overrides = parser.parse_known_args(argv)
     bad = [o for o in overrides if "=" not in o or o.startswith("-")]
     if bad:
@@ -803,10 +911,10 @@ def main(argv: list[str] | None = None) -> int:
             stages, data=args.data, sft_data=args.sft_data, init_from=args.init_from,
             output_dir=args.output_dir, profile=args.profile, overrides=overrides, name=args.name,
         )  # fmt: skip
-        for cfg in cfgs:  # every stage's inputs before the first one trains
-            check_inputs(cfg)
+        for cfg in cfgs:  # every stage's inputs (and resumed config) before the first one trains
+            check_resume_config(cfg, check_inputs(cfg), args.allow_config_change, report=False)
         for cfg in cfgs:
-            run_stage(cfg, args.address, args.num_cpus)
+            run_stage(cfg, args.address, args.num_cpus, args.allow_config_change)
     except ConfigError as err:
         print(f"config error: {err}", file=sys.stderr)
         return 2

@@ -11,7 +11,10 @@ a real single-rank ZeRO-3 engine (CPU, gloo) built the way `jobs.train` builds i
 (b) a checkpoint whose model-states or optimizer-states file holds a pickle that would run code is
     refused (UnpicklingError naming the global) and the code never runs; as a control, DeepSpeed's own
     ``engine.load_checkpoint`` (``weights_only=False``) on the same file does run it (it only writes a
-    marker file in the test's temporary folder).
+    marker file in the test's temporary folder);
+(c) the completion marker (written last) lists every file the rank wrote, and a truncated ZeRO file is
+    a `CheckpointCorrupt` naming the file and the checkpoint (DeepSpeed alone says only "PytorchStreamReader
+    failed reading zip archive").
 
 DeepSpeed runs in a child process (its own process group and accelerator settings), ~20 s.
 """
@@ -169,6 +172,21 @@ def child(work: str) -> None:
     except Exception:
         pass
     result["control_code_ran"] = marker.exists()
+
+    # (c) The completion marker, written last, lists every file; a truncated shard fails to load with an
+    # error naming it (a CheckpointCorrupt: the driver falls back to an older checkpoint).
+    result["marker_problem"] = checkpoint.checkpoint_problem(saved)
+    result["marker_files"] = sorted(json.loads((saved / checkpoint.marker_path(0)).read_text())["files"])
+    result["saved_files"] = sorted(str(p.relative_to(saved)) for p in saved.rglob("*") if p.is_file())
+    torn = work_dir / "torn"
+    shutil.copytree(saved, torn)
+    with open(torn / files[0], "r+b") as f:
+        f.truncate(os.path.getsize(torn / files[0]) // 2)
+    try:
+        checkpoint.restore_checkpoint(engine_b, torn, rank=0, name="step-0000002")
+        result["torn"] = "loaded"
+    except checkpoint.CheckpointCorrupt as e:
+        result["torn"] = {"message": str(e), "name": e.name}
     (work_dir / "result.json").write_text(json.dumps(result, indent=1, default=str))
     dist.destroy_process_group()
 
@@ -221,3 +239,14 @@ def test_a_checkpoint_pickle_that_runs_code_is_refused_without_running_it(restor
         assert "Weights only load failed" in p["outcome"], (f, p["outcome"])
         assert "Unsupported global: GLOBAL exec" in p["outcome"], (f, p["outcome"])
     assert restore_result["control_code_ran"], "control: DeepSpeed's own load should have run the payload"
+
+
+def test_the_marker_lists_every_file_and_a_truncated_shard_is_named(restore_result):
+    r = restore_result
+    assert r["marker_problem"] is None
+    assert r["marker_files"] == [f for f in r["saved_files"] if f != "complete/rank-00000.json"]
+    torn = r["torn"]
+    assert isinstance(torn, dict) and torn["name"] == "step-0000002", torn
+    model = next(f for f in r["files"] if "model_states" in f)
+    assert torn["message"].startswith(f"step-0000002: {model} cannot be loaded: RuntimeError: "), torn
+    assert "PytorchStreamReader failed reading zip archive" in torn["message"], torn

@@ -5,7 +5,14 @@
 - After stage 1, every parameter outside the stage-1 trainable set is bitwise unchanged and every
   trainable one has changed.
 - Kill-and-resume: a run stopped after 3 steps and relaunched gives the same per-step losses and the
-  same final weights as an uninterrupted run (fixed seed, CPU).
+  same final weights as an uninterrupted run (fixed seed, CPU); the resume is recorded in the run's
+  config history and ``train_config.json`` stays the first record.
+- Torn checkpoints: a run stopped at step 9 (checkpoints 3, 6, 9) whose step-9 ZeRO shard is truncated
+  and whose step-6 optimizer shard has one byte flipped (same size): the rerun names both (the first by
+  size before Ray starts, the second by sha256 from the rank that reads it), falls back to step 3 and
+  ends with the uninterrupted run's losses and weights.
+- Config change on resume: refused before anything runs, listing each changed field (local and on S3),
+  then allowed with ``--allow-config-change``, which trains with the new values and records the diff.
 - A Ray Train worker killed (SIGKILL) in the middle of a stage: the worker group restarts from the
   latest checkpoint and the run ends with the same final weights as the uninterrupted run.
 - A deterministic error (a TypeError) in the first step: reported once with its traceback, exit 1, no
@@ -34,7 +41,7 @@ from safetensors.torch import load_file
 
 from breen.storage import Store, fetch_dir
 from jobs import train
-from jobs.checkpoint import latest_checkpoint
+from jobs.checkpoint import latest_checkpoint, registered_checkpoints
 from jobs.tiny import write_tiny_shards
 
 pytestmark = pytest.mark.slow
@@ -160,11 +167,112 @@ def test_stopped_and_resumed_run_matches_an_uninterrupted_one(shards, uninterrup
     assert train.main(stage1_argv(shards, tmp_path, "debug.stop_after_step=3")) == 0
     run = tmp_path / "stage1"
     assert sorted(losses(run)) == [1, 2, 3] and not (run / "export").exists()
+    first = (run / "train_config.json").read_text()
     assert train.main(stage1_argv(shards, tmp_path)) == 0  # the same command resumes at step 3
     want, got = losses(uninterrupted), losses(run)
     assert sorted(want) == list(range(1, 13))
     assert got == want, f"per-step losses differ:\n uninterrupted {want}\n resumed       {got}"
     assert_same_weights(weights(uninterrupted / "export"), weights(run / "export"))
+    history = [json.loads(p.read_text()) for p in sorted((run / "config_history").glob("*.json"))]
+    assert [(h["resumed_from"], h["changes"]) for h in history] == [(None, []), ("step-0000003", [])]
+    assert (run / "train_config.json").read_text() == first  # a resume never rewrites the first record
+
+
+def test_a_torn_latest_checkpoint_falls_back_to_the_newest_complete_one(
+    shards, uninterrupted, tmp_path, capsys
+):
+    keep = "checkpoint.keep_last=3"
+    assert train.main(stage1_argv(shards, tmp_path, keep, "debug.stop_after_step=9")) == 0
+    run = tmp_path / "stage1"
+    assert [p.name for p in sorted(run.glob("step-*"))] == ["step-0000003", "step-0000006", "step-0000009"]
+    model0, optim1 = (
+        "zero/zero_pp_rank_0_mp_rank_00_model_states.pt",
+        "zero/zero_pp_rank_1_mp_rank_00_optim_states.pt",
+    )
+    size = (run / "step-0000009" / model0).stat().st_size
+    with open(
+        run / "step-0000009" / model0, "r+b"
+    ) as f:  # torn: the latest checkpoint's ZeRO shard cut short
+        f.truncate(size // 2)
+    data = bytearray((run / "step-0000006" / optim1).read_bytes())  # bit rot: same size, one byte changed
+    data[len(data) // 2] ^= 0xFF
+    (run / "step-0000006" / optim1).write_bytes(bytes(data))
+    capsys.readouterr()
+
+    assert train.main(stage1_argv(shards, tmp_path, keep)) == 0
+    out = capsys.readouterr().out
+    reported = [
+        line
+        for line in out.splitlines()
+        if line.startswith("[stage1] ") and ("torn" in line or "resuming" in line)
+    ]
+    assert (
+        f"[stage1] torn checkpoint: {run}/step-0000009: {model0} is {size // 2} bytes, expected {size}" in out
+    )
+    assert f"[stage1] torn checkpoint: rank 1: step-0000006: {optim1} has sha256 " in out
+    assert f"[stage1] resuming from {run}/step-0000003, the newest complete checkpoint" in out
+    steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [*range(1, 10), *range(4, 13)], steps  # the rerun started again after step 3
+    assert losses(run) == losses(uninterrupted)  # every redone step equals its first run, and the reference
+    assert_same_weights(weights(uninterrupted / "export"), weights(run / "export"))
+    aside = sorted(p.name[: len("torn-step-0000006")] for p in run.glob("torn-*"))
+    assert aside == ["torn-step-0000006", "torn-step-0000009"]
+    registered = registered_checkpoints(run)  # Ray Train's record matches the disk
+    assert registered and all((run / n).is_dir() and n.startswith("step-") for n in registered)
+    with capsys.disabled():
+        print(
+            "\ntorn checkpoints reported by the rerun:\n  "
+            + "\n  ".join(reported)
+            + f"\nsteps logged: {steps}"
+        )
+
+
+def test_a_resume_with_a_changed_config_is_refused_then_allowed_and_recorded(
+    shards, tmp_path, capsys, s3_server
+):
+    def argv(*extra: str) -> list[str]:
+        return stage1_argv(shards, tmp_path, "schedule.max_steps=6", *extra)
+
+    assert train.main(argv("debug.stop_after_step=3")) == 0
+    run = tmp_path / "stage1"
+    first = (run / "train_config.json").read_text()
+    changed = ["seed=1", "optim.lrs.patch_embed=0.375", "data.max_length=300", "checkpoint.keep_last=5"]
+    lines = ["data.max_length: 4096 -> 300", "optim.lrs.patch_embed: 0.0004 -> 0.375", "seed: 0 -> 1"]
+    capsys.readouterr()
+    assert train.main(argv(*changed)) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"config error: resume of {run} with a changed config (vs {run}/config_history/0000.json):\n"
+                          + "".join(f"  {line}\n" for line in lines)), err  # fmt: skip
+    assert "pass --allow-config-change to continue with the new ones" in err
+    assert sorted(p.name for p in (run / "config_history").iterdir()) == ["0000.json"]
+    assert max(losses(run)) == 3 and (run / "train_config.json").read_text() == first
+
+    bucket = Store.at(f"s3://breen-test/refuse-{os.getpid()}/runs", endpoint_override=s3_server)
+    (bucket / "stage1").upload_dir(run)  # the same run folder, in a bucket
+    remote = argv(*changed, f"storage.endpoint_override={s3_server}")
+    remote[remote.index("--output-dir") + 1] = bucket.uri
+    assert train.main(remote) == 2
+    err = capsys.readouterr().err
+    assert (
+        f"config error: resume of {bucket}/stage1 with a changed config (vs {bucket}/stage1/config_history/0000.json)"
+        in err
+    )
+    assert all(f"\n  {line}\n" in err for line in lines), err
+    assert [n for n in (bucket / "stage1" / "config_history").names()] == ["0000.json"]
+
+    assert train.main(argv(*changed, "--allow-config-change")) == 0
+    out = capsys.readouterr().out
+    assert f"[stage1] --allow-config-change: resuming {run} with a changed config" in out
+    assert all(f"  {line}" in out for line in lines)
+    history = [json.loads(p.read_text()) for p in sorted((run / "config_history").glob("*.json"))]
+    assert [(h["resumed_from"], h["changes"]) for h in history] == [(None, []), ("step-0000003", lines)]
+    assert history[1]["config"]["seed"] == 1 and history[1]["config"]["optim"]["lrs"]["patch_embed"] == 0.375
+    assert (run / "train_config.json").read_text() == first  # the first record is never rewritten
+    records = {r["step"]: r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())}
+    assert sorted(records) == list(range(1, 7))
+    for step, base in ((3, 4e-4), (4, 0.375)):  # the patch-embedding rate before and after the change
+        want = base * train.lr_factor(step - 1, 6, 0.03)
+        assert records[step]["lr"]["patch_embed"] == pytest.approx(want), (step, records[step]["lr"])
 
 
 def train_workers() -> list[psutil.Process]:
@@ -273,5 +381,7 @@ def test_stage1_on_s3_resumes_a_killed_worker_from_the_bucket(shards, uninterrup
     monkeypatch.setenv("AWS_ENDPOINT_URL", s3_server)
     generate.main(["--model", (run / "export").uri, "--prompt", "What is this?", "--max-new-tokens", "4"])
     with capsys.disabled():  # shown in every test run: the measured stall per checkpoint
-        print(f"\nstage 1 on S3: worker killed after checkpoint step {killed[0]}; checkpoint stalls with async upload to the "
-              f"bucket: {', '.join(f'{x:.2f}' for x in stalls)} s; the last (sync) one: {', '.join(f'{x:.2f}' for x in sync)} s")
+        print(
+            f"\nstage 1 on S3: worker killed after checkpoint step {killed[0]}; checkpoint stalls with async upload to the "
+            f"bucket: {', '.join(f'{x:.2f}' for x in stalls)} s; the last (sync) one: {', '.join(f'{x:.2f}' for x in sync)} s"
+        )

@@ -10,6 +10,7 @@ Run:  .venv/bin/python -m pytest tests/test_train_units.py
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import json
 import math
@@ -17,10 +18,12 @@ from importlib import metadata
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
 from breen import envlock
+from breen import shard_format as sf
 from breen.config import BreenConfig
 from breen.stages import DEFAULT_LRS
 from jobs import config as jc
@@ -51,14 +54,42 @@ def differing_keys(a: jc.TrainConfig, b: jc.TrainConfig) -> set[str]:
     return {k for k in fa.keys() | fb.keys() if fa.get(k, "<absent>") != fb.get(k, "<absent>")}
 
 
-def rewrite(path: Path, *, drop: tuple[str, ...] = (), teacher: str | None = None) -> None:
-    """Rewrite one shard file in place, without some columns and/or with another `breen.teacher`."""
+def rewrite(
+    path: Path,
+    *,
+    drop: tuple[str, ...] = (),
+    teacher: str | None = None,
+    replace: dict[str, pa.Array] | None = None,
+    meta: dict[str, str | None] | None = None,
+) -> None:
+    """Rewrite one shard file in place: without some columns, with another `breen.teacher`, columns
+    replaced (name -> array) and/or metadata keys set (None removes one). Its stats' size and sha256
+    follow when the stats list the file (as the data pipeline writes them)."""
     table = pq.read_table(path)
-    meta = dict(table.schema.metadata or {})
+    md = dict(table.schema.metadata or {})
     table = table.drop_columns(list(drop)) if drop else table
+    for name, array in (replace or {}).items():
+        table = table.set_column(table.schema.get_field_index(name), name, array)
     if teacher is not None:
-        meta[b"breen.teacher"] = teacher.encode()
-    pq.write_table(table.replace_schema_metadata(meta), path)
+        md[b"breen.teacher"] = teacher.encode()
+    for key, value in (meta or {}).items():
+        md.pop(key.encode(), None) if value is None else md.__setitem__(key.encode(), value.encode())
+    pq.write_table(table.replace_schema_metadata(md), path)
+    stats = json.loads(stats_file(path).read_text())
+    if path.name in stats.get("files", {}):
+        record_in_stats(path)
+
+
+def stats_file(path: Path) -> Path:
+    return path.with_name(path.name.replace(".parquet", ".stats.json"))
+
+
+def record_in_stats(path: Path) -> None:
+    """Record the file's size and sha256 in its shard's stats (``files``), as the data pipeline does."""
+    stats = json.loads(stats_file(path).read_text())
+    entry = {"bytes": path.stat().st_size, "sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
+    stats.setdefault("files", {})[path.name] = entry
+    stats_file(path).write_text(json.dumps(stats))
 
 
 @pytest.fixture(scope="module")
@@ -173,6 +204,69 @@ def test_bad_overrides_raise_config_error_naming_the_field(override, field, why)
     with pytest.raises(ConfigError) as err:
         jc.build_config("stage1", overrides=[override])
     assert field in str(err.value) and why in str(err.value), str(err.value)
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("optim.lrs.default=inf", "optim.lrs.default: must be a finite number, got inf"),
+        ("optim.lrs.patch_embed=nan", "optim.lrs.patch_embed: must be a finite number, got nan"),
+        ("optim.lrs.default=-.inf", "optim.lrs.default: must be a finite number, got -inf"),
+        ("optim.warmup_ratio=.nan", "optim.warmup_ratio: must be a finite number, got nan"),
+        ("optim.betas=[0.9, .inf]", "optim.betas[1]: must be a finite number, got inf"),
+        ("optim.grad_clip=1e400", "optim.grad_clip: must be a finite number, got inf"),
+        ("scale.cpus_per_worker=inf", "scale.cpus_per_worker: must be a finite number, got inf"),
+        ("data.encode_cpus=nan", "data.encode_cpus: must be a finite number, got nan"),
+        ("metrics.peak_tflops=inf", "metrics.peak_tflops: must be a finite number, got inf"),
+        ("optim.lrs.default=0", "optim.lrs.default: learning rates must be > 0, got 0.0"),
+        ("optim.lrs.patch_embed=-4e-4", "optim.lrs.patch_embed: learning rates must be > 0, got -0.0004"),
+        ("optim.betas=[0.9, 1.0]", "optim.betas[1]: must be in [0, 1), got 1.0"),
+        ("optim.eps=0", "optim.eps: must be > 0"),
+        ("optim.min_lr_ratio=1.5", "optim.min_lr_ratio: must be in [0, 1]"),
+        ("optim.warmup_ratio=-0.1", "optim.warmup_ratio: must be in [0, 1)"),
+        ("metrics.peak_tflops=-1", "metrics.peak_tflops: must be > 0"),
+    ],
+)
+def test_float_values_must_be_finite_and_in_range(override, message):
+    with pytest.raises(ConfigError) as err:
+        jc.build_config("stage1", "cpu", [override])
+    assert str(err.value) == message
+
+
+def test_absurdly_nested_values_are_config_errors_naming_the_field_or_file(tmp_path, capsys):
+    for deep in ("[" * 5000 + "]" * 5000, "{a: " * 3000 + "1" + "}" * 3000):
+        with pytest.raises(ConfigError, match=r"^optim\.lrs\.default: value nested too deeply to parse"):
+            jc.build_config("stage1", "cpu", [f"optim.lrs.default={deep}"])
+    code, err = run_main(stage1_argv(tmp_path, tmp_path, "tiny", "data.paths=" + "[" * 5000), capsys)
+    assert code == 2 and "config error: data.paths: value nested too deeply to parse" in err, err[-500:]
+    saved = tmp_path / "train_config.json"
+    saved.write_text('{"optim": ' + "[" * 100000 + "]" * 100000 + "}")
+    with pytest.raises(ConfigError) as err:
+        jc.load_config(saved)
+    assert str(err.value).startswith(f"{saved}: not a saved training config (RecursionError")
+
+
+def test_config_changes_name_every_field_that_can_change_the_weights():
+    old = jc.build_config("stage1", "cpu")
+    new = jc.build_config("stage1", "cpu", [
+        "seed=1", "optim.lrs.patch_embed=0.375", "optim.lrs.image_experts=1e-4", "schedule.max_steps=5",
+        "data.max_length=100", "data.paths=/elsewhere",
+        # cannot change the weights: where the run lives, checkpoints, logging, faults, ingest parallelism
+        "output_dir=/other", "checkpoint.every_steps=5", "checkpoint.keep_last=9", "metrics.log_every=3",
+        "debug.stop_after_step=2", "data.encode_actors=3", "data.prefetch_batches=7", "scale.cpus_per_worker=0.25",
+        "storage.endpoint_override=127.0.0.1:9",
+    ])  # fmt: skip
+    assert jc.config_changes(old, new) == [
+        "data.max_length: 4096 -> 100",
+        'data.paths: [] -> ["/elsewhere"]',
+        "optim.lrs.image_experts: <absent> -> 0.0001",
+        "optim.lrs.patch_embed: 0.0004 -> 0.375",
+        "schedule.max_steps: null -> 5",
+        "seed: 0 -> 1",
+    ]
+    assert jc.config_changes(old, jc.build_config("stage1", "cpu")) == []
+    flat_keys = set(flat(jc.to_dict(old)))  # every neutral prefix names a real field or section
+    assert all(any(k == p or k.startswith(p + ".") for k in flat_keys) for p in jc.RESUME_NEUTRAL)
 
 
 def test_inconsistent_batch_in_a_profile_stage_is_rejected():
@@ -440,6 +534,132 @@ def test_check_shards_missing_text_or_target_columns(tmp_path, shards, model_con
     with pytest.raises(ValueError, match=r"data\.text_field=caption") as err:
         ingest.check_shards(ingest.list_shards([shards]), model_config, "caption")
     assert str(shards / "part-00001.parquet") in str(err.value) and "caption column" in str(err.value)
+
+
+def fine_like(path: Path, tokens: int, dim: int, dtype=np.float16) -> pa.Array:
+    n = pq.read_metadata(path).num_rows
+    return sf.tensor_array(np.zeros((n, tokens, dim), dtype)) if dtype == np.float16 else pa.ExtensionArray.from_storage(
+        pa.fixed_shape_tensor(pa.from_numpy_dtype(dtype), [tokens, dim]),
+        pa.FixedSizeListArray.from_arrays(pa.array(np.zeros(n * tokens * dim, dtype)), tokens * dim),
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("column", "make", "problem"),
+    [
+        ("fine", lambda p: fine_like(p, 64, CLIP_DIM).storage, "column 'fine' is fixed_size_list<element: halffloat>[2048], "
+         "the shard format wants fixed_shape_tensor<halffloat>[64, D]"),
+        ("fine", lambda p: fine_like(p, 64, CLIP_DIM, np.float32), "column 'fine' is fixed_shape_tensor<float>[64, 32], "
+         "the shard format wants fixed_shape_tensor<halffloat>[64, D]"),
+        ("coarse", lambda p: fine_like(p, 64, CLIP_DIM), "column 'coarse' is fixed_shape_tensor<halffloat>[64, 32], "
+         "the shard format wants fixed_shape_tensor<halffloat>[36, D]"),
+        ("coarse", lambda p: fine_like(p, 36, 16), "columns 'fine' and 'coarse' have different widths [16, 32]"),
+        ("caption", lambda p: pa.array(range(pq.read_metadata(p).num_rows)),
+         "column 'caption' is int64, the shard format wants string"),
+        ("image", lambda p: pa.array(["x"] * pq.read_metadata(p).num_rows),
+         "column 'image' is string, the shard format wants binary"),
+    ],
+)  # fmt: skip
+def test_check_shards_rejects_columns_of_the_wrong_type_or_width(shards, model_config, column, make, problem):
+    """Before: such files passed and crashed the ingest worker after training had started."""
+    target = shards / "part-00001.parquet"
+    rewrite(target, replace={column: make(target)})
+    files = ingest.list_shards([shards])
+    with pytest.raises(ingest.ShardError) as err:
+        ingest.check_shards(files, model_config, "auto")
+    assert str(err.value) == f"data.paths: {target}: {problem}"
+
+
+def test_check_shards_rejects_a_tensor_column_without_its_partner(shards, model_config):
+    rewrite(shards / "part-00000.parquet", drop=("coarse",))
+    with pytest.raises(ingest.ShardError, match=r"part-00000\.parquet: column 'fine' without 'coarse'"):
+        ingest.check_shards(ingest.list_shards([shards]), model_config, "auto")
+
+
+def test_check_shards_one_dataset_fingerprint_per_directory(tmp_path, shards, model_config):
+    ingest.check_shards(
+        ingest.list_shards([shards]), model_config, "caption"
+    )  # none at all: an older dataset
+    for f in sorted(shards.glob("part-*.parquet")):
+        rewrite(f, meta={"breen.fingerprint": "aaaa"})
+    files = ingest.list_shards([shards])
+    assert {f.fingerprint for f in files} == {"aaaa"}
+    ingest.check_shards(files, model_config, "caption")
+    other = write_tiny_shards(tmp_path / "other", 8, clip_dim=CLIP_DIM)  # another directory, another dataset
+    for f in sorted(other.glob("part-*.parquet")):
+        rewrite(f, meta={"breen.fingerprint": "cccc"})
+    ingest.check_shards(ingest.list_shards([shards, other]), model_config, "caption")
+
+    first, second = shards / "part-00000.parquet", shards / "part-00002.parquet"
+    for value, shown in (("bbbb", "bbbb"), (None, "none")):
+        rewrite(second, meta={"breen.fingerprint": value})
+        with pytest.raises(ingest.ShardError) as err:
+            ingest.check_shards(ingest.list_shards([shards, other]), model_config, "caption")
+        assert str(err.value) == (
+            f"data.paths: {shards} mixes datasets: {first} has fingerprint aaaa but {second} has {shown} "
+            "(redo the shards step)"
+        )
+
+
+def test_list_shards_compares_sizes_with_the_stats_and_names_a_truncated_file(
+    tmp_path, shards, init_dir, capsys
+):
+    for f in sorted(shards.glob("part-*.parquet")):
+        record_in_stats(f)
+    files = ingest.list_shards([shards])
+    assert [f.size for f in files] == [p.stat().st_size for p in sorted(shards.glob("part-*.parquet"))]
+    assert files[1].sha256 == json.loads(stats_file(shards / "part-00001.parquet").read_text())["files"][
+        "part-00001.parquet"]["sha256"]  # fmt: skip
+    target = shards / "part-00001.parquet"
+    size = target.stat().st_size
+    with open(target, "r+b") as f:
+        f.truncate(size // 2)
+    want = (f"data.paths[0]: {target} is {size // 2} bytes, its stats (part-00001.stats.json) say {size} (truncated "
+            "or replaced: redo the shards step)")  # fmt: skip
+    with pytest.raises(ingest.ShardError) as err:
+        ingest.list_shards([shards])
+    assert str(err.value) == want
+    code, err_text = run_main(stage1_argv(tmp_path, shards, init_dir), capsys)  # fails before Ray starts
+    assert code == 2 and f"config error: {want}" in err_text, err_text
+    # An older dataset (stats without files): the unreadable footer is still named.
+    stats = json.loads(stats_file(target).read_text())
+    del stats["files"]
+    stats_file(target).write_text(json.dumps(stats))
+    with pytest.raises(ingest.ShardError) as err:
+        ingest.list_shards([shards])
+    assert str(err.value).startswith(f"data.paths[0]: {target}: not a readable Parquet file (")
+
+
+def test_the_ingest_worker_checks_sha256_and_names_the_file_it_cannot_read(tmp_path, init_dir, model_config):
+    """The actor's per-file work (`ReadEncode.encode_file`, what Ray Data runs), called directly."""
+    d = write_tiny_shards(tmp_path / "ref", 8, clip_dim=CLIP_DIM, rows_per_file=8, referenced=True)
+    target = d / "part-00000.parquet"
+    record_in_stats(target)
+    enc = ingest.ReadEncode(str(init_dir), model_config.to_dict(), "caption", 512, seed=0, chunk_rows=4)
+    (item,) = ingest.epoch_plan(ingest.list_shards([d]), seed=0, epochs=1)
+    assert item["sha256"] == hashlib.sha256(target.read_bytes()).hexdigest()
+    assert sum(len(c["pos"]) for c in enc.encode_file(item)) == 8
+
+    data = bytearray(target.read_bytes())  # same size, one byte changed: only the checksum can tell
+    data[len(data) // 2] ^= 0xFF
+    target.write_bytes(bytes(data))
+    with pytest.raises(ingest.ShardError) as err:
+        list(enc.encode_file(item))
+    assert str(err.value).startswith(f"{target}: sha256 ") and "but its stats say" in str(err.value)
+
+    with open(target, "r+b") as f:  # truncated, no checksum known (an older dataset)
+        f.truncate(100)
+    with pytest.raises(ingest.ShardError) as err:
+        list(enc.encode_file({**item, "sha256": ""}))
+    assert str(err.value).startswith(f"{target}: not a readable Parquet file (")
+
+    d2 = write_tiny_shards(tmp_path / "ref2", 8, clip_dim=CLIP_DIM, rows_per_file=8, referenced=True)
+    (item2,) = ingest.epoch_plan(ingest.list_shards([d2]), seed=0, epochs=1)
+    for image_shard in (tmp_path / "ref2-images").glob("*.parquet"):
+        image_shard.write_bytes(b"not parquet")
+    with pytest.raises(ingest.ShardError) as err:
+        list(enc.encode_file(item2))
+    assert str(err.value).startswith(f"{d2 / 'part-00000.parquet'}: its referenced images cannot be read (")
 
 
 # ============================================================================= jobs.ingest: epoch order
