@@ -276,10 +276,10 @@ class Store:
         return [self._at(i.path) for i in sorted(self._entries(True), key=lambda i: i.path)
                 if i.base_name.endswith(suffix)]  # fmt: skip
 
-    def sizes(self, suffix: str = "") -> dict[str, int]:
-        """{path relative to this folder: size in bytes} of every file under it that ends with `suffix` (one
-        listing)."""
-        return {posixpath.relpath(i.path, self.path): i.size for i in self._entries(True)
+    def sizes(self, suffix: str = "", recursive: bool = True) -> dict[str, int]:
+        """{path relative to this folder: size in bytes} of every file under it (directly under it when not
+        `recursive`) that ends with `suffix`, temporary names left out (one listing)."""
+        return {posixpath.relpath(i.path, self.path): i.size for i in self._entries(recursive)
                 if i.base_name.endswith(suffix)}  # fmt: skip
 
     def delete(self) -> None:

@@ -195,14 +195,6 @@ def write_marker(local: str | Path, *, rank: int, world_size: int, step: int) ->
     os.replace(tmp, out)
 
 
-def _listing(folder: Store) -> dict[str, int]:
-    """{relative path: size} of every file under `folder` (one recursive listing)."""
-    import pyarrow.fs as pafs
-
-    infos = folder.fs.get_file_info(pafs.FileSelector(folder.path, recursive=True, allow_not_found=True))
-    return {i.path[len(folder.path) + 1 :]: i.size for i in infos if i.type == pafs.FileType.File}
-
-
 def _read_markers(folder: Store, listing: dict[str, int]) -> tuple[list[dict[str, Any]], str | None]:
     """(every rank's marker, None) of checkpoint `folder`, or ([], what is missing or unreadable)."""
     first = marker_path(0)
@@ -237,7 +229,7 @@ def checkpoint_problem(folder: str | Path | Store) -> str | None:
     there and every file it lists exists with the listed size; else what is wrong, naming the file
     (``<folder>: <file> is 123 bytes, expected 456``). Cheap: one listing and the markers, no data read."""
     folder = Store.at(folder)
-    listing = _listing(folder)
+    listing = folder.sizes()
     if not listing:
         return f"{folder}: the checkpoint folder is missing or empty"
     markers, problem = _read_markers(folder, listing)
@@ -334,7 +326,7 @@ def _move_aside(folder: Store, problem: str) -> Store:
     if folder.local:
         os.replace(folder.path, dest.path)
     else:
-        for rel in sorted(_listing(folder)):
+        for rel in sorted(folder.sizes()):
             folder.fs.move(f"{folder.path}/{rel}", f"{dest.path}/{rel}")
         folder.delete()  # the empty "directory" objects pyarrow leaves behind
     (dest / "TORN.json").write_json({"checkpoint": folder.name, "problem": problem, "moved": stamp})

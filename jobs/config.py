@@ -44,7 +44,7 @@ from breen.stages import DEFAULT_LRS, STAGES
 # ConfigError (a bad value; the message names the dotted field) and the typed conversion are shared with
 # the pipeline config.
 from breen.storage import Store, scheme
-from pipelines.config import ConfigError, StorageConfig, build, convert_value
+from pipelines.config import ConfigError, StorageConfig, build, convert_value, floats_in
 
 TINY_INIT = "tiny"  # model.init_from value: build a tiny random BREEN + tokenizer (demo, no downloads)
 PRECISIONS = ("bf16", "fp32")
@@ -438,7 +438,7 @@ def validate(cfg: TrainConfig, check_paths: bool = False) -> None:
         if not ok:
             raise ConfigError(f"{name}: {why}")
 
-    for name, value in _floats(to_dict(cfg)):
+    for name, value in floats_in(to_dict(cfg)):
         need(math.isfinite(value), name, f"must be a finite number, got {value}")
     s = cfg.scale
     need(cfg.stage in STAGES, "stage", f"must be one of {STAGES}")
@@ -508,15 +508,6 @@ def validate(cfg: TrainConfig, check_paths: bool = False) -> None:
                 "model.tokenizer" if cfg.model.tokenizer else "model.init_from",
                 f"no tokenizer files in {tok}",
             )
-
-
-def _floats(node: Any, where: str = "") -> list[tuple[str, float]]:
-    """(dotted name, value) of every float in a `to_dict` tree (dict values and list items included)."""
-    if isinstance(node, dict):
-        return [x for k, v in node.items() for x in _floats(v, f"{where}.{k}" if where else str(k))]
-    if isinstance(node, list):
-        return [x for i, v in enumerate(node) for x in _floats(v, f"{where}[{i}]")]
-    return [(where, node)] if isinstance(node, float) else []
 
 
 # ----------------------------------------------------------------------------- resume: config changes

@@ -48,14 +48,13 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 from ray.data.collate_fn import NumpyBatchCollateFn
 
 from breen import shard_format as sf
 from breen.config import BreenConfig
 from breen.data import SampleRejected, collate, encode_sample, pack
-from breen.storage import Store, fetch_dir, is_temporary
+from breen.storage import Store, fetch_dir
 from pipelines.common import stats_path
 from pipelines.fingerprint import META_KEY as META_FINGERPRINT
 
@@ -96,14 +95,6 @@ class ShardFile:
     schema: pa.Schema | None = field(default=None, compare=False, repr=False)
 
 
-def _listing(d: Store) -> dict[str, int]:
-    """{name: size} of the files directly under `d` (one listing; temporary names left out)."""
-    infos = d.fs.get_file_info(pafs.FileSelector(d.path, recursive=False)) if d.is_dir() else []
-    return {
-        i.base_name: i.size for i in infos if i.type == pafs.FileType.File and not is_temporary(i.base_name)
-    }
-
-
 def _recorded(d: Store, stem: str, names: dict[str, int]) -> dict[str, Any]:
     """{"bytes", "sha256"} that the stats of shard `stem` (``part-NNNNN``) record for its Parquet file
     ({} for older datasets, whose stats list no files); `names`: the directory's listing."""
@@ -126,7 +117,7 @@ def list_shards(paths: Sequence[str | Path | Store], endpoint_override: str | No
     files: list[ShardFile] = []
     for i, d in enumerate(paths):
         d = Store.at(d, f"data.paths[{i}]", endpoint_override)
-        names = _listing(d)
+        names = d.sizes(recursive=False)
         parquet = sorted(n for n in names if n.startswith("part-") and n.endswith(".parquet"))
         done = {n[: -len(".done")] for n in names if n.startswith("part-") and n.endswith(".done")}
         if done:

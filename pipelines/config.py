@@ -417,7 +417,7 @@ def validate(cfg: PrepareConfig, where: str = "config") -> None:
         if not cond:
             raise ConfigError(f"{where}: {field_name}: {msg}")
 
-    for name, value in _floats(to_dict(cfg)):
+    for name, value in floats_in(to_dict(cfg)):
         need(math.isfinite(value), name, f"must be a finite number, got {value}")
     need(cfg.download.rows_per_shard > 0, "download.rows_per_shard", "must be > 0")
     need(cfg.download.image_size >= 28, "download.image_size", "must be >= 28")
@@ -451,10 +451,11 @@ def validate(cfg: PrepareConfig, where: str = "config") -> None:
     need(cfg.teacher.preprocess in PREPROCESS_RULES, "teacher.preprocess", " or ".join(PREPROCESS_RULES))
 
 
-def _floats(node: Any, where: str = "") -> list[tuple[str, float]]:
-    """(dotted name, value) of every float in a `to_dict` tree (dict values and list items included)."""
+def floats_in(node: Any, where: str = "") -> list[tuple[str, float]]:
+    """(dotted name, value) of every float in a `to_dict` tree (dict values and list items included): what
+    the pipelines' and the trainer's `validate` check for finiteness."""
     if isinstance(node, dict):
-        return [x for k, v in node.items() for x in _floats(v, f"{where}.{k}" if where else str(k))]
+        return [x for k, v in node.items() for x in floats_in(v, f"{where}.{k}" if where else str(k))]
     if isinstance(node, list):
-        return [x for i, v in enumerate(node) for x in _floats(v, f"{where}[{i}]")]
+        return [x for i, v in enumerate(node) for x in floats_in(v, f"{where}[{i}]")]
     return [(where, node)] if isinstance(node, float) else []
