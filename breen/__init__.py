@@ -6,11 +6,17 @@
 - `breen.convert`: Qwen2 checkpoint -> BREEN (`python -m breen.convert`).
 - `breen.stages`: `set_trainable(model, stage)`, `param_groups(model, stage, lrs)`.
 - `breen.generate`: greedy decoding (`python -m breen.generate`).
+- `breen.processing`: `BreenProcessor` (tokenizer + image preprocessing + prompt layout, for transformers).
+- `breen.hf`: Auto-class registration and the remote-code files of an export.
 
-Submodules are imported on first use, so `import breen` stays cheap.
+Submodules are imported on first use, so `import breen` stays cheap. It registers BREEN with
+transformers' ``AutoConfig`` / ``AutoModelForCausalLM`` / ``AutoProcessor`` when those load (`breen.hf`),
+without importing torch or transformers itself.
 """
 
 import importlib
+
+from breen import hf as _hf
 
 _LAZY = {
     "BreenConfig": "breen.config",
@@ -20,6 +26,7 @@ _LAZY = {
     "SampleRejected": "breen.data",
     "set_trainable": "breen.stages",
     "param_groups": "breen.stages",
+    "BreenProcessor": "breen.processing",
 }
 __all__ = sorted(_LAZY)
 
@@ -28,3 +35,6 @@ def __getattr__(name: str):
     if name in _LAZY:
         return getattr(importlib.import_module(_LAZY[name]), name)
     raise AttributeError(f"module 'breen' has no attribute {name!r}")
+
+
+_hf.install()

@@ -34,8 +34,9 @@ offline. Ray keeps the last ``checkpoint.keep_last`` checkpoints. Restoring neve
 files are read with ``torch.load(weights_only=True)`` and a two-class allowlist (`weights_only_loads`).
 
 Export (stage end): the consolidated weights, gathered on rank 0 one module at a time, saved in Hugging
-Face layout (``config.json`` + safetensors) with the tokenizer, ``train_config.json`` and
-``breen_stage.json``: `BreenForCausalLM.from_pretrained`, `breen.generate` and the next stage load it.
+Face layout (``config.json`` + safetensors) with the tokenizer and processor, ``train_config.json`` and
+``breen_stage.json``: `BreenForCausalLM.from_pretrained`, `breen.generate` and the next stage load it, and
+so do transformers' Auto classes, after `import breen` or with ``trust_remote_code=True`` (`breen.hf`).
 """
 
 from __future__ import annotations
@@ -543,6 +544,7 @@ def _write_export(tmp: Path, state_dict, model_config, tokenizer, train_config: 
     """The Hugging Face directory of `state_dict` in local folder `tmp`."""
     import torch
 
+    from breen.hf import save_hf_files
     from breen.model import BreenForCausalLM
 
     with torch.device("meta"):
@@ -555,7 +557,7 @@ def _write_export(tmp: Path, state_dict, model_config, tokenizer, train_config: 
         raise RuntimeError(f"export: missing {missing[:3]} / unexpected {unexpected[:3]} weights")
     model.tie_weights()
     model.save_pretrained(tmp, safe_serialization=True)
-    tokenizer.save_pretrained(tmp)
+    save_hf_files(tmp, model_config, tokenizer)  # processor + tokenizer, remote code, auto_map
     (tmp / "train_config.json").write_text(json.dumps(train_config, indent=2, sort_keys=True) + "\n")
     stage_info = {"produced_by": "jobs.train", "stage": state.stage, **state.to_dict()}
     (tmp / "breen_stage.json").write_text(json.dumps(stage_info, indent=2, sort_keys=True) + "\n")
