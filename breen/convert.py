@@ -2,7 +2,9 @@
 
 Reads a Qwen2 directory: ``config.json``, ``model.safetensors`` or sharded ``model-*.safetensors`` (with or
 without ``model.safetensors.index.json``), and the tokenizer files. Writes a BREEN directory in Hugging
-Face layout (``config.json`` + safetensors + tokenizer) that `BreenForCausalLM.from_pretrained` loads.
+Face layout (``config.json`` + safetensors + tokenizer) that `BreenForCausalLM.from_pretrained` loads; with
+a tokenizer, also the processor and remote code (`breen.hf.save_hf_files`), so transformers' Auto classes
+load it too.
 
 Every Qwen2 tensor goes through the explicit key map `qwen2_key_map`: attention, norms, embeddings and
 ``lm_head`` keep their names; each layer's ``mlp.{gate,up,down}_proj`` is copied to *both*
@@ -186,6 +188,12 @@ def main(argv: list[str] | None = None) -> None:
             if (qwen / name).exists():
                 shutil.copy2(qwen / name, local / name)
                 copied.append(name)
+        if copied:  # processor (re-saves the tokenizer), remote code and auto_map: loadable by transformers
+            from transformers import AutoTokenizer
+
+            from breen.hf import save_hf_files
+
+            save_hf_files(local, model.config, AutoTokenizer.from_pretrained(local, config=model.config))
         if not out.local:  # config.json last: a reader that finds it finds the whole directory
             out.upload_dir(local, last=("config.json",))
     print(

@@ -20,15 +20,14 @@ The copies are generated at every export, never edited by hand. ``jobs.checkpoin
 from __future__ import annotations
 
 import importlib
-import importlib.abc
-import importlib.util
-import json
-import re
 import sys
-from collections.abc import Callable
-from pathlib import Path
-from types import ModuleType
-from typing import Any
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # `import breen` runs this module: only importlib and sys at import time
+    from collections.abc import Callable
+    from pathlib import Path
+    from types import ModuleType
+    from typing import Any
 
 # package module -> file name in the export (transformers' naming: configuration_*, modeling_*, processing_*)
 REMOTE_MODULES = {
@@ -43,7 +42,6 @@ AUTO_MAP = {
     "AutoModelForCausalLM": "modeling_breen.BreenForCausalLM",
     "AutoProcessor": "processing_breen.BreenProcessor",
 }
-_ABSOLUTE_IMPORT = re.compile(r"^(\s*)from (breen\.\w+) import ", flags=re.MULTILINE)
 _AUTO = "transformers.models.auto."
 
 
@@ -96,8 +94,9 @@ def _on_loaded(name: str) -> None:
             register(sys.modules[auto])
 
 
-class _RegisterAfterImport(importlib.abc.MetaPathFinder):
-    """Lets the other finders locate a watched module, and wraps its loader to call `_on_loaded` after."""
+class _RegisterAfterImport:
+    """Meta-path finder: lets the other finders locate a watched module, and wraps its loader so that
+    `_on_loaded` runs after it (importlib's protocols, without importing ``importlib.abc``)."""
 
     def find_spec(self, fullname: str, path: Any, target: Any = None) -> Any:
         if fullname not in _WATCHED:
@@ -112,7 +111,7 @@ class _RegisterAfterImport(importlib.abc.MetaPathFinder):
         return None
 
 
-class _Wrapped(importlib.abc.Loader):
+class _Wrapped:
     def __init__(self, loader: Any):
         self.loader = loader
 
@@ -143,6 +142,10 @@ def install() -> None:
 # ----------------------------------------------------------------------------- export files
 def remote_source(module_name: str) -> str:
     """Source of one package module with its ``from breen.X import`` lines made relative."""
+    import importlib.util
+    import re
+    from pathlib import Path
+
     spec = importlib.util.find_spec(module_name)
     if spec is None or spec.origin is None:
         raise ImportError(f"cannot find the source of {module_name}")
@@ -156,7 +159,7 @@ def remote_source(module_name: str) -> str:
             )
         return f"{match.group(1)}from .{REMOTE_MODULES[target]} import "
 
-    text = _ABSOLUTE_IMPORT.sub(relative, text)
+    text = re.sub(r"^(\s*)from (breen\.\w+) import ", relative, text, flags=re.MULTILINE)
     if re.search(r"^\s*(import breen|from breen\b)", text, flags=re.MULTILINE):
         raise ValueError(f"{module_name} has a `breen` import that cannot be made relative")
     header = f"# Generated from {module_name} by breen.hf.write_remote_code at export time: do not edit.\n"
@@ -165,6 +168,8 @@ def remote_source(module_name: str) -> str:
 
 def write_remote_code(directory: str | Path) -> list[Path]:
     """Write the remote-code modules into ``directory`` and add `AUTO_MAP` to its JSON files."""
+    from pathlib import Path
+
     directory = Path(directory)
     written = []
     for module_name, file_name in REMOTE_MODULES.items():
@@ -177,6 +182,8 @@ def write_remote_code(directory: str | Path) -> list[Path]:
 
 
 def _add_auto_map(path: Path, auto_map: dict[str, str]) -> None:
+    import json
+
     data = json.loads(path.read_text(encoding="utf-8"))
     data["auto_map"] = {**data.get("auto_map", {}), **auto_map}
     path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
