@@ -202,6 +202,25 @@ def test_auto_classes_in_this_process(handoff):
     assert type(model) is BreenForCausalLM
 
 
+def test_install_registers_at_once_when_transformers_is_loaded_first(handoff, monkeypatch):
+    """`import breen` after transformers' auto modules: `install` registers on the spot (no import hook runs)."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoProcessor
+    from transformers.models.auto import configuration_auto, modeling_auto, processing_auto
+
+    from breen.config import BreenConfig
+    from breen.hf import install
+
+    monkeypatch.delitem(configuration_auto.CONFIG_MAPPING._extra_content, "breen")
+    monkeypatch.delitem(modeling_auto.MODEL_FOR_CAUSAL_LM_MAPPING._extra_content, BreenConfig)
+    monkeypatch.delitem(processing_auto.PROCESSOR_MAPPING._extra_content, BreenConfig)
+    with pytest.raises(ValueError, match="trust_remote_code"):  # unregistered: only remote code is left
+        AutoConfig.from_pretrained(handoff["export"])
+    install()
+    assert type(AutoConfig.from_pretrained(handoff["export"])) is BreenConfig
+    assert type(AutoProcessor.from_pretrained(handoff["export"])) is BreenProcessor
+    assert type(AutoModelForCausalLM.from_pretrained(handoff["export"])) is BreenForCausalLM
+
+
 def test_remote_source_refuses_a_module_outside_the_export(monkeypatch):
     """A package import that the export would not carry is an error at export time, not at load time."""
     monkeypatch.delitem(REMOTE_MODULES, "breen.config")
