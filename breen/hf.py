@@ -1,12 +1,12 @@
 """Hugging Face hand-off: the Auto-class registration of `import breen`, and what an export needs so that
 transformers alone (``trust_remote_code=True``, no `breen` package) loads it.
 
-Registration. `import breen` calls `install()`, which costs no torch or transformers import: the
-registration (`register_auto_classes`: ``AutoConfig`` "breen" -> `BreenConfig`, ``AutoModelForCausalLM``
--> `BreenForCausalLM`, ``AutoProcessor`` -> `BreenProcessor`) runs when transformers' auto modules are
-imported, or at once if they already are. Each Auto class is registered the moment its own module
-(``transformers.models.auto.{configuration,modeling,processing}_auto``) finishes loading, through a
-post-import hook on ``sys.meta_path``.
+Registration. `import breen` calls `install()`, which costs no torch or transformers import: ``AutoConfig``
+"breen" -> `BreenConfig`, ``AutoModelForCausalLM`` -> `BreenForCausalLM` and ``AutoProcessor`` ->
+`BreenProcessor` are registered when transformers' auto modules are imported, or at once if they already
+are. Each Auto class is registered the moment both its module
+(``transformers.models.auto.{configuration,modeling,processing}_auto``) and the breen module it maps to
+have finished loading, through a post-import hook on ``sys.meta_path`` (`_PAIRS`).
 
 Remote code. `save_hf_files(directory, config, tokenizer)` writes the processor (`BreenProcessor`:
 ``processor_config.json`` + tokenizer files) and then `write_remote_code(directory)`: the package's own
@@ -19,11 +19,10 @@ The copies are generated at every export, never edited by hand. ``jobs.checkpoin
 
 from __future__ import annotations
 
-import importlib
 import sys
 from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:  # `import breen` runs this module: only importlib and sys at import time
+if TYPE_CHECKING:  # `import breen` runs this module: only sys and typing at import time
     from collections.abc import Callable
     from pathlib import Path
     from types import ModuleType
@@ -74,12 +73,6 @@ _PAIRS: tuple[tuple[str, str, Callable[[ModuleType], None]], ...] = (
 )
 _WATCHED = {name for pair in _PAIRS for name in pair[:2]}
 _running: set[str] = set()  # watched modules whose code is executing now
-
-
-def register_auto_classes() -> None:
-    """Register BREEN with all three Auto classes now (imports torch and transformers)."""
-    for auto, _, register in _PAIRS:
-        register(importlib.import_module(auto))
 
 
 def _on_loaded(name: str) -> None:
