@@ -20,9 +20,9 @@ The copies are generated at every export, never edited by hand. ``jobs.checkpoin
 from __future__ import annotations
 
 import sys
-from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:  # `import breen` runs this module: only sys and typing at import time
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (2 ms): `import breen` runs this module
+if TYPE_CHECKING:
     from collections.abc import Callable
     from pathlib import Path
     from types import ModuleType
