@@ -183,7 +183,7 @@ def summary_lines(results: dict[str, Any]) -> list[str]:
     return lines
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m jobs.eval", description=__doc__.split("\n")[0])
     parser.add_argument("--model", help="BREEN export directory, local or s3:// / gs://")
     parser.add_argument("--tasks", help="comma-separated lmms-eval tasks, e.g. breen_shapes,mmstar")
@@ -193,6 +193,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--include-path", action="append", default=[], help="more lmms-eval task folders")
     parser.add_argument("--build-task", metavar="DIR", help="only write the built-in tasks into DIR")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
     if args.build_task:
         print(f"built-in tasks {', '.join(BUILTIN_TASKS)} written to {build_task(args.build_task)}")
