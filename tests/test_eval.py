@@ -176,6 +176,7 @@ def test_lmms_eval_scores_the_builtin_tasks(export, capsys):
     (path,) = (export.parent / "eval").glob("results_breen_shapes+breen_shapes_gen_*.json")
     record = json.loads(path.read_text())
     assert record["n-samples"]["breen_shapes"]["effective"] == 8
+    assert record["environment"]["lmms-eval"] == "0.7.3"
     acc = record["results"]["breen_shapes"]["acc,none"]
     exact = record["results"]["breen_shapes_gen"]["exact_match,none"]
     assert 0.0 <= acc <= 1.0 and 0.0 <= exact <= 1.0
