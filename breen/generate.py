@@ -14,8 +14,9 @@ Run with:
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from breen.storage import StorageError, Store, fetch_dir
 
@@ -32,19 +33,21 @@ def greedy_generate(
     image_grid: torch.Tensor | None = None,
     max_new_tokens: int = 128,
     eos_token_ids: set[int] | None = None,
+    stop: Callable[[list[int]], bool] | None = None,
 ) -> list[int]:
     """Greedy decoding of one prompt (input_ids [L] or [1, L] with sentinels) -> new token ids.
 
     The prompt (with image and queries) runs once to fill the cache; each new token is then one
-    text-token step through the text expert. Stops at any id in `eos_token_ids` (kept in the output).
+    text-token step through the text expert. Stops at any id in `eos_token_ids` (kept in the output),
+    or when `stop(new_tokens)` is true after a token (e.g. a stop string was decoded).
     """
     import torch
 
     with torch.no_grad():
-        return _greedy(model, input_ids, pixel_values, image_grid, max_new_tokens, eos_token_ids)
+        return _greedy(model, input_ids, pixel_values, image_grid, max_new_tokens, eos_token_ids, stop)
 
 
-def _greedy(model, input_ids, pixel_values, image_grid, max_new_tokens, eos_token_ids) -> list[int]:
+def _greedy(model, input_ids, pixel_values, image_grid, max_new_tokens, eos_token_ids, stop) -> list[int]:
     import torch
 
     model.eval()
@@ -60,7 +63,7 @@ def _greedy(model, input_ids, pixel_values, image_grid, max_new_tokens, eos_toke
     for _ in range(max_new_tokens):
         next_id = int(out.logits[0, -1].argmax())
         new_tokens.append(next_id)
-        if eos_token_ids and next_id in eos_token_ids:
+        if (eos_token_ids and next_id in eos_token_ids) or (stop is not None and stop(new_tokens)):
             break
         step = torch.tensor([[next_id]], device=device)  # [1, 1]
         out = model(input_ids=step, cache=out.cache, use_cache=True, logits_to_keep=1)
@@ -79,11 +82,30 @@ def stop_ids(tokenizer, model: BreenForCausalLM) -> set[int]:
     return ids
 
 
-def answer(model: BreenForCausalLM, tokenizer, prompt: str, image=None, max_new_tokens: int = 128) -> str:
-    """Generate the answer to `prompt` about `image` (PIL image, encoded bytes, or None)."""
+def answer(
+    model: BreenForCausalLM,
+    tokenizer,
+    prompt: str,
+    image=None,
+    max_new_tokens: int = 128,
+    until: Sequence[str] = (),
+) -> str:
+    """Generate the answer to `prompt` about `image` (PIL image, encoded bytes, or None).
+
+    Decoding also stops once the answer contains a string of `until`; the answer is cut before the
+    first one (lm-eval's ``until`` convention).
+    """
     import torch
 
     from breen.data import encode_prompt
+
+    until = [s for s in until if s]  # an empty stop string would stop at once
+
+    def text(tokens: list[int]) -> str:
+        return tokenizer.decode(tokens, skip_special_tokens=True)
+
+    def stop(tokens: list[int]) -> bool:
+        return any(s in text(tokens) for s in until)
 
     inputs = encode_prompt(tokenizer, model.config, question=prompt, image=image)
     pixel_values = torch.from_numpy(inputs["pixel_values"]) if "pixel_values" in inputs else None
@@ -94,8 +116,30 @@ def answer(model: BreenForCausalLM, tokenizer, prompt: str, image=None, max_new_
         torch.from_numpy(inputs["image_grid"]),
         max_new_tokens=max_new_tokens,
         eos_token_ids=stop_ids(tokenizer, model),
+        stop=stop if until else None,
     )
-    return tokenizer.decode(tokens, skip_special_tokens=True)
+    out = text(tokens)
+    cut = min((i for i in (out.find(s) for s in until) if i >= 0), default=len(out))
+    return out[:cut]
+
+
+def load(model_dir: str | Path, device: str = "auto", dtype: str = "float32") -> tuple[BreenForCausalLM, Any]:
+    """(model on `device` in eval mode, tokenizer) from a local BREEN directory.
+
+    ``device`` "auto" is cuda when available; flash attention only on CUDA in half precision, else SDPA.
+    """
+    import torch
+    from transformers import AutoTokenizer
+
+    from breen.model import BreenForCausalLM
+
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    attn = None if device.startswith("cuda") and dtype != "float32" else "sdpa"
+    model = BreenForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype), attn_implementation=attn)
+    model = model.to(device).eval()
+    # config=: no AutoConfig lookup of "breen"
+    return model, AutoTokenizer.from_pretrained(model_dir, config=model.config)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -120,22 +164,7 @@ def main(argv: list[str] | None = None) -> None:
         args.model = str(fetch_dir(model_dir, "--model"))
     except (StorageError, OSError) as e:
         parser.error(str(e))
-    import torch
-    from transformers import AutoTokenizer
-
-    from breen.model import BreenForCausalLM
-
-    if args.device == "auto":
-        args.device = "cuda" if torch.cuda.is_available() else "cpu"
-    # flash attention needs CUDA and half precision; anything else uses SDPA
-    attn = None if args.device.startswith("cuda") and args.dtype != "float32" else "sdpa"
-    model = BreenForCausalLM.from_pretrained(
-        args.model, dtype=getattr(torch, args.dtype), attn_implementation=attn
-    )
-    model = model.to(args.device)
-    tokenizer = AutoTokenizer.from_pretrained(
-        args.model, config=model.config
-    )  # no AutoConfig lookup of "breen"
+    model, tokenizer = load(args.model, args.device, args.dtype)
     image = Path(args.image).read_bytes() if args.image else None
     print(answer(model, tokenizer, args.prompt, image=image, max_new_tokens=args.max_new_tokens))
 

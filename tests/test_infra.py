@@ -44,6 +44,8 @@ JOB_OVERLAYS = ("overlays/dev/jobs", "overlays/full/jobs", "overlays/bucket/jobs
 BUCKET_OVERLAYS = {"overlays/bucket": "s3://breen-bucket"}  # no shared volume: every path in this bucket
 PREP_STEPS = ("download", "captions", "filter", "shards", "sft-import", "report")  # pipelines.graph + report
 TRAIN_STEPS = ("convert", "stage1", "stage2", "stage3")
+EVAL_STEPS = ("eval",)
+STEPS = (*PREP_STEPS, *TRAIN_STEPS, *EVAL_STEPS)  # run order
 SHARED = "/mnt/breen"  # the shared volume's mount path in every pod (node-local scratch in the bucket overlay)
 
 
@@ -278,7 +280,7 @@ def test_overlay_builds(overlay):
     else:
         assert kinds == {"RayJob"}, kinds
         steps = {o["metadata"]["labels"]["breen/step"] for o in objs}
-        assert steps == set(PREP_STEPS) | set(TRAIN_STEPS), steps
+        assert steps == set(STEPS), steps
         for o in objs:  # the label selector in docs/cluster.md picks exactly one job per step
             assert o["metadata"]["name"] == "breen-" + o["metadata"]["labels"]["breen/step"]
 
@@ -644,7 +646,7 @@ def test_entrypoint_modules_resolve_and_help_works():
 # still imports them at start-up (issue 20).
 LIGHT_HELP = ("pipelines.prepare", "pipelines.download", "pipelines.captions", "pipelines.filter",
               "pipelines.teacher", "pipelines.sft_import", "pipelines.report", "pipelines.verify", "jobs.plan",
-              "breen.generate", "breen.convert")  # fmt: skip
+              "breen.generate", "breen.convert", "jobs.eval")  # fmt: skip
 HEAVY = ("torch", "ray", "transformers", "deepspeed", "open_clip")
 
 
@@ -790,6 +792,36 @@ def test_training_entrypoints_resolve_and_fit(overlay):
         export[stage] = str(cfg.export_dir)
 
 
+def _lmms_eval_tasks() -> set[str]:
+    """Task names of lmms-eval's own task folders (`task:` lines of its YAML files), without indexing them."""
+    import lmms_eval.tasks
+
+    names = set()
+    for path in Path(lmms_eval.tasks.__file__).parent.rglob("*.yaml"):
+        m = re.search(r"^task:\s*[\"']?([\w.-]+)", path.read_text(errors="replace"), flags=re.M)
+        if m:
+            names.add(m.group(1))
+    return names
+
+
+@pytest.mark.parametrize("overlay", JOB_OVERLAYS)
+def test_eval_entrypoint_reads_the_stage3_export(overlay):
+    from jobs import eval as jeval
+
+    jobs = {name: argv for ov, name, argv in entrypoints() if ov == overlay}
+    argv = jobs["breen-eval"]
+    assert module_of(argv) == "jobs.eval"
+    args = jeval.build_parser().parse_args(argv[3:])
+    (stage3,) = _train_configs(jobs["breen-stage3"])
+    assert args.model == str(stage3.export_dir), f"evaluates {args.model}, stage 3 exports {stage3.export_dir}"
+    tasks = args.tasks.split(",")
+    unknown = set(tasks) - _lmms_eval_tasks() - set(jeval.BUILTIN_TASKS)
+    assert not unknown, f"tasks lmms-eval does not have: {unknown}"
+    assert args.device == "cuda" and args.dtype == "bfloat16"
+    (job,) = [j for j in of_kind(build(overlay), "RayJob") if j["metadata"]["name"] == "breen-eval"]
+    assert job["spec"]["entrypointNumGpus"] == 1
+
+
 # ============================================================================ versions
 @cache
 def pyproject() -> dict[str, Any]:
@@ -906,10 +938,8 @@ def test_docs_commands_name_real_overlays_and_steps():
     for overlay in re.findall(r"infra/kuberay/(overlays/\w+(?:/jobs)?)\b(?!\.)", doc):
         assert (KUBERAY / overlay / "kustomization.yaml").exists(), overlay
     steps = set(re.findall(r"^run_step ([\w-]+)", doc, flags=re.M))
-    assert steps and steps <= set(PREP_STEPS) | set(TRAIN_STEPS), steps
-    assert steps == set(PREP_STEPS) | set(TRAIN_STEPS), (
-        f"docs skip a step: {set(PREP_STEPS) | set(TRAIN_STEPS) - steps}"
-    )
+    assert steps and steps <= set(STEPS), steps
+    assert steps == set(STEPS), f"docs skip a step: {set(STEPS) - steps}"
     # the steps are listed in run order
     order = re.findall(r"^run_step ([\w-]+)", doc, flags=re.M)
-    assert order == [*PREP_STEPS, *TRAIN_STEPS], order
+    assert order == list(STEPS), order
