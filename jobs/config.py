@@ -167,6 +167,8 @@ class MetricsSection:
     tensorboard: bool = True
     # Peak dense TFLOP/s per device for the MFU estimate; None: known GPUs by name, else 1.0 on CPU.
     peak_tflops: float | None = None
+    # Weights & Biases project to log to as well (rank 0, `jobs.metrics.Tracker`); None: off.
+    wandb: str | None = None
 
 
 @dataclass
@@ -515,6 +517,7 @@ def validate(cfg: TrainConfig, check_paths: bool = False) -> None:
     need(cfg.checkpoint.keep_last >= 1, "checkpoint.keep_last", "must be >= 1")
     need(cfg.checkpoint.max_failures >= 0, "checkpoint.max_failures", "must be >= 0")
     need(cfg.metrics.log_every >= 1, "metrics.log_every", "must be >= 1")
+    need(cfg.metrics.wandb is None or bool(cfg.metrics.wandb.strip()), "metrics.wandb", "must be a project name or null")
     if check_paths:
         need(bool(cfg.data.paths), "data.paths", "no training-shard directory given (--data)")
         for i, p in enumerate(cfg.data.paths):

@@ -10,7 +10,7 @@ Writes: ``<output_dir>/<stage>/`` (Ray Train storage for the run; a folder or ``
         config the run started with; never rewritten by a resume), ``config_history/NNNN.json`` (every
         start and resume: config, changes), ``step-NNNNNNN/`` checkpoints (ZeRO-3 shards + client state +
         completion markers, last K kept; torn ones moved aside to ``torn-step-NNNNNNN-<time>/``),
-        ``metrics.jsonl`` and ``tensorboard/`` (rank 0), and at stage end ``export/`` (consolidated
+        ``metrics.jsonl``, ``samples.jsonl`` and ``tensorboard/`` (rank 0), and at stage end ``export/`` (consolidated
         Hugging Face model, safetensors, tokenizer) that `breen.generate` and the next stage load.
 
 Run with (embedded local Ray when no cluster address is given or found):
@@ -35,7 +35,9 @@ directories (``--init-from``, checkpoints' model configs) are fetched once per n
 
 The step loop is in `train_worker` (one Ray Train worker per accelerator): resume rule, trainable set
 (`breen.stages.set_trainable`), client AdamW with per-component learning rates, DeepSpeed engine, then
-for each step: learning rate, micro-batches (forward, backward, step), metrics, checkpoint.
+for each step: learning rate, micro-batches (forward, backward, step), validation when due
+(`jobs.validation`: held-out rows, ``data.val_fraction`` or ``data.val_paths``), metrics, checkpoint. Each
+stage, and ``--stage all``, ends with a table of the final validation values.
 """
 
 from __future__ import annotations
@@ -248,7 +250,7 @@ def run_worker(loop_config: dict[str, Any], progress: dict[str, int]) -> None:
 
     tracker = Tracker(
         cfg.run_dir, total_steps, enabled=rank == 0, tensorboard=cfg.metrics.tensorboard,
-        log_every=cfg.metrics.log_every,
+        log_every=cfg.metrics.log_every, wandb=cfg.metrics.wandb, config=to_dict(cfg),
     )  # fmt: skip
     peak = peak_tflops(cfg.metrics.peak_tflops, s.use_gpu)
     validator = validation.build(cfg, plan["validation"], tokenizer, model_config, rank, world, device, print0)

@@ -1067,3 +1067,24 @@ def test_tracker_logs_validation_scalars_and_samples(tmp_path):
     assert text.splitlines()[0].split() == ["stage", "step", "rows", "lm_loss", "align_fine", "align_coarse",
                                             "cos_fine", "cos_coarse"]  # fmt: skip
     assert text.splitlines()[1].split()[:4] == ["stage1", "2", "6", "2.5000"]
+
+
+def test_tracker_logs_to_weights_and_biases_offline(tmp_path, monkeypatch):
+    from jobs.metrics import Tracker
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    run_dir = tmp_path / "stage1"
+    tracker = Tracker(run_dir, 1, tensorboard=False, print_fn=lambda *a: None, wandb="breen-test",
+                      config={"stage": "stage1"})  # fmt: skip
+    tracker.log({"step": 1, "loss": 1.5, "lm_loss": 1.0, "align_fine": 0.5, "align_coarse": 0.5, "lr": {"default": 1e-4},
+                 "grad_norm": 0.1, "samples_per_s": 1.0, "tokens_per_s": 1.0, "mfu": 0.0, "step_time": 0.1,
+                 "val/lm_loss": 2.5, "val/align_fine": 0.75, "val/align_coarse": 0.5, "val/cos_fine": 0.25,
+                 "val/cos_coarse": 0.5, "val/rows": 6})  # fmt: skip
+    tracker.log_samples(1, [{"step": 1, "key": "k1", "prompt": "<image>", "answer": "a", "reference": "b"}])
+    tracker.close()
+    (run,) = (run_dir / "wandb").glob("offline-run-*")
+    assert list(run.glob("run-*.wandb")) and run.name.endswith(tracker_id := run.name.rsplit("-", 1)[1])
+    again = Tracker(run_dir, 1, tensorboard=False, print_fn=lambda *a: None, wandb="breen-test")
+    again.close()  # a resumed run continues the same W&B run (the id derives from the run directory)
+    assert {p.name.rsplit("-", 1)[1] for p in (run_dir / "wandb").glob("offline-run-*")} == {tracker_id}
