@@ -760,7 +760,7 @@ def run_stage(
     }  # fmt: skip
     print(f"[{cfg.stage}] done in {summary['seconds']} s: {summary}", flush=True)
     if summary["validation"]:
-        print(f"[{cfg.stage}] final validation:\n{validation.table({cfg.stage: summary['validation']})}", flush=True)
+        print(f"[{cfg.stage}] last validation:\n{validation.table({cfg.stage: summary['validation']})}", flush=True)
     return summary
 
 

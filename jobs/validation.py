@@ -151,7 +151,7 @@ class Validator:
         sample = {
             "key": str(rows["key"][i]),
             "input_ids": torch.from_numpy(ids[:first]),
-            "prompt": ("<image> " if len(rows["pixel_values"][i]) else "") + self._text(ids[:first]),
+            "prompt": f"{'<image>' if len(rows['pixel_values'][i]) else ''} {self._text(ids[:first])}".strip(),
             "reference": self._text(labels[first:end]),
         }
         if len(rows["pixel_values"][i]):
