@@ -146,7 +146,7 @@ class Validator:
 
         ids = np.frombuffer(rows["input_ids"][i], np.int32).astype(np.int64)
         labels = np.frombuffer(rows["labels"][i], np.int32).astype(np.int64)
-        first = int(np.flatnonzero(labels >= 0)[0])
+        first = 1 + int(np.flatnonzero(labels[1:] >= 0)[0])  # labels[0] is never predicted (the shift)
         end = first + int(np.argmax(labels[first:] < 0)) if (labels[first:] < 0).any() else len(labels)
         sample = {
             "key": str(rows["key"][i]),
