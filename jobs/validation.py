@@ -141,12 +141,20 @@ class Validator:
         self.samples = [self._prompt(rows, i) for i in ok[: cfg.validation.num_samples]]
 
     def _prompt(self, rows: dict[str, np.ndarray], i: int) -> dict[str, Any]:
-        """Row `i`'s tokens before its first supervised one, its image, and the reference answer."""
+        """Row `i`'s prompt, its image, and the reference answer. Chat rows (stage 3): the tokens up to the
+        first ``<|im_start|>assistant\\n``, reference = that answer; caption rows: the tokens before the
+        first predicted label (image and queries), reference = the caption."""
         import torch
 
         ids = np.frombuffer(rows["input_ids"][i], np.int32).astype(np.int64)
         labels = np.frombuffer(rows["labels"][i], np.int32).astype(np.int64)
-        first = 1 + int(np.flatnonzero(labels[1:] >= 0)[0])  # labels[0] is never predicted (the shift)
+        tok = self.tokenizer
+        header = [tok.convert_tokens_to_ids("<|im_start|>"), *tok.encode("assistant\n", add_special_tokens=False)]
+        starts = [j for j in range(len(ids) - len(header) + 1) if ids[j : j + len(header)].tolist() == header]
+        if starts:
+            first = starts[0] + len(header)
+        else:
+            first = 1 + int(np.flatnonzero(labels[1:] >= 0)[0])  # labels[0] is never predicted (the shift)
         end = first + int(np.argmax(labels[first:] < 0)) if (labels[first:] < 0).any() else len(labels)
         sample = {
             "key": str(rows["key"][i]),

@@ -1088,3 +1088,20 @@ def test_tracker_logs_to_weights_and_biases_offline(tmp_path, monkeypatch):
     again = Tracker(run_dir, 1, tensorboard=False, print_fn=lambda *a: None, wandb="breen-test")
     again.close()  # a resumed run continues the same W&B run (the id derives from the run directory)
     assert {p.name.rsplit("-", 1)[1] for p in (run_dir / "wandb").glob("offline-run-*")} == {tracker_id}
+
+
+def test_sample_prompts_end_before_the_first_predicted_label(init_dir, model_config):
+    """Stage 3's chat rows label their first token (never predicted: the loss shifts by one); the prompt
+    must still hold the chat up to the answer, and the reference is the first answer."""
+    from jobs.validation import Validator
+
+    tokenizer = ingest.load_tokenizer(init_dir)
+    enc = ingest.ReadEncode("", model_config.to_dict(), "conversations", 512, seed=0, tokenizer=tokenizer)
+    conv = json.dumps([{"from": "human", "value": "What is it?"}, {"from": "gpt", "value": "A red cat."}])
+    rows = enc.encode_rows(pa.table({"key": ["k0"], "conversations": [conv]}), 0, [None])
+    assert rows["ok"][0] and np.frombuffer(rows["labels"][0], np.int32)[0] >= 0  # the case that matters
+    validator = Validator.__new__(Validator)
+    validator.tokenizer, validator.image_size = tokenizer, model_config.image_size
+    sample = validator._prompt(rows, 0)
+    assert len(sample["input_ids"]) > 1 and "What is it?" in sample["prompt"] and "pixel_values" not in sample
+    assert sample["reference"].startswith("A red cat.") and sample["key"] == "k0"
