@@ -1090,8 +1090,8 @@ def test_tracker_logs_to_weights_and_biases_offline(tmp_path, monkeypatch):
     assert {p.name.rsplit("-", 1)[1] for p in (run_dir / "wandb").glob("offline-run-*")} == {tracker_id}
 
 
-def test_sample_prompts_end_before_the_first_predicted_label(init_dir, model_config):
-    """Stage 3's chat rows label their first token (never predicted: the loss shifts by one); the prompt
+def test_sample_prompts_of_chat_rows_end_where_the_first_answer_starts(init_dir, model_config):
+    """Stage 3 chat rows label template tokens too (their first token, never predicted); the prompt
     must still hold the chat up to the answer, and the reference is the first answer."""
     from jobs.validation import Validator
 
