@@ -128,7 +128,7 @@ def test_three_stages_chain_and_the_export_answers_generate(chained):
         val = val_records(run)  # every 3 steps and at the end, on held-out rows
         assert sorted(val) == sorted({*range(3, len(records) + 1, 3), len(records)}), (stage, sorted(val))
         for v in val.values():
-            assert v["val/rows"] == 8 and v["val/held_out"] > 8 and v["val/lm_loss"] > 0, (stage, v)
+            assert v["val/rows"] == min(8, v["val/held_out"]) and v["val/lm_loss"] > 0, (stage, v)
             if stage != "stage3":
                 assert v["val/align_fine"] > 0 and v["val/cos_fine"] == pytest.approx(1 - v["val/align_fine"])
         events = EventAccumulator(str(run / "tensorboard")).Reload()
