@@ -158,10 +158,14 @@ def read_by_key(
     """`columns` of the rows of the Parquet file `path` with these keys (in this order), and those rows'
     positions in the file; a key the file does not hold is an error naming it."""
     store = Store.at(path)
-    keys_of = pq.read_table(store.path, columns=[KEY], filesystem=store.fs,
-                            page_checksum_verification=True).column(KEY)  # fmt: skip
-    pos = row_positions(keys, keys_of, str(store))
+    pos = row_positions(keys, keys_of(store), str(store))
     return read_rows(store, columns, pos), pos
+
+
+def keys_of(path: str | Path | Store) -> pa.ChunkedArray:
+    """The ``key`` column of a Parquet file (local or on a store), read alone."""
+    store = Store.at(path)
+    return pq.read_table(store.path, columns=[KEY], filesystem=store.fs, page_checksum_verification=True).column(KEY)
 
 
 def images_dir(shard_path: str | Path | Store) -> Store | None:

@@ -81,6 +81,11 @@ class DataSection:
     encode_cpus: float = 1.0
     # Micro-batches each worker prefetches (collated in a background thread).
     prefetch_batches: int = 4
+    # Held-out validation rows, never trained on (`jobs.ingest.held_out_rows`): the rows whose sha256(key)
+    # falls below this fraction (the same rows whatever the seed, workers or resume). 0: none.
+    val_fraction: float = 0.0
+    # Or a separate validation shard set (every row held out; then val_fraction must stay 0).
+    val_paths: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -162,6 +167,19 @@ class MetricsSection:
     tensorboard: bool = True
     # Peak dense TFLOP/s per device for the MFU estimate; None: known GPUs by name, else 1.0 on CPU.
     peak_tflops: float | None = None
+    # Weights & Biases project to log to as well (rank 0, `jobs.metrics.Tracker`); None: off.
+    wandb: str | None = None
+
+
+@dataclass
+class ValidationSection:
+    """Evaluation on the held-out rows (``data.val_fraction`` or ``data.val_paths``; see `jobs.validation`)."""
+
+    enabled: bool = True  # evaluate when a held-out set exists
+    every_steps: int = 100  # also at the end of the stage
+    max_rows: int = 256  # held-out rows evaluated (the first ones, in file then row order)
+    num_samples: int = 2  # fixed sample generations logged per evaluation (the first held-out rows)
+    sample_max_new_tokens: int = 16  # greedy tokens per sample
 
 
 @dataclass
@@ -188,6 +206,7 @@ class TrainConfig:
     schedule: ScheduleSection = field(default_factory=ScheduleSection)
     checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
     metrics: MetricsSection = field(default_factory=MetricsSection)
+    validation: ValidationSection = field(default_factory=ValidationSection)
     debug: DebugSection = field(default_factory=DebugSection)
     storage: StorageConfig = field(default_factory=StorageConfig)  # the object store's endpoint, if any
 
@@ -266,6 +285,8 @@ PROFILES: dict[str, dict[str, dict[str, Any]]] = {
             "checkpoint.keep_last": 2,
             "checkpoint.max_failures": 1,
             "metrics.log_every": 1,
+            "validation.every_steps": 10,
+            "validation.max_rows": 16,
         },
         "stage3": {"scale.global_batch_size": 4},
     },
@@ -468,6 +489,14 @@ def validate(cfg: TrainConfig, check_paths: bool = False) -> None:
     need(cfg.data.encode_actors > 0, "data.encode_actors", "must be > 0")
     need(cfg.data.encode_cpus > 0, "data.encode_cpus", "must be > 0")
     need(cfg.data.prefetch_batches >= 1, "data.prefetch_batches", "must be >= 1")
+    need(0 <= cfg.data.val_fraction < 1, "data.val_fraction", "must be in [0, 1)")
+    need(not (cfg.data.val_paths and cfg.data.val_fraction), "data.val_paths",
+         "give either a validation shard set or data.val_fraction, not both")  # fmt: skip
+    v = cfg.validation
+    need(v.every_steps >= 1, "validation.every_steps", "must be >= 1")
+    need(v.max_rows >= 1, "validation.max_rows", "must be >= 1")
+    need(0 <= v.num_samples <= v.max_rows, "validation.num_samples", f"must be in [0, max_rows={v.max_rows}]")
+    need(v.sample_max_new_tokens >= 1, "validation.sample_max_new_tokens", "must be >= 1")
     need(bool(cfg.optim.lrs), "optim.lrs", "needs at least a 'default' learning rate")
     for name, lr in cfg.optim.lrs.items():
         need(name in COMPONENTS or name == "default", f"optim.lrs.{name}",
@@ -488,6 +517,7 @@ def validate(cfg: TrainConfig, check_paths: bool = False) -> None:
     need(cfg.checkpoint.keep_last >= 1, "checkpoint.keep_last", "must be >= 1")
     need(cfg.checkpoint.max_failures >= 0, "checkpoint.max_failures", "must be >= 0")
     need(cfg.metrics.log_every >= 1, "metrics.log_every", "must be >= 1")
+    need(cfg.metrics.wandb is None or bool(cfg.metrics.wandb.strip()), "metrics.wandb", "must be a project name or null")
     if check_paths:
         need(bool(cfg.data.paths), "data.paths", "no training-shard directory given (--data)")
         for i, p in enumerate(cfg.data.paths):
@@ -513,11 +543,12 @@ def validate(cfg: TrainConfig, check_paths: bool = False) -> None:
 # ----------------------------------------------------------------------------- resume: config changes
 # Fields that cannot change what a run computes, so a resumed run may change them freely: where the run
 # lives (its folder is the same by construction), how checkpoints are kept and exported (resume is exact),
-# logging, fault injection, and ingest parallelism and resources (the data stream is deterministic
+# logging and evaluation (the held-out rows themselves, ``data.val_*``, are compared: they change the
+# training stream), fault injection, and ingest parallelism and resources (the data stream is deterministic
 # whatever the timing: `jobs.ingest`). Every other field, `data.paths` and `model.*` included, is compared
 # (`config_changes`). A dotted prefix covers its whole section.
 RESUME_NEUTRAL = (
-    "name", "output_dir", "storage", "checkpoint", "metrics", "debug",
+    "name", "output_dir", "storage", "checkpoint", "metrics", "validation", "debug",
     "data.encode_batch_size", "data.encode_actors", "data.encode_cpus", "data.prefetch_batches",
     "scale.cpus_per_worker", "scale.malloc",
 )  # fmt: skip

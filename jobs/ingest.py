@@ -35,6 +35,15 @@ dropped *before* reading and decoding (whole files skipped, the first file slice
 deal restarts aligned. Rejected samples (`breen.data.SampleRejected`: corrupt image, too long, ...) are
 never dropped from the stream, which would shift positions: they travel as rows with ``ok = False`` and a
 ``reason``, the worker leaves them out of its micro-batch and counts them.
+
+Held-out validation rows (``data.val_fraction``: `held_out_rows`). A row is held out when the sha256 of its
+``key`` falls below the fraction: a pure function of the key, so the same rows are held out whatever the
+seed, the worker count, the file order or a resume, and the split needs no extra pass over the data at
+shard time (it is equivalent to choosing it there: the shard files and their keys fix it). `hold_out`
+records them per file (`ShardFile.held_out`); the training stream never sees them: positions count only
+the other rows (`ShardFile.train_rows`), and `ReadEncode` drops the held-out rows of a file before ordering
+it. `validation_items` lists the rows `jobs.validation` evaluates (held-out rows, or every row of the
+``data.val_paths`` shards).
 """
 
 from __future__ import annotations
@@ -42,7 +51,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -93,6 +102,11 @@ class ShardFile:
     sha256: str | None = None  # from the file's stats (``part-NNNNN.stats.json``), when they list it
     fingerprint: str | None = None  # the dataset fingerprint in the Parquet metadata, if any
     schema: pa.Schema | None = field(default=None, compare=False, repr=False)
+    held_out: tuple[int, ...] = ()  # rows (file order) kept out of training for validation (`hold_out`)
+
+    @property
+    def train_rows(self) -> int:
+        return self.rows - len(self.held_out)
 
 
 def _recorded(d: Store, stem: str, names: dict[str, int]) -> dict[str, Any]:
@@ -238,6 +252,44 @@ def check_shards(
             )
 
 
+# ----------------------------------------------------------------------------- held-out validation rows
+def held_out_rows(keys: Sequence[str], fraction: float) -> np.ndarray:
+    """Mask of the rows held out for validation: sha256(key), its first 8 bytes read as a fraction of
+    2**64, below `fraction`. Depends on the key alone (not on seed, workers, file order or resume)."""
+    if fraction <= 0:
+        return np.zeros(len(keys), bool)
+    limit = int(fraction * 2**64)
+    return np.fromiter(
+        (int.from_bytes(hashlib.sha256(str(k).encode()).digest()[:8], "big") < limit for k in keys),
+        bool,
+        len(keys),
+    )
+
+
+def hold_out(files: Sequence[ShardFile], fraction: float) -> list[ShardFile]:
+    """`files` with their held-out rows recorded (`held_out_rows`; reads each file's key column)."""
+    if fraction <= 0:
+        return list(files)
+    out = []
+    for f in files:
+        mask = held_out_rows(sf.keys_of(f.path).to_pylist(), fraction)
+        out.append(replace(f, held_out=tuple(int(i) for i in np.flatnonzero(mask))))
+    return out
+
+
+def validation_items(files: Sequence[ShardFile], max_rows: int, every_row: bool = False) -> list[dict[str, Any]]:
+    """The validation rows to evaluate, as work items ``{"path", "sha256", "rows": [row indices]}``: the
+    held-out rows of `files` (or, `every_row`, all rows: the ``data.val_paths`` shards), in file order then
+    row order, at most `max_rows` in all."""
+    items, left = [], max_rows
+    for f in files:
+        rows = list(range(f.rows)) if every_row else list(f.held_out)
+        if rows and left > 0:
+            items.append({"path": f.path, "sha256": f.sha256 or "", "rows": rows[:left]})
+            left -= len(items[-1]["rows"])
+    return items
+
+
 # ----------------------------------------------------------------------------- epoch order
 def file_order(num_files: int, seed: int, epoch: int) -> np.ndarray:
     return np.random.default_rng([seed, epoch]).permutation(num_files)
@@ -275,25 +327,29 @@ def row_order(
 
 def epoch_plan(files: Sequence[ShardFile], seed: int, epochs: int, skip: int = 0) -> list[dict[str, Any]]:
     """Work items, one per (epoch, file), in stream order. ``first_pos`` is the global position of the
-    file's first row in that epoch, ``sha256`` the file's checksum from its stats ("" when unknown); positions below `skip` (consumed before a resume) are dropped here,
-    before anything is read: whole files are left out and the first remaining file starts at ``skip``."""
-    total = sum(f.rows for f in files)
+    file's first row in that epoch, ``rows`` / ``train_rows`` its rows with / without the held-out ones,
+    ``sha256`` the file's checksum from its stats ("" when unknown); positions below `skip` (consumed
+    before a resume) are dropped here, before anything is read: whole files are left out and the first
+    remaining file starts at ``skip``."""
+    total = total_rows(files)
     items = []
     for epoch in range(epochs):
         pos = epoch * total
         for idx in file_order(len(files), seed, epoch):
             f = files[idx]
-            if pos + f.rows > skip:
+            if f.train_rows and pos + f.train_rows > skip:
                 items.append(
                     {"path": f.path, "epoch": epoch, "file_index": int(idx), "first_pos": pos,
-                     "rows": f.rows, "skip": max(0, skip - pos), "sha256": f.sha256 or ""}
+                     "rows": f.rows, "train_rows": f.train_rows, "skip": max(0, skip - pos),
+                     "sha256": f.sha256 or ""}
                 )  # fmt: skip
-            pos += f.rows
+            pos += f.train_rows
     return items
 
 
 def total_rows(files: Sequence[ShardFile]) -> int:
-    return sum(f.rows for f in files)
+    """Training rows (held-out validation rows excluded)."""
+    return sum(f.train_rows for f in files)
 
 
 def expected_pos(step: int, micro: int, rank: int, world: int, micro_batch: int, accum: int) -> int:
@@ -334,9 +390,12 @@ class ReadEncode:
         group_size: int = 0,
         chunk_rows: int = 32,
         endpoint_override: str | None = None,
+        val_fraction: float = 0.0,
+        tokenizer: Any = None,
     ):
         self.endpoint_override = endpoint_override
-        self.tokenizer = load_tokenizer(fetch_dir(tokenizer_dir, "model.tokenizer", endpoint_override))
+        self.tokenizer = tokenizer or load_tokenizer(fetch_dir(tokenizer_dir, "model.tokenizer", endpoint_override))
+        self.val_fraction = val_fraction
         self.config = BreenConfig(**model_config)
         self.text_field = text_field
         self.max_length = max_length
@@ -376,24 +435,40 @@ class ReadEncode:
         n = table.num_rows
         if n != int(item["rows"]):
             raise ShardError(f"{item['path']}: {n} rows, the plan expected {item['rows']} (file changed?)")
-        has_image = sf.has_image(table) if self.group_size else None
+        keep = np.arange(n)  # the training rows: all but the held-out ones
+        if self.val_fraction > 0:
+            keep = np.flatnonzero(~held_out_rows(table.column(sf.KEY).to_pylist(), self.val_fraction))
+        if len(keep) != int(item.get("train_rows", n)):
+            raise ShardError(f"{item['path']}: {len(keep)} training rows, the plan expected {item['train_rows']}")
+        has_image = sf.has_image(table)[keep] if self.group_size else None
         order = row_order(
-            n, self.seed, int(item["epoch"]), int(item["file_index"]), has_image, self.group_size
+            len(keep), self.seed, int(item["epoch"]), int(item["file_index"]), has_image, self.group_size
         )
         start = int(item["skip"])
-        rows = table.take(pa.array(order[start:], pa.int64()))
-        # Referenced images: read once per file, in one pass over the row groups that hold them.
-        try:
-            images = sf.resolve_images(rows, sf.images_dir(path))
-        except (OSError, ValueError, IndexError, pa.ArrowException) as err:
-            raise ShardError(
-                f"{path}: its referenced images cannot be read ({type(err).__name__}: {err})"
-            ) from err
+        rows = table.take(pa.array(keep[order[start:]], pa.int64()))
+        images = self.images(rows, path)
         for lo in range(0, rows.num_rows, self.chunk_rows):
             chunk = rows.slice(lo, self.chunk_rows)
             yield self.encode_rows(
                 chunk, int(item["first_pos"]) + start + lo, images[lo : lo + self.chunk_rows]
             )
+
+    def images(self, rows: pa.Table, path: Store) -> list[bytes | None]:
+        """The encoded image of every row (referenced images read once, in one pass over their row groups)."""
+        try:
+            return sf.resolve_images(rows, sf.images_dir(path))
+        except (OSError, ValueError, IndexError, pa.ArrowException) as err:
+            raise ShardError(
+                f"{path}: its referenced images cannot be read ({type(err).__name__}: {err})"
+            ) from err
+
+    def encode_selected(self, item: dict[str, Any]) -> dict[str, np.ndarray]:
+        """Rows ``item["rows"]`` (indices, in that order) of shard ``item["path"]`` encoded, as one chunk
+        (`validation_items`; ``pos`` counts from 0)."""
+        path = Store.at(str(item["path"]), "data.paths", self.endpoint_override)
+        table = self.read_file(path, str(item.get("sha256") or ""))
+        rows = table.take(pa.array(item["rows"], pa.int64()))
+        return self.encode_rows(rows, 0, self.images(rows, path))
 
     def encode_rows(
         self, rows: pa.Table, first_pos: int, images: list[bytes | None]
@@ -496,9 +571,11 @@ def build_dataset(
     encode_cpus: float = 1.0,
     chunk_rows: int = 32,
     endpoint_override: str | None = None,
+    val_fraction: float = 0.0,
 ):
     """The training stream as a Ray Dataset (lazy). `skip`: leading positions already consumed;
-    `endpoint_override`: the S3-compatible endpoint of shards on an object store."""
+    `endpoint_override`: the S3-compatible endpoint of shards on an object store; `val_fraction`: the
+    held-out share (`held_out_rows`, as `hold_out` recorded in `files`)."""
     import ray
 
     items = epoch_plan(files, seed, epochs, skip)
@@ -519,6 +596,7 @@ def build_dataset(
             "group_size": micro_batch_size if group_by_modality else 0,
             "chunk_rows": chunk_rows,
             "endpoint_override": endpoint_override,
+            "val_fraction": val_fraction,
         },
     )
     return ds.repartition(target_num_rows_per_block=micro_batch_size, strict=True)
@@ -537,6 +615,13 @@ def ingest_options():
 
 
 # ----------------------------------------------------------------------------- worker-side collate
+# The keys of a collated batch that the model's forward takes.
+MODEL_KEYS = (
+    "input_ids", "attention_mask", "labels", "pixel_values", "image_grid", "fine", "coarse", "align_mask",
+    "cu_seqlens",
+)  # fmt: skip
+
+
 class Collate(NumpyBatchCollateFn):
     """Ray batch (numpy dict, one micro-batch) -> model batch (torch tensors) + bookkeeping tensors.
 

@@ -7,7 +7,16 @@ Writes under the run directory (``<output_dir>/<name>/``):
   waited for micro-batches: the data starving the trainer), ``padding`` (fraction of padding tokens),
   ETA, counters). Steps re-run
   after a restart from a checkpoint are appended again: the last record of a step wins (`read_metrics`).
-- ``tensorboard/``: the same scalars (``train/...``), readable with ``tensorboard --logdir <run dir>``.
+  A step with an evaluation (`jobs.validation`) also holds its ``val/...`` values.
+- ``tensorboard/``: the same scalars (``train/...``, ``val/...``), readable with ``tensorboard --logdir <run dir>``.
+- Weights & Biases (``metrics.wandb=PROJECT``, off by default): the same scalars and the samples (a
+  table ``val/samples``) through wandb's own API, rank 0, in ``<run dir>/wandb/``; the run id derives
+  from the run directory, so a resumed run continues the same W&B run (steps redone after a restart are
+  dropped by W&B, which only accepts increasing steps). Mode and credentials come from wandb's environment
+  variables in the workers (``WANDB_MODE=offline`` writes locally only; an embedded Ray passes the
+  driver's environment on).
+- ``samples.jsonl``: the sample generations of every evaluation (step, key, prompt, answer, reference),
+  also TensorBoard text ``val/samples``.
 
 On an object store (which cannot append) both are written in a local folder and uploaded at every
 checkpoint (`Tracker.sync`) and at the end; a resumed run starts from the uploaded ``metrics.jsonl``.
@@ -31,6 +40,7 @@ from breen.storage import Store
 
 # Dense bf16 TFLOP/s by GPU name fragment (first match wins).
 METRICS_FILE = "metrics.jsonl"
+SAMPLES_FILE = "samples.jsonl"
 PEAK_TFLOPS = (("H200", 989.0), ("H100", 989.0), ("A100", 312.0), ("L40S", 362.0), ("A10G", 125.0))
 CPU_PEAK_TFLOPS = 1.0
 
@@ -74,6 +84,8 @@ class Tracker:
         tensorboard: bool = True,
         log_every: int = 1,
         print_fn=print,
+        wandb: str | None = None,
+        config: dict[str, Any] | None = None,
     ):
         self.enabled = enabled
         self.total_steps = total_steps
@@ -81,6 +93,7 @@ class Tracker:
         self.print = print_fn
         self.step_times: list[float] = []
         self.writer = None
+        self.wandb = None
         self.jsonl = None
         self.remote: Store | None = None
         if not enabled:
@@ -92,8 +105,9 @@ class Tracker:
             self.remote = store
             self._tmp = tempfile.TemporaryDirectory(prefix="breen-metrics-")
             local = Path(self._tmp.name)
-            if (store / METRICS_FILE).exists():  # a resumed run keeps the records of the earlier attempts
-                (local / METRICS_FILE).write_bytes((store / METRICS_FILE).read_bytes())
+            for name in (METRICS_FILE, SAMPLES_FILE):  # a resumed run keeps the records of earlier attempts
+                if (store / name).exists():
+                    (local / name).write_bytes((store / name).read_bytes())
         local.mkdir(parents=True, exist_ok=True)
         self.local = local
         self.jsonl = open(local / METRICS_FILE, "a")  # noqa: SIM115 (closed in close())
@@ -101,6 +115,14 @@ class Tracker:
             from torch.utils.tensorboard import SummaryWriter
 
             self.writer = SummaryWriter(str(local / "tensorboard"))
+        if wandb:
+            import hashlib
+
+            import wandb as wb
+
+            run_id = hashlib.sha256(store.uri.encode()).hexdigest()[:16]
+            self.wandb = wb.init(project=wandb, name=store.name, id=run_id, resume="allow", dir=str(local),
+                                 config=config)  # fmt: skip
 
     def eta(self, step: int) -> float:
         """Seconds left after `step` (1-based count of finished steps), from recent step times."""
@@ -118,14 +140,45 @@ class Tracker:
         record = {**record, "eta_s": round(self.eta(step), 1), "time": time.time()}
         self.jsonl.write(json.dumps(record, sort_keys=True) + "\n")
         self.jsonl.flush()
+        scalars = {
+            key if key.startswith("val/") else f"train/{key}": value
+            for key, value in record.items()
+            if isinstance(value, (int, float)) and key not in ("step", "time")
+        }
+        scalars.update({f"lr/{group}": lr for group, lr in record.get("lr", {}).items()})
         if self.writer is not None:
-            for key, value in record.items():
-                if isinstance(value, (int, float)) and key not in ("step", "time"):
-                    self.writer.add_scalar(f"train/{key}", value, step)
-            for group, lr in record.get("lr", {}).items():
-                self.writer.add_scalar(f"lr/{group}", lr, step)
+            for key, value in scalars.items():
+                self.writer.add_scalar(key, value, step)
+        if self.wandb is not None:
+            self.wandb.log(scalars, step=step)
         if step % self.log_every == 0 or step == self.total_steps or step == 1:
             self.print(self.summary(record))
+        if "val/lm_loss" in record:
+            self.print(
+                f"step {step} validation ({record['val/rows']} rows): lm {record['val/lm_loss']:.4f} fine "
+                f"{record['val/align_fine']:.4f} coarse {record['val/align_coarse']:.4f} (cosine "
+                f"{record['val/cos_fine']:.4f} / {record['val/cos_coarse']:.4f})"
+            )
+
+    def log_samples(self, step: int, samples: list[dict[str, Any]]) -> None:
+        """Sample generations of the evaluation after `step` steps: ``samples.jsonl`` and TensorBoard text."""
+        if not self.enabled or not samples:
+            return
+        with open(self.local / SAMPLES_FILE, "a") as f:
+            for sample in samples:
+                f.write(json.dumps(sample, sort_keys=True) + "\n")
+        if self.writer is not None:
+            rows = [f"| {s['key']} | {s['prompt']} | {s['answer']} | {s['reference']} |" for s in samples]
+            text = "| key | prompt | answer | reference |\n|---|---|---|---|\n" + "\n".join(rows)
+            self.writer.add_text("val/samples", text, step)
+        if self.wandb is not None:
+            import wandb as wb
+
+            columns = ["key", "prompt", "answer", "reference"]
+            self.wandb.log({"val/samples": wb.Table(columns=columns, data=[[s[c] for c in columns] for s in samples])},
+                           step=step)  # fmt: skip
+        for s in samples:
+            self.print(f"  sample {s['key']}: {s['prompt']!r} -> {s['answer']!r} (reference {s['reference']!r})")
 
     def summary(self, r: dict[str, Any]) -> str:
         lr = max(r.get("lr", {}).values(), default=0.0)
@@ -152,6 +205,9 @@ class Tracker:
         if self.writer is not None:
             self.writer.close()
             self.writer = None
+        if self.wandb is not None:
+            self.wandb.finish()
+            self.wandb = None
         if self.remote is not None:
             self.remote.upload_dir(self.local)
             self._tmp.cleanup()

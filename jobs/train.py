@@ -10,7 +10,7 @@ Writes: ``<output_dir>/<stage>/`` (Ray Train storage for the run; a folder or ``
         config the run started with; never rewritten by a resume), ``config_history/NNNN.json`` (every
         start and resume: config, changes), ``step-NNNNNNN/`` checkpoints (ZeRO-3 shards + client state +
         completion markers, last K kept; torn ones moved aside to ``torn-step-NNNNNNN-<time>/``),
-        ``metrics.jsonl`` and ``tensorboard/`` (rank 0), and at stage end ``export/`` (consolidated
+        ``metrics.jsonl``, ``samples.jsonl`` and ``tensorboard/`` (rank 0), and at stage end ``export/`` (consolidated
         Hugging Face model, safetensors, tokenizer) that `breen.generate` and the next stage load.
 
 Run with (embedded local Ray when no cluster address is given or found):
@@ -35,7 +35,9 @@ directories (``--init-from``, checkpoints' model configs) are fetched once per n
 
 The step loop is in `train_worker` (one Ray Train worker per accelerator): resume rule, trainable set
 (`breen.stages.set_trainable`), client AdamW with per-component learning rates, DeepSpeed engine, then
-for each step: learning rate, micro-batches (forward, backward, step), metrics, checkpoint.
+for each step: learning rate, micro-batches (forward, backward, step), validation when due
+(`jobs.validation`: held-out rows, ``data.val_fraction`` or ``data.val_paths``), metrics, checkpoint. Each
+stage, and ``--stage all``, ends with a table of the final validation values.
 """
 
 from __future__ import annotations
@@ -54,7 +56,7 @@ from typing import Any
 import numpy as np
 
 from breen.storage import StorageError, Store, fetch_dir
-from jobs import ingest
+from jobs import ingest, validation
 from jobs.checkpoint import (
     MODEL_DIR,
     CheckpointCorrupt,
@@ -84,18 +86,9 @@ from jobs.config import (
     to_dict,
     validate,
 )
+from jobs.ingest import MODEL_KEYS
+from jobs.metrics import read_metrics
 
-MODEL_KEYS = (
-    "input_ids",
-    "attention_mask",
-    "labels",
-    "pixel_values",
-    "image_grid",
-    "fine",
-    "coarse",
-    "align_mask",
-    "cu_seqlens",
-)
 CHAIN = ("stage1", "stage2", "stage3")
 
 
@@ -257,9 +250,10 @@ def run_worker(loop_config: dict[str, Any], progress: dict[str, int]) -> None:
 
     tracker = Tracker(
         cfg.run_dir, total_steps, enabled=rank == 0, tensorboard=cfg.metrics.tensorboard,
-        log_every=cfg.metrics.log_every,
+        log_every=cfg.metrics.log_every, wandb=cfg.metrics.wandb, config=to_dict(cfg),
     )  # fmt: skip
     peak = peak_tflops(cfg.metrics.peak_tflops, s.use_gpu)
+    validator = validation.build(cfg, plan["validation"], tokenizer, model_config, rank, world, device, print0)
     reasons = ingest.REJECT_REASONS
     last_good: dict[str, torch.Tensor] | None = None
     engine.train()
@@ -342,7 +336,9 @@ def run_worker(loop_config: dict[str, Any], progress: dict[str, int]) -> None:
             "mfu": mfu(sums[8], step_time, world, peak), "tokens_seen": state.tokens_seen,
             "rejected": sum(state.rejected.values()),
         }  # fmt: skip
-        tracker.log(record)
+        val, samples = validation.evaluate_if_due(validator, engine, state.step, total_steps)
+        tracker.log({**record, **val})
+        tracker.log_samples(state.step, samples)
 
         # --- checkpoint: every N steps, at the end, or when asked to stop
         finished = state.step == total_steps
@@ -586,6 +582,7 @@ def absolute_paths(cfg: TrainConfig) -> None:
 
     cfg.output_dir = fix(cfg.output_dir, "output_dir")
     cfg.data.paths = [fix(p, f"data.paths[{i}]") for i, p in enumerate(cfg.data.paths)]
+    cfg.data.val_paths = [fix(p, f"data.val_paths[{i}]") for i, p in enumerate(cfg.data.val_paths)]
     cfg.model.init_from = fix(cfg.model.init_from, "model.init_from")
     cfg.model.tokenizer = fix(cfg.model.tokenizer, "model.tokenizer")
 
@@ -676,6 +673,8 @@ def stage_plan(cfg: TrainConfig, allow_config_change: bool = False) -> dict[str,
         ingest.check_shards(files, model_config, cfg.data.text_field, teacher=cfg.data.teacher)
     except ValueError as err:
         raise ConfigError(str(err)) from None
+    files, val = validation.plan(cfg, files, model_config)
+    print(validation.describe(cfg.stage, val, cfg.validation.every_steps), flush=True)
     rows = ingest.total_rows(files)
     steps = rows * cfg.schedule.epochs // cfg.scale.global_batch_size
     if cfg.schedule.max_steps is not None:
@@ -688,7 +687,7 @@ def stage_plan(cfg: TrainConfig, allow_config_change: bool = False) -> dict[str,
     return {
         "files": files, "model_config": model_config, "init_dir": str(init_dir),
         "tokenizer_dir": str(tokenizer_dir), "total_steps": steps, "total_rows": rows,
-        "resumed_from": resume[0].name if resume else None, "config_changes": changes,
+        "resumed_from": resume[0].name if resume else None, "config_changes": changes, "validation": val,
     }  # fmt: skip
 
 
@@ -721,7 +720,7 @@ def run_stage(
             "epochs": cfg.schedule.epochs, "micro_batch_size": s.micro_batch_size,
             "group_by_modality": cfg.data.group_by_modality, "encode_actors": cfg.data.encode_actors,
             "encode_cpus": cfg.data.encode_cpus, "chunk_rows": cfg.data.encode_batch_size,
-            "endpoint_override": cfg.storage.endpoint_override,
+            "endpoint_override": cfg.storage.endpoint_override, "val_fraction": cfg.data.val_fraction,
         },
     )  # fmt: skip
     env = {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0", **worker_env(cfg)}  # plain print: rank-0 lines once
@@ -731,7 +730,7 @@ def run_stage(
             train_worker,
             train_loop_config={
                 "config": to_dict(cfg),
-                "plan": {k: plan[k] for k in ("init_dir", "tokenizer_dir", "total_steps", "total_rows")},
+                "plan": {k: plan[k] for k in ("init_dir", "tokenizer_dir", "total_steps", "total_rows", "validation")},
             },
             scaling_config=ScalingConfig(
                 num_workers=s.num_workers, use_gpu=s.use_gpu, resources_per_worker=resources
@@ -757,8 +756,11 @@ def run_stage(
         "stage": cfg.stage, "run_dir": str(cfg.run_dir), "steps": plan["total_steps"],
         "metrics": result.metrics, "seconds": round(time.time() - t0, 1),
         "export": str(cfg.export_dir) if cfg.checkpoint.export and (cfg.export_dir / "config.json").exists() else None,
+        "validation": validation.last_values(read_metrics(cfg.run_dir)),
     }  # fmt: skip
     print(f"[{cfg.stage}] done in {summary['seconds']} s: {summary}", flush=True)
+    if summary["validation"]:
+        print(f"[{cfg.stage}] last validation:\n{validation.table({cfg.stage: summary['validation']})}", flush=True)
     return summary
 
 
@@ -913,8 +915,11 @@ def main(argv: list[str] | None = None) -> int:
         )  # fmt: skip
         for cfg in cfgs:  # every stage's inputs (and resumed config) before the first one trains
             check_resume_config(cfg, check_inputs(cfg), args.allow_config_change, report=False)
+        finals = {}
         for cfg in cfgs:
-            run_stage(cfg, args.address, args.num_cpus, args.allow_config_change)
+            finals[cfg.stage] = run_stage(cfg, args.address, args.num_cpus, args.allow_config_change)["validation"]
+        if len(cfgs) > 1 and any(finals.values()):
+            print(f"final validation, per stage:\n{validation.table(finals)}", flush=True)
     except ConfigError as err:
         print(f"config error: {err}", file=sys.stderr)
         return 2

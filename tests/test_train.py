@@ -4,9 +4,12 @@
   from the previous stage's export, and the final export answers `breen.generate`.
 - After stage 1, every parameter outside the stage-1 trainable set is bitwise unchanged and every
   trainable one has changed.
-- Kill-and-resume: a run stopped after 3 steps and relaunched gives the same per-step losses and the
-  same final weights as an uninterrupted run (fixed seed, CPU); the resume is recorded in the run's
-  config history and ``train_config.json`` stays the first record.
+- Kill-and-resume: a run stopped after 3 steps and relaunched gives the same per-step losses, the same
+  validation values at the same steps (a separate held-out shard set, ``data.val_paths``, evaluated every
+  2 steps) and the same final weights as an uninterrupted run (fixed seed, CPU); the resume is recorded
+  in the run's config history and ``train_config.json`` stays the first record.
+- Validation (`jobs.validation`): every stage of the chain holds out ``data.val_fraction`` of its rows
+  and logs ``val/...`` values to metrics.jsonl and TensorBoard and sample generations to samples.jsonl.
 - Torn checkpoints: a run stopped at step 9 (checkpoints 3, 6, 9) whose step-9 ZeRO shard is truncated
   and whose step-6 optimizer shard has one byte flipped (same size): the rerun names both (the first by
   size before Ray starts, the second by sha256 from the rank that reads it), falls back to step 3 and
@@ -59,6 +62,17 @@ def losses(run_dir: Path | Store) -> dict[int, float]:
     return out
 
 
+def val_records(run_dir: Path) -> dict[int, dict[str, float]]:
+    """step -> the ``val/...`` values of that step (a step logged twice must agree with itself)."""
+    out: dict[int, dict[str, float]] = {}
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        rec = json.loads(line)
+        val = {k: v for k, v in rec.items() if k.startswith("val/")}
+        if val:
+            assert out.setdefault(rec["step"], val) == val, f"step {rec['step']} evaluated differently"
+    return out
+
+
 def weights(export: Path) -> dict[str, torch.Tensor]:
     files = sorted(export.glob("*.safetensors"))
     assert files, f"no safetensors in {export}"
@@ -81,12 +95,15 @@ def chained(prepared_demo, tmp_path_factory):
     out = tmp_path_factory.mktemp("train") / "runs"
     argv = ["--stage", "all", "--data", str(cfg.out / "shards"), "--sft-data", str(cfg.out / "sft_shards"),
             "--init-from", "tiny", "--output-dir", str(out), *CPU,
-            "stage1.schedule.max_steps=6", "stage2.schedule.max_steps=3", "stage3.schedule.max_steps=3"]  # fmt: skip
+            "stage1.schedule.max_steps=6", "stage2.schedule.max_steps=3", "stage3.schedule.max_steps=3",
+            "data.val_fraction=0.2", "validation.every_steps=3", "validation.max_rows=8"]  # fmt: skip
     assert train.main(argv) == 0
     return out
 
 
 def test_three_stages_chain_and_the_export_answers_generate(chained):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
     from breen.generate import answer
     from breen.model import BreenForCausalLM
     from jobs.ingest import load_tokenizer
@@ -108,6 +125,19 @@ def test_three_stages_chain_and_the_export_answers_generate(chained):
         if stage != "stage3":  # captions: every sample carries CLIP targets
             assert all(r["align_fine"] > 0 and r["align_coarse"] > 0 for r in records)
         assert list((run / "tensorboard").rglob("events.out.tfevents.*")), f"no TensorBoard log in {run}"
+        val = val_records(run)  # every 3 steps and at the end, on held-out rows
+        assert sorted(val) == sorted({*range(3, len(records) + 1, 3), len(records)}), (stage, sorted(val))
+        for v in val.values():
+            assert v["val/rows"] == min(8, v["val/held_out"]) and v["val/lm_loss"] > 0, (stage, v)
+            if stage != "stage3":
+                assert v["val/align_fine"] > 0 and v["val/cos_fine"] == pytest.approx(1 - v["val/align_fine"])
+        events = EventAccumulator(str(run / "tensorboard")).Reload()
+        assert [(e.step, e.value) for e in events.Scalars("val/lm_loss")] == [
+            (s, pytest.approx(v["val/lm_loss"])) for s, v in sorted(val.items())
+        ]
+        samples = [json.loads(line) for line in (run / "samples.jsonl").read_text().splitlines()]
+        assert [s["step"] for s in samples] == [s for s in sorted(val) for _ in range(2)]
+        assert all(isinstance(s["answer"], str) and s["key"] for s in samples)
         assert len(sorted(run.glob("step-*"))) <= 2, "checkpoint.keep_last=2 not honoured"
         assert (run / "export" / "config.json").exists()
         previous = run
@@ -157,21 +187,35 @@ def stage1_argv(shards: Path, out: Path, *extra: str) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(shards, tmp_path_factory, ray_local):
+def val_shards(tmp_path_factory):
+    """A separate held-out shard set (``data.val_paths``): evaluating it leaves the training rows as they are."""
+    return write_tiny_shards(tmp_path_factory.mktemp("val-shards") / "shards", 10, clip_dim=64, seed=4)
+
+
+def val_args(val_shards: Path) -> list[str]:
+    return [f"data.val_paths={val_shards}", "validation.every_steps=2", "validation.max_rows=6"]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(shards, val_shards, tmp_path_factory, ray_local):
     out = tmp_path_factory.mktemp("uninterrupted")
-    assert train.main(stage1_argv(shards, out)) == 0
+    assert train.main(stage1_argv(shards, out, *val_args(val_shards))) == 0
     return out / "stage1"
 
 
-def test_stopped_and_resumed_run_matches_an_uninterrupted_one(shards, uninterrupted, tmp_path):
-    assert train.main(stage1_argv(shards, tmp_path, "debug.stop_after_step=3")) == 0
+def test_stopped_and_resumed_run_matches_an_uninterrupted_one(shards, val_shards, uninterrupted, tmp_path):
+    assert train.main(stage1_argv(shards, tmp_path, *val_args(val_shards), "debug.stop_after_step=3")) == 0
     run = tmp_path / "stage1"
     assert sorted(losses(run)) == [1, 2, 3] and not (run / "export").exists()
+    assert sorted(val_records(run)) == [2]
     first = (run / "train_config.json").read_text()
-    assert train.main(stage1_argv(shards, tmp_path)) == 0  # the same command resumes at step 3
+    assert train.main(stage1_argv(shards, tmp_path, *val_args(val_shards))) == 0  # resumes at step 3
     want, got = losses(uninterrupted), losses(run)
     assert sorted(want) == list(range(1, 13))
     assert got == want, f"per-step losses differ:\n uninterrupted {want}\n resumed       {got}"
+    want_val, got_val = val_records(uninterrupted), val_records(run)
+    assert sorted(want_val) == list(range(2, 13, 2)) and all(v["val/rows"] == 6 for v in want_val.values())
+    assert got_val == want_val, f"validation differs:\n uninterrupted {want_val}\n resumed       {got_val}"
     assert_same_weights(weights(uninterrupted / "export"), weights(run / "export"))
     history = [json.loads(p.read_text()) for p in sorted((run / "config_history").glob("*.json"))]
     assert [(h["resumed_from"], h["changes"]) for h in history] == [(None, []), ("step-0000003", [])]

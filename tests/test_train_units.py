@@ -972,3 +972,136 @@ def test_referenced_images_encode_exactly_like_inline_ones(tmp_path, init_dir, m
         for x, y in zip(a, b, strict=True):
             assert x.keys() == y.keys()
             assert all(np.array_equal(x[k], y[k]) for k in x), x["key"]
+
+
+# ============================================================================= held-out validation rows
+def test_held_out_rows_depend_on_the_key_alone():
+    keys = [f"row-{i:05d}" for i in range(4000)]
+    mask = ingest.held_out_rows(keys, 0.1)
+    assert 0.08 < mask.mean() < 0.12  # about the fraction
+    assert (ingest.held_out_rows(keys, 0.1) == mask).all()  # deterministic
+    shuffled = np.random.default_rng(0).permutation(len(keys))  # file order does not matter: the key does
+    assert (ingest.held_out_rows([keys[i] for i in shuffled], 0.1) == mask[shuffled]).all()
+    assert not ingest.held_out_rows(keys, 0.0).any()
+    assert (mask <= ingest.held_out_rows(keys, 0.3)).all()  # a larger fraction holds out more, never others
+
+
+def test_held_out_rows_never_reach_the_training_stream_whatever_the_seed(tmp_path, init_dir, model_config):
+    d = write_tiny_shards(tmp_path / "shards", 40, clip_dim=CLIP_DIM, rows_per_file=16)
+    files = ingest.hold_out(ingest.list_shards([d]), 0.25)
+    keys = {Path(f.path).name: sf.keys_of(f.path).to_pylist() for f in files}
+    held = {keys[Path(f.path).name][i] for f in files for i in f.held_out}
+    assert 0 < len(held) < 40 and ingest.total_rows(files) == 40 - len(held)
+    enc = ingest.ReadEncode(str(init_dir), model_config.to_dict(), "caption", 512, seed=0, val_fraction=0.25)
+    trained = []
+    for seed in (0, 7):  # the stream's order changes with the seed, the held-out rows do not
+        enc.seed = seed
+        items = ingest.epoch_plan(files, seed=seed, epochs=1)
+        chunks = [c for item in items for c in enc.encode_file(item)]
+        pos = [int(p) for c in chunks for p in c["pos"]]
+        assert pos == list(range(ingest.total_rows(files)))  # positions count the training rows only
+        trained.append([str(k) for c in chunks for k in c["key"]])
+    assert trained[0] != trained[1] and sorted(trained[0]) == sorted(trained[1])
+    assert not held & set(trained[0]) and held | set(trained[0]) == {k for ks in keys.values() for k in ks}
+
+    items = ingest.validation_items(files, max_rows=5)  # the first held-out rows, file then row order
+    assert sum(len(it["rows"]) for it in items) == 5
+    got = [str(k) for it in items for k in enc.encode_selected(it)["key"]]
+    want = [keys[Path(f.path).name][i] for f in files for i in f.held_out][:5]
+    assert got == want and set(got) <= held
+    every = ingest.validation_items(ingest.list_shards([d]), max_rows=100, every_row=True)  # data.val_paths
+    assert [len(it["rows"]) for it in every] == [16, 16, 8]
+
+
+def test_validation_config_is_checked_and_resume_neutral():
+    for override, field in (("data.val_fraction=1.0", "data.val_fraction"), ("validation.every_steps=0",
+                            "validation.every_steps"), ("validation.num_samples=99", "validation.num_samples")):  # fmt: skip
+        with pytest.raises(ConfigError, match=f"^{field}: "):
+            jc.build_config("stage1", "cpu", [override])
+    with pytest.raises(ConfigError, match=r"^data\.val_paths: give either"):
+        jc.build_config("stage1", "cpu", ["data.val_fraction=0.1", "data.val_paths=/x"])
+    base = jc.build_config("stage1", "cpu")
+    evals = jc.build_config("stage1", "cpu", ["validation.every_steps=3", "validation.max_rows=4"])
+    assert jc.config_changes(base, evals) == []  # evaluation does not change the weights
+    held = jc.build_config("stage1", "cpu", ["data.val_fraction=0.1"])
+    assert jc.config_changes(base, held) == ["data.val_fraction: 0.0 -> 0.1"]  # the training rows do
+
+
+def test_supervised_tokens_counts_what_the_lm_loss_averages():
+    import torch
+
+    from jobs.validation import supervised_tokens
+
+    labels = torch.tensor([[-100, 5, 6, -100], [-100, -100, 7, 8]])
+    assert supervised_tokens({"labels": labels}) == 4
+    packed = torch.tensor([[-100, 5, 6, 7, -100, 8]])  # two samples: [0, 4) and [4, 6)
+    assert supervised_tokens({"labels": packed, "cu_seqlens": torch.tensor([0, 4, 6])}) == 4
+
+
+def test_tracker_logs_validation_scalars_and_samples(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from jobs import validation
+    from jobs.metrics import Tracker, read_metrics
+
+    tracker = Tracker(tmp_path, 2, print_fn=lambda *a: None)
+    train_rec = {"step": 1, "loss": 1.0, "lm_loss": 1.0, "align_fine": 0.5, "align_coarse": 0.5, "lr": {},
+                 "grad_norm": 0.1, "samples_per_s": 1.0, "tokens_per_s": 1.0, "mfu": 0.0, "step_time": 0.1}  # fmt: skip
+    val = {"val/lm_loss": 2.5, "val/align_fine": 0.75, "val/align_coarse": 0.5, "val/cos_fine": 0.25,
+           "val/cos_coarse": 0.5, "val/rows": 6, "val/held_out": 9}  # fmt: skip
+    tracker.log(train_rec)
+    tracker.log({**train_rec, "step": 2, **val})
+    tracker.log_samples(2, [{"step": 2, "key": "k1", "prompt": "<image>", "answer": "a", "reference": "b"}])
+    tracker.close()
+    records = read_metrics(tmp_path)
+    assert "val/lm_loss" not in records[1] and records[2]["val/lm_loss"] == 2.5
+    samples = [json.loads(line) for line in (tmp_path / "samples.jsonl").read_text().splitlines()]
+    assert samples == [{"step": 2, "key": "k1", "prompt": "<image>", "answer": "a", "reference": "b"}]
+    acc = EventAccumulator(str(tmp_path / "tensorboard"), size_guidance={"tensors": 0}).Reload()
+    assert [(e.step, e.value) for e in acc.Scalars("val/lm_loss")] == [(2, 2.5)]
+    assert "train/loss" in acc.Tags()["scalars"] and "train/val/lm_loss" not in acc.Tags()["scalars"]
+    assert "val/samples/text_summary" in acc.Tags()["tensors"]
+    final = validation.last_values(records)
+    assert final["step"] == 2 and final["val/cos_fine"] == 0.25
+    text = validation.table({"stage1": final, "stage2": None})
+    assert text.splitlines()[0].split() == ["stage", "step", "rows", "lm_loss", "align_fine", "align_coarse",
+                                            "cos_fine", "cos_coarse"]  # fmt: skip
+    assert text.splitlines()[1].split()[:4] == ["stage1", "2", "6", "2.5000"]
+
+
+def test_tracker_logs_to_weights_and_biases_offline(tmp_path, monkeypatch):
+    from jobs.metrics import Tracker
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    run_dir = tmp_path / "stage1"
+    tracker = Tracker(run_dir, 1, tensorboard=False, print_fn=lambda *a: None, wandb="breen-test",
+                      config={"stage": "stage1"})  # fmt: skip
+    tracker.log({"step": 1, "loss": 1.5, "lm_loss": 1.0, "align_fine": 0.5, "align_coarse": 0.5, "lr": {"default": 1e-4},
+                 "grad_norm": 0.1, "samples_per_s": 1.0, "tokens_per_s": 1.0, "mfu": 0.0, "step_time": 0.1,
+                 "val/lm_loss": 2.5, "val/align_fine": 0.75, "val/align_coarse": 0.5, "val/cos_fine": 0.25,
+                 "val/cos_coarse": 0.5, "val/rows": 6})  # fmt: skip
+    tracker.log_samples(1, [{"step": 1, "key": "k1", "prompt": "<image>", "answer": "a", "reference": "b"}])
+    tracker.close()
+    (run,) = (run_dir / "wandb").glob("offline-run-*")
+    assert list(run.glob("run-*.wandb")) and run.name.endswith(tracker_id := run.name.rsplit("-", 1)[1])
+    again = Tracker(run_dir, 1, tensorboard=False, print_fn=lambda *a: None, wandb="breen-test")
+    again.close()  # a resumed run continues the same W&B run (the id derives from the run directory)
+    assert {p.name.rsplit("-", 1)[1] for p in (run_dir / "wandb").glob("offline-run-*")} == {tracker_id}
+
+
+def test_sample_prompts_of_chat_rows_end_where_the_first_answer_starts(init_dir, model_config):
+    """Stage 3 chat rows label template tokens too (their first token, never predicted); the prompt
+    must still hold the chat up to the answer, and the reference is the first answer."""
+    from jobs.validation import Validator
+
+    tokenizer = ingest.load_tokenizer(init_dir)
+    enc = ingest.ReadEncode("", model_config.to_dict(), "conversations", 512, seed=0, tokenizer=tokenizer)
+    conv = json.dumps([{"from": "human", "value": "What is it?"}, {"from": "gpt", "value": "A red cat."}])
+    rows = enc.encode_rows(pa.table({"key": ["k0"], "conversations": [conv]}), 0, [None])
+    assert rows["ok"][0] and np.frombuffer(rows["labels"][0], np.int32)[0] >= 0  # the case that matters
+    validator = Validator.__new__(Validator)
+    validator.tokenizer, validator.image_size = tokenizer, model_config.image_size
+    sample = validator._prompt(rows, 0)
+    assert len(sample["input_ids"]) > 1 and "What is it?" in sample["prompt"] and "pixel_values" not in sample
+    assert sample["reference"].startswith("A red cat.") and sample["key"] == "k0"
