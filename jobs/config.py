@@ -169,6 +169,8 @@ class MetricsSection:
     peak_tflops: float | None = None
     # Weights & Biases project to log to as well (rank 0, `jobs.metrics.Tracker`); None: off.
     wandb: str | None = None
+    # MLflow experiment to log to as well (rank 0; server from MLFLOW_TRACKING_URI); None: off.
+    mlflow: str | None = None
 
 
 @dataclass
@@ -518,6 +520,8 @@ def validate(cfg: TrainConfig, check_paths: bool = False) -> None:
     need(cfg.checkpoint.max_failures >= 0, "checkpoint.max_failures", "must be >= 0")
     need(cfg.metrics.log_every >= 1, "metrics.log_every", "must be >= 1")
     need(cfg.metrics.wandb is None or bool(cfg.metrics.wandb.strip()), "metrics.wandb", "must be a project name or null")
+    need(cfg.metrics.mlflow is None or bool(cfg.metrics.mlflow.strip()), "metrics.mlflow",
+         "must be an experiment name or null")  # fmt: skip
     if check_paths:
         need(bool(cfg.data.paths), "data.paths", "no training-shard directory given (--data)")
         for i, p in enumerate(cfg.data.paths):
@@ -554,19 +558,19 @@ RESUME_NEUTRAL = (
 )  # fmt: skip
 
 
-def _leaves(node: Any, where: str = "") -> dict[str, Any]:
+def leaves(node: Any, where: str = "") -> dict[str, Any]:
     """{dotted name: leaf} of a `to_dict` tree (lists are leaves)."""
     if not isinstance(node, dict):
         return {where: node}
     out: dict[str, Any] = {}
     for k, v in node.items():
-        out.update(_leaves(v, f"{where}.{k}" if where else str(k)))
+        out.update(leaves(v, f"{where}.{k}" if where else str(k)))
     return out
 
 
 def config_changes(old: TrainConfig, new: TrainConfig) -> list[str]:
     """``a.b: old -> new`` for every field outside `RESUME_NEUTRAL` where the two configs differ, sorted."""
-    before, after = _leaves(to_dict(old)), _leaves(to_dict(new))
+    before, after = leaves(to_dict(old)), leaves(to_dict(new))
     absent = "<absent>"  # a key of a dict field (optim.lrs) set on one side only
     changes = []
     for key in sorted(before.keys() | after.keys()):

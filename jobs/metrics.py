@@ -15,6 +15,11 @@ Writes under the run directory (``<output_dir>/<name>/``):
   dropped by W&B, which only accepts increasing steps). Mode and credentials come from wandb's environment
   variables in the workers (``WANDB_MODE=offline`` writes locally only; an embedded Ray passes the
   driver's environment on).
+- MLflow (``metrics.mlflow=EXPERIMENT``, off by default): the same scalars (MLflow keys: ``/`` kept) and
+  the samples (a JSON artifact per evaluation, ``val/samples-STEP.json``) through MLflow's own client, rank
+  0, to the tracking server named by ``MLFLOW_TRACKING_URI`` in the workers (MLflow's own variable); the
+  run is tagged with the run directory's URI, so a resumed run continues the same MLflow run (redone
+  steps are logged again: MLflow keeps every value of a step).
 - ``samples.jsonl``: the sample generations of every evaluation (step, key, prompt, answer, reference),
   also TensorBoard text ``val/samples``.
 
@@ -85,6 +90,7 @@ class Tracker:
         log_every: int = 1,
         print_fn=print,
         wandb: str | None = None,
+        mlflow: str | None = None,
         config: dict[str, Any] | None = None,
     ):
         self.enabled = enabled
@@ -94,6 +100,7 @@ class Tracker:
         self.step_times: list[float] = []
         self.writer = None
         self.wandb = None
+        self.mlflow = None  # (MlflowClient, run id)
         self.jsonl = None
         self.remote: Store | None = None
         if not enabled:
@@ -123,6 +130,8 @@ class Tracker:
             run_id = hashlib.sha256(store.uri.encode()).hexdigest()[:16]
             self.wandb = wb.init(project=wandb, name=store.name, id=run_id, resume="allow", dir=str(local),
                                  config=config)  # fmt: skip
+        if mlflow:
+            self.mlflow = mlflow_run(mlflow, store.uri, store.name, config)
 
     def eta(self, step: int) -> float:
         """Seconds left after `step` (1-based count of finished steps), from recent step times."""
@@ -151,6 +160,12 @@ class Tracker:
                 self.writer.add_scalar(key, value, step)
         if self.wandb is not None:
             self.wandb.log(scalars, step=step)
+        if self.mlflow is not None:
+            from mlflow.entities import Metric
+
+            client, run_id = self.mlflow
+            stamp = int(record["time"] * 1000)
+            client.log_batch(run_id, metrics=[Metric(k, float(v), stamp, step) for k, v in scalars.items()])
         if step % self.log_every == 0 or step == self.total_steps or step == 1:
             self.print(self.summary(record))
         if "val/lm_loss" in record:
@@ -177,6 +192,9 @@ class Tracker:
             columns = ["key", "prompt", "answer", "reference"]
             self.wandb.log({"val/samples": wb.Table(columns=columns, data=[[s[c] for c in columns] for s in samples])},
                            step=step)  # fmt: skip
+        if self.mlflow is not None:
+            client, run_id = self.mlflow
+            client.log_dict(run_id, samples, f"val/samples-{step:07d}.json")
         for s in samples:
             self.print(f"  sample {s['key']}: {s['prompt']!r} -> {s['answer']!r} (reference {s['reference']!r})")
 
@@ -208,10 +226,40 @@ class Tracker:
         if self.wandb is not None:
             self.wandb.finish()
             self.wandb = None
+        if self.mlflow is not None:
+            client, run_id = self.mlflow
+            client.set_terminated(run_id)
+            self.mlflow = None
         if self.remote is not None:
             self.remote.upload_dir(self.local)
             self._tmp.cleanup()
             self.remote = None
+
+
+def mlflow_run(experiment: str, run_uri: str, name: str, config: dict[str, Any] | None) -> tuple[Any, str]:
+    """(MlflowClient, run id) of the MLflow run of run directory `run_uri` in `experiment` (created when
+    missing; the tracking server is ``MLFLOW_TRACKING_URI``): the run tagged ``breen.run_dir`` = `run_uri`,
+    else a new one named `name` with the resolved config as its parameters (dotted names)."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient()
+    found = client.get_experiment_by_name(experiment)
+    experiment_id = found.experiment_id if found else client.create_experiment(experiment)
+    runs = client.search_runs([experiment_id], filter_string=f"tags.`breen.run_dir` = '{run_uri}'", max_results=1)
+    if runs:
+        run_id = runs[0].info.run_id
+        client.update_run(run_id, status="RUNNING")
+        return client, run_id
+    run_id = client.create_run(experiment_id, run_name=name, tags={"breen.run_dir": run_uri}).info.run_id
+    if config:
+        from mlflow.entities import Param
+
+        from jobs.config import leaves
+
+        params = [Param(k, str(v)[:6000]) for k, v in sorted(leaves(config).items())]
+        for i in range(0, len(params), 100):  # MLflow takes at most 100 parameters per batch
+            client.log_batch(run_id, params=params[i : i + 100])
+    return client, run_id
 
 
 def read_metrics(run_dir: str | Path | Store) -> dict[int, dict[str, Any]]:

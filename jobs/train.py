@@ -250,7 +250,8 @@ def run_worker(loop_config: dict[str, Any], progress: dict[str, int]) -> None:
 
     tracker = Tracker(
         cfg.run_dir, total_steps, enabled=rank == 0, tensorboard=cfg.metrics.tensorboard,
-        log_every=cfg.metrics.log_every, wandb=cfg.metrics.wandb, config=to_dict(cfg),
+        log_every=cfg.metrics.log_every, wandb=cfg.metrics.wandb, mlflow=cfg.metrics.mlflow,
+        config=to_dict(cfg),
     )  # fmt: skip
     peak = peak_tflops(cfg.metrics.peak_tflops, s.use_gpu)
     validator = validation.build(cfg, plan["validation"], tokenizer, model_config, rank, world, device, print0)

@@ -1090,6 +1090,42 @@ def test_tracker_logs_to_weights_and_biases_offline(tmp_path, monkeypatch):
     assert {p.name.rsplit("-", 1)[1] for p in (run_dir / "wandb").glob("offline-run-*")} == {tracker_id}
 
 
+def test_tracker_logs_to_mlflow(tmp_path, monkeypatch):
+    """A real MLflow client on a local file store (MLflow's own `file:` backend, allowed explicitly): the
+    scalars with their steps, the config as parameters, the samples as an artifact; a resumed run (same
+    run directory) continues the same MLflow run."""
+    from mlflow.tracking import MlflowClient
+
+    from breen.storage import Store
+    from jobs.metrics import Tracker
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", (tmp_path / "mlruns").as_uri())
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+    run_dir = tmp_path / "stage1"
+    record = {"step": 1, "loss": 1.5, "lm_loss": 1.0, "align_fine": 0.5, "align_coarse": 0.5, "lr": {"default": 1e-4},
+              "grad_norm": 0.1, "samples_per_s": 1.0, "tokens_per_s": 1.0, "mfu": 0.0, "step_time": 0.1,
+              "val/lm_loss": 2.5, "val/align_fine": 0.75, "val/align_coarse": 0.5, "val/cos_fine": 0.25,
+              "val/cos_coarse": 0.5, "val/rows": 6}  # fmt: skip
+    tracker = Tracker(run_dir, 2, tensorboard=False, print_fn=lambda *a: None, mlflow="breen-test",
+                      config={"stage": "stage1", "optim": {"lrs": {"default": 1e-4}}})  # fmt: skip
+    tracker.log(record)
+    tracker.log_samples(1, [{"step": 1, "key": "k1", "prompt": "<image>", "answer": "a", "reference": "b"}])
+    tracker.close()
+    again = Tracker(run_dir, 2, tensorboard=False, print_fn=lambda *a: None, mlflow="breen-test")
+    again.log({**record, "step": 2, "loss": 1.25})
+    again.close()
+
+    client = MlflowClient()
+    (run,) = client.search_runs([client.get_experiment_by_name("breen-test").experiment_id])
+    assert run.info.run_name == "stage1" and run.data.tags["breen.run_dir"] == Store.at(run_dir).uri
+    assert run.data.params["optim.lrs.default"] == "0.0001" and run.data.params["stage"] == "stage1"
+    history = client.get_metric_history(run.info.run_id, "train/loss")
+    assert sorted((m.step, m.value) for m in history) == [(1, 1.5), (2, 1.25)]
+    assert [(m.step, m.value) for m in client.get_metric_history(run.info.run_id, "val/lm_loss")] == [(1, 2.5), (2, 2.5)]
+    samples = client.download_artifacts(run.info.run_id, "val/samples-0000001.json", str(tmp_path / "dl"))
+    assert json.loads(Path(samples).read_text())[0]["answer"] == "a"
+
+
 def test_sample_prompts_of_chat_rows_end_where_the_first_answer_starts(init_dir, model_config):
     """Stage 3 chat rows label template tokens too (their first token, never predicted); the prompt
     must still hold the chat up to the answer, and the reference is the first answer."""
