@@ -1,6 +1,7 @@
 # Two commands a new user needs (see README.md):
 #   make demo   # data preparation + the three training stages on an embedded local Ray (tiny models,
-#               # synthetic corpus on 127.0.0.1), then one answer from the final model
+#               # synthetic corpus on 127.0.0.1), then one answer from the final model and one score of
+#               # the built-in lmms-eval task
 #   make test   # lint + the whole test suite (what .ci/run calls)
 # Environment (README "Environment"): `make install` installs exactly requirements.lock into .venv
 # (re-created when it was built from another lock) and checks it; `make lock` regenerates the lock.
@@ -57,6 +58,7 @@ demo: install
 		--init-from tiny --profile cpu --output-dir runs/demo/train data.val_fraction=0.1
 	$(PY) -m breen.generate --model runs/demo/train/stage3/export --image runs/demo/synthetic/images/00001.jpg \
 		--prompt "What is in the picture?" --max-new-tokens 16
+	$(PY) -m jobs.eval --model runs/demo/train/stage3/export --tasks breen_shapes
 
 test: install
 	$(VENV)/bin/ruff check .
