@@ -224,6 +224,10 @@ def main(argv: list[str] | None = None) -> int:
 
     with tempfile.TemporaryDirectory(prefix="breen-eval-tasks-") as builtin:
         build_task(builtin)
+        from loguru import logger  # lmms-eval's logger: INFO and up (DEBUG lists every task file it skips)
+
+        logger.remove()
+        logger.add(sys.stderr, level="INFO")
         from lmms_eval.tasks import TaskManager
 
         manager = TaskManager(include_path=[builtin, *args.include_path])
