@@ -1,8 +1,8 @@
 """Offline tiny models for tests: a byte-level BPE tokenizer with the Qwen special tokens, the `tiny` BREEN
 config matching it, a tiny random `Qwen2ForCausalLM`, and a saved Hugging Face Qwen2 directory.
 
-Nothing is downloaded. Tests import it as `from _tiny_models import ...` (pytest puts `tests/` on sys.path
-because the folder has no `__init__.py`).
+Nothing is downloaded. Tests import it as `from tests._tiny_models import ...` (`tests` is a package; pytest
+puts the repository root on sys.path).
 """
 
 from __future__ import annotations

@@ -7,7 +7,6 @@ from __future__ import annotations
 import pyarrow as pa
 import pytest
 import torch
-from _tiny_models import png_bytes, tiny_config, tiny_samples
 
 from breen.attention import default_attn_implementation
 from breen.data import collate, pack
@@ -15,6 +14,7 @@ from breen.model import BreenForCausalLM
 from breen.shard_format import tensor_values
 from pipelines.config import TeacherConfig
 from pipelines.teacher import build_teacher, teacher_table
+from tests._tiny_models import png_bytes, tiny_config, tiny_samples
 from tests.conftest import CONFIGS
 
 pytestmark = pytest.mark.gpu

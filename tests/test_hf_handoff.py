@@ -24,7 +24,6 @@ import sysconfig
 import numpy as np
 import pytest
 import torch
-from _tiny_models import png_bytes, tiny_config, tiny_tokenizer
 
 from breen.data import encode_prompt
 from breen.generate import greedy_generate
@@ -32,6 +31,7 @@ from breen.hf import AUTO_MAP, REMOTE_MODULES, remote_source
 from breen.model import BreenForCausalLM
 from breen.processing import BreenProcessor
 from jobs.checkpoint import TrainState, _write_export
+from tests._tiny_models import png_bytes, tiny_config, tiny_tokenizer
 
 QUESTION = "What is in the image?"
 MAX_NEW_TOKENS = 8

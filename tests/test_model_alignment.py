@@ -4,10 +4,10 @@ import math
 
 import pytest
 import torch
-from _tiny_models import tiny_batch, tiny_config
 
 from breen.config import QUERY_TOKEN_ID
 from breen.model import BreenForCausalLM, cosine_alignment_loss
+from tests._tiny_models import tiny_batch, tiny_config
 
 
 def test_cosine_loss_hand_computed():

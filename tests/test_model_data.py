@@ -3,12 +3,12 @@
 import numpy as np
 import pytest
 import torch
-from _tiny_models import png_bytes, tiny_batch, tiny_config, tiny_tokenizer
 from PIL import Image
 
 from breen.config import IGNORE_INDEX, IMAGE_TOKEN_ID, QUERY_TOKEN_ID, BreenConfig
 from breen.data import SampleRejected, collate, encode_prompt, encode_sample, letterbox
 from breen.model import valid_token_mask
+from tests._tiny_models import png_bytes, tiny_batch, tiny_config, tiny_tokenizer
 
 
 @pytest.mark.parametrize(

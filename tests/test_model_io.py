@@ -5,12 +5,12 @@ import sys
 
 import pytest
 import torch
-from _tiny_models import png_bytes, save_tiny_qwen2_dir, tiny_batch, tiny_config, tiny_tokenizer
 
 from breen.config import PAPER_FIGURE_SETTINGS, BreenConfig
 from breen.data import encode_prompt
 from breen.model import BreenForCausalLM
 from breen.stages import param_groups, set_trainable, trainable_components
+from tests._tiny_models import png_bytes, save_tiny_qwen2_dir, tiny_batch, tiny_config, tiny_tokenizer
 
 
 @pytest.fixture(scope="module")

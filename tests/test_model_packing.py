@@ -6,11 +6,11 @@ import itertools
 import numpy as np
 import pytest
 import torch
-from _tiny_models import tiny_config, tiny_samples
 from transformers import AttentionInterface
 
 from breen.data import collate, pack
 from breen.model import BreenForCausalLM
+from tests._tiny_models import tiny_config, tiny_samples
 
 
 def _samples(seed: int = 0) -> list[dict]:

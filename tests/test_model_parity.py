@@ -4,11 +4,11 @@ import json
 
 import pytest
 import torch
-from _tiny_models import save_tiny_qwen2_dir, tiny_config, tiny_qwen2
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 from breen.convert import convert_qwen2, fresh_parameter_names, main, qwen2_key_map
+from tests._tiny_models import save_tiny_qwen2_dir, tiny_config, tiny_qwen2
 
 
 @pytest.fixture(scope="module")

@@ -1,10 +1,10 @@
 """Modality routing: each expert sees only its own tokens, and gradients follow the routing."""
 
 import torch
-from _tiny_models import tiny_batch, tiny_config
 
 from breen.config import IMAGE_TOKEN_ID, QUERY_TOKEN_ID
 from breen.model import BreenForCausalLM, ExpertRouting, ModalityExperts
+from tests._tiny_models import tiny_batch, tiny_config
 
 
 def _grad_norm(module):

@@ -638,9 +638,8 @@ def test_non_finite_targets_are_counted_as_bad_target_at_ingest(tmp_path):
     """A nan or inf in a training shard's fine/coarse (a shard written before the teacher checked them)
     is a rejected row `bad_target` at read time, counted by the worker under that reason, never a
     sample whose loss is nan."""
-    from _tiny_models import png_bytes, tiny_config, tiny_tokenizer
-
     from jobs import ingest
+    from tests._tiny_models import png_bytes, tiny_config, tiny_tokenizer
 
     tiny_tokenizer().save_pretrained(tmp_path)
     config = tiny_config()

@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import pyarrow as pa
 import pytest
-from _tiny_models import png_bytes
 
 from breen.shard_format import tensor_values
 from pipelines.config import TeacherConfig
 from pipelines.teacher import build_teacher, decoded_batches, teacher_table
+from tests._tiny_models import png_bytes
 from tests.conftest import CONFIGS
 
 
