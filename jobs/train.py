@@ -171,7 +171,7 @@ def run_worker(loop_config: dict[str, Any], progress: dict[str, int]) -> None:
 
     from breen.config import BreenConfig
     from breen.stages import param_groups, set_trainable
-    from jobs.deepspeed_config import deepspeed_config
+    from jobs.deepspeed_config import deepspeed_config, release_shm_buffer
     from jobs.metrics import Tracker, mfu, peak_tflops
 
     def print0(*args) -> None:
@@ -210,6 +210,8 @@ def run_worker(loop_config: dict[str, Any], progress: dict[str, int]) -> None:
         base_lrs = {g["name"]: g["lr"] for g in groups}
         optimizer = make_optimizer(cfg, groups)
         engine, optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
+        if not s.use_gpu:
+            release_shm_buffer()
         if ckpt_dir:
             state = restore_checkpoint(engine, ckpt_dir, rank, name=Path(checkpoint.path).name)
             check_same_scale(state, cfg, world)

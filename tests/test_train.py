@@ -45,6 +45,7 @@ from safetensors.torch import load_file
 from breen.storage import Store, fetch_dir
 from jobs import train
 from jobs.checkpoint import latest_checkpoint, registered_checkpoints
+from jobs.deepspeed_config import SHM_BUFFER_PREFIX
 from jobs.tiny import write_tiny_shards
 
 pytestmark = pytest.mark.slow
@@ -97,7 +98,10 @@ def chained(prepared_demo, tmp_path_factory):
             "--init-from", "tiny", "--output-dir", str(out), *CPU,
             "stage1.schedule.max_steps=6", "stage2.schedule.max_steps=3", "stage3.schedule.max_steps=3",
             "data.val_fraction=0.2", "validation.every_steps=3", "validation.max_rows=8"]  # fmt: skip
+    before = set(Path("/dev/shm").glob(f"{SHM_BUFFER_PREFIX}_*"))
     assert train.main(argv) == 0
+    left = set(Path("/dev/shm").glob(f"{SHM_BUFFER_PREFIX}_*")) - before
+    assert not left, f"DeepSpeed's CPU all-reduce buffers left in /dev/shm: {sorted(map(str, left))}"
     return out
 
 
