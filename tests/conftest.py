@@ -31,6 +31,17 @@ if "BREEN_CACHE" not in os.environ:
 CONFIGS = Path(__file__).resolve().parent.parent / "pipelines" / "configs"
 
 
+@pytest.fixture(autouse=True)
+def _pillow_refuses_truncated_images():
+    """lmms-eval (imported when tests/test_eval.py is collected) sets Pillow's process-wide
+    ``ImageFile.LOAD_TRUNCATED_IMAGES = True``; every other test runs with Pillow's default (False), as
+    the pipelines do in their own processes."""
+    from PIL import ImageFile
+
+    ImageFile.LOAD_TRUNCATED_IMAGES = False
+    yield
+
+
 @pytest.fixture(scope="session")
 def s3_server():
     """A real S3 API (`moto_server`, a subprocess on a free 127.0.0.1 port: `bench.s3server`) with one

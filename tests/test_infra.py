@@ -742,7 +742,7 @@ def _train_configs(argv: list[str]):
 
     captured = []
     original = train.run_stage, train.check_inputs
-    train.run_stage = lambda cfg, *a, **k: captured.append(cfg)
+    train.run_stage = lambda cfg, *a, **k: captured.append(cfg) or {"validation": None}
     train.check_inputs = lambda cfg: train.validate(cfg)
     try:
         rc = train.main(argv[3:])
