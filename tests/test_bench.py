@@ -55,3 +55,12 @@ def test_rates_written_by_run_all_are_read_by_the_planner(tmp_path):
     loaded, sources = plan.load_rates(path)
     assert loaded["download_images_per_s_per_core"] == 60.0 and loaded["filter_rows_per_s_per_core"] == 32.5
     assert all(v.startswith("measured") for v in sources.values())
+
+
+def test_free_port_never_hands_out_a_port_twice():
+    # The two-node test picks eight ports before Ray binds any; two equal picks failed a CI run
+    # ("metrics_export is trying to use a port number 42521 that is used by other components").
+    from bench.s3server import free_port
+
+    ports = [free_port() for _ in range(3000)]
+    assert len(set(ports)) == len(ports)
