@@ -54,8 +54,7 @@ lock: install
 
 demo: install
 	$(PY) -m pipelines.prepare --config pipelines/configs/demo.yaml
-	$(PY) -m jobs.train --stage all --data runs/demo/shards --sft-data runs/demo/sft_shards \
-		--init-from tiny --profile cpu --output-dir runs/demo/train data.val_fraction=0.1
+	$(PY) -m jobs.train --stage all --config jobs/configs/demo.yaml
 	$(PY) -m breen.generate --model runs/demo/train/stage3/export --image runs/demo/synthetic/images/00001.jpg \
 		--prompt "What is in the picture?" --max-new-tokens 16
 	$(PY) -m jobs.eval --model runs/demo/train/stage3/export --tasks breen_shapes

@@ -17,7 +17,6 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-
 _HANDED_OUT: set[int] = set()
 
 

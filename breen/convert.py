@@ -14,7 +14,10 @@ from `BreenForCausalLM._init_weights`, reproducibly from ``--seed``.
 
 Run with:
     python -m breen.convert --qwen /models/Qwen2.5-7B-Instruct --out /models/breen-7b-init \\
-        [--dtype bfloat16] [--seed 0] [--set image_size=672 ...]
+        [--dtype bfloat16] [--seed 0] [--config breen.yaml] [--set image_size=672 ...] [--print-config]
+``--config`` (a YAML mapping of `BreenConfig` fields) and ``--set FIELD=VALUE`` override the config read
+from Qwen's ``config.json`` (`breen.settings`, the options of every command); ``--print-config`` prints
+the resolved `BreenConfig` and exits.
 The 7B conversion needs about 27 GB of host memory in bf16 (the model is built on the meta device and
 filled tensor by tensor; no fp32 copy of Qwen is kept). Either directory may be on an object store
 (``s3://``, ``gs://``; endpoint from ``AWS_ENDPOINT_URL``): ``--qwen`` is fetched once into
@@ -29,8 +32,17 @@ import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
+from breen.settings import (
+    ConfigError,
+    add_config_arguments,
+    check_finite,
+    convert_value,
+    read_yaml,
+    split_override,
+    to_yaml,
+)
 from breen.storage import StorageError, Store, fetch_dir
 
 if TYPE_CHECKING:  # torch, transformers and the model load only when converting: `--help` returns at once
@@ -158,25 +170,55 @@ def fresh_parameter_names(config: BreenConfig) -> list[str]:
     return [n for n, _ in model.named_parameters() if n not in targets]
 
 
+def config_overrides(config_file: str | None, items: list[str]) -> dict[str, Any]:
+    """`BreenConfig` overrides from a YAML file (``field: value``) and ``--set FIELD=VALUE`` items, typed
+    against the fields `BreenConfig` declares; a bad one is a ConfigError naming the field (and file)."""
+    import inspect
+
+    from breen.config import BreenConfig
+
+    hints = inspect.get_annotations(BreenConfig, eval_str=True)
+    layers = [(read_yaml(config_file), False, f"{config_file}: ")] if config_file else []
+    layers.append((dict(split_override(item) for item in items), True, ""))
+    out: dict[str, Any] = {}
+    for data, cli, where in layers:
+        for key, value in data.items():
+            if key not in hints:
+                raise ConfigError(f"{where}{key}: unknown BreenConfig field (allowed: {', '.join(hints)})")
+            out[key] = convert_value(hints[key], value, f"{where}{key}", cli)
+    check_finite(out)
+    return out
+
+
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m breen.convert", description=__doc__.split("\n\n")[0])
     parser.add_argument("--qwen", required=True,
                         help="Hugging Face Qwen2 directory (safetensors): a folder, or s3:// / gs:// (fetched once)")
     parser.add_argument("--out", required=True, help="output BREEN directory: a folder, or s3:// / gs://")  # fmt: skip
     parser.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--set", nargs="*", default=[], metavar="FIELD=JSON", help="BreenConfig overrides")
+    add_config_arguments(parser, "YAML mapping of BreenConfig fields to override (e.g. image_size: 448)")
     args = parser.parse_args(argv)
-    overrides = {}
-    for item in args.set:
-        field, _, value = item.partition("=")
-        overrides[field] = json.loads(value)
+    try:
+        overrides = config_overrides(args.config, args.set)
+    except ConfigError as e:
+        parser.error(str(e))
     try:  # both locations checked before the conversion (minutes for 7B)
         out = Store.at(args.out, "--out")
-        out.check_writable("--out")
+        if not args.print_config:
+            out.check_writable("--out")
         qwen = fetch_dir(args.qwen, "--qwen")
     except StorageError as e:
         parser.error(str(e))
+    if args.print_config:
+        from breen.config import BreenConfig
+
+        try:
+            config = BreenConfig.from_qwen2_config(json.loads((qwen / "config.json").read_text()), **overrides)
+        except (OSError, ValueError) as e:
+            parser.error(f"--qwen: {e}")
+        print(to_yaml(config.to_dict()), end="")
+        return
     import torch
 
     model = convert_qwen2(qwen, dtype=getattr(torch, args.dtype), seed=args.seed, **overrides)

@@ -19,9 +19,11 @@ norms, text experts and ``lm_head`` are frozen in stage 1 whatever the settings.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING
 
-from breen.config import BreenConfig
-from breen.model import COMPONENTS, BreenForCausalLM, param_numel
+if TYPE_CHECKING:  # the stage table and learning rates import no torch (`jobs.config` reads them)
+    from breen.config import BreenConfig
+    from breen.model import BreenForCausalLM
 
 STAGES = ("stage1", "stage2", "stage3")
 DEFAULT_LRS: dict[str, dict[str, float]] = {
@@ -34,6 +36,8 @@ _STAGE1 = ("patch_embed", "image_experts", "image_gates", "text_gates")
 
 def trainable_components(config: BreenConfig, stage: str) -> tuple[str, ...]:
     """Components (see `breen.model.COMPONENTS`) that train in `stage` under `config`'s settings."""
+    from breen.model import COMPONENTS
+
     if stage not in STAGES:
         raise ValueError(f"stage must be one of {STAGES}, got {stage!r}")
     if stage == "stage1":
@@ -51,6 +55,8 @@ def set_trainable(
     model: BreenForCausalLM, stage: str, log: Callable[[str], None] | None = print
 ) -> dict[str, tuple[int, int]]:
     """Set ``requires_grad`` for `stage`; log a table; return {component: (trainable, frozen) counts}."""
+    from breen.model import param_numel
+
     chosen = set(trainable_components(model.config, stage))
     counts = {}
     for component, params in model.component_params().items():
@@ -85,6 +91,8 @@ def param_groups(
     names and ``"default"`` to learning rates. Each group has ``params``, ``lr``, ``weight_decay`` (0 in
     the recipe) and ``name`` (the component, for logging).
     """
+    from breen.model import COMPONENTS
+
     if stage not in STAGES:
         raise ValueError(f"stage must be one of {STAGES}, got {stage!r}")
     if lrs is None:

@@ -1,19 +1,25 @@
-"""Typed training configs: one function per stage, stage 2 written as "stage 1 plus these changes".
+"""Typed training configs: a YAML file per stage (`jobs/configs/`), stage 2 written as "stage 1 plus these changes".
 
-`stage1()`, `stage2()` and `stage3()` return a full `TrainConfig` with the released recipe at full scale
-(reference section 2): 64 workers x 16 per worker = global batch 1024 (stages 1-2), 32 x 8 = 256
-(stage 3), AdamW without weight decay, cosine schedule with warmup 0.03 / 0.01 / 0.01, learning rates
-from `breen.stages.DEFAULT_LRS`, gradient checkpointing, ZeRO-3 in bf16.
+`jobs/configs/stage1.yaml`, ``stage2.yaml`` (``base: stage1.yaml`` plus changes) and ``stage3.yaml``
+(``base: stage2.yaml`` plus changes) hold the released recipe at full scale (reference section 2): 64
+workers x 16 per worker = global batch 1024 (stages 1-2), 32 x 8 = 256 (stage 3), AdamW without weight
+decay, cosine schedule with warmup 0.03 / 0.01 / 0.01, learning rates from `breen.stages.DEFAULT_LRS`
+(``optim.lrs`` overrides single components), gradient checkpointing, ZeRO-3 in bf16. Fields a stage file
+leaves out keep the defaults written in the dataclasses below.
 
 Scale is configuration only: ``global_batch_size`` is fixed by the recipe and
 ``gradient_accumulation = global_batch_size / (micro_batch_size * num_workers)``, so 8 GPUs at 16 per GPU
-train with 8 accumulation steps and the same global batch. A *profile* is a named set of overrides for a
-kind of machine (``cpu``: 2 CPU workers, fp32, tiny batches, for tests and the demo).
+train with 8 accumulation steps and the same global batch. A *profile* (`jobs/configs/profiles/NAME.yaml`)
+holds the changes for a kind of machine (``cpu``: 2 CPU workers, fp32, tiny batches, for tests and the
+demo). A *run file* (``jobs.train --config FILE``, e.g. `jobs/configs/demo.yaml`) has the same form:
+top-level sections apply to every stage, a ``stageN:`` key to that stage only; it may start from a profile
+(``base: profiles/cpu.yaml``).
 
-Overrides are dotted ``KEY=VALUE`` strings (``scale.num_workers=8``, ``optim.lrs.patch_embed=1e-4``,
-``data.paths=a,b``); values are parsed as YAML/JSON scalars and checked against the field type. An unknown
-key or a bad value raises `ConfigError` naming the field. The resolved config is saved as JSON with the run
-(`train_config.json`), with every checkpoint and with the exported model, and read back by `from_dict`.
+Layers, later wins (`build_config`): stage file, profile, run files, then ``--set KEY=VALUE`` overrides
+(`breen.settings`: the one engine of every command; values are YAML, checked against the field type). An
+unknown key or a bad value raises `ConfigError` naming the field (and the file). The resolved config is
+saved as JSON with the run (`train_config.json`), with every checkpoint and with the exported model, and
+read back by `from_dict`.
 
 Resume rule (OLMo-style, one rule): a run resumes from its own latest checkpoint (``output_dir/name``)
 when one exists; otherwise it starts from ``model.init_from`` (weights only). A resume with a config that
@@ -21,7 +27,8 @@ differs from the run's last recorded one in any field outside `RESUME_NEUTRAL` i
 (`config_changes`; ``jobs.train --allow-config-change``).
 
 Validation (`validate`): types on assignment, then every float finite (no inf/nan anywhere) and every
-value in its range; an override too deeply nested to parse is a `ConfigError` naming the field.
+value in its range; an override too deeply nested to parse is a `ConfigError` naming the field. Imports
+no torch, Ray or transformers until a config is validated (``jobs.train --help`` answers at once).
 """
 
 from __future__ import annotations
@@ -29,22 +36,15 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
-import math
 import re
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from breen.model import COMPONENTS
+from breen.settings import ConfigError, apply_override, build, check_finite, merge, read_yaml, update
 from breen.stages import DEFAULT_LRS, STAGES
-
-# ConfigError (a bad value; the message names the dotted field) and the typed conversion are shared with
-# the pipeline config.
 from breen.storage import Store, scheme
-from pipelines.config import ConfigError, StorageConfig, build, convert_value, floats_in
+from pipelines.config import StorageConfig
 
 TINY_INIT = "tiny"  # model.init_from value: build a tiny random BREEN + tokenizer (demo, no downloads)
 PRECISIONS = ("bf16", "fp32")
@@ -230,131 +230,60 @@ class TrainConfig:
         return self.run_dir / "export"
 
 
-# ----------------------------------------------------------------------------- the three stages
-def stage1() -> TrainConfig:
-    """Pre-align: patch embedding + projector (4e-4), image experts and gates (4e-5); LLM frozen."""
-    return TrainConfig(
-        stage="stage1",
-        data=DataSection(text_field="caption"),
-        optim=OptimSection(lrs=dict(DEFAULT_LRS["stage1"]), warmup_ratio=0.03),
-        checkpoint=CheckpointSection(every_steps=100),
-    )
+# ----------------------------------------------------------------------------- stages, profiles, run files
+CONFIG_DIR = Path(__file__).resolve().with_name("configs")  # stageN.yaml, profiles/, demo.yaml
+PROFILE_DIR = CONFIG_DIR / "profiles"
 
 
-def stage2() -> TrainConfig:
-    """Stage 1 plus: everything but the alignment head trains, one learning rate 4e-5, warmup 0.01,
-    checkpoints every 200 steps; starts from stage 1's export."""
-    cfg = stage1()
-    cfg.stage = "stage2"
-    cfg.optim.lrs = dict(DEFAULT_LRS["stage2"])
-    cfg.optim.warmup_ratio = 0.01
-    cfg.checkpoint.every_steps = 200
+def profiles() -> list[str]:
+    """Names of the shipped profiles (`jobs/configs/profiles/NAME.yaml`)."""
+    return sorted(p.stem for p in PROFILE_DIR.glob("*.yaml"))
+
+
+def recipe(stage: str) -> TrainConfig:
+    """The stage's shipped config (`jobs/configs/STAGE.yaml` and its ``base`` chain) with the stage's
+    learning rates, before any profile, run file or override; not validated."""
+    if stage not in STAGES:
+        raise ConfigError(f"stage: unknown stage {stage!r} (choose one of {', '.join(STAGES)})")
+    path = CONFIG_DIR / f"{stage}.yaml"
+    try:
+        cfg: TrainConfig = build(TrainConfig, read_yaml(path, CONFIG_DIR))
+    except ConfigError as err:
+        raise ConfigError(f"{path}: {err}") from None
+    if cfg.stage != stage:
+        raise ConfigError(f"{path}: stage: says {cfg.stage!r}, expected {stage!r}")
+    cfg.optim.lrs = {**DEFAULT_LRS[stage], **cfg.optim.lrs}
     return cfg
 
 
-def stage3() -> TrainConfig:
-    """Stage 2 plus: SFT conversations (chat layout), lr 2e-5, global batch 256 (32 workers x 8),
-    micro-batches grouped by modality; starts from stage 2's export."""
-    cfg = stage2()
-    cfg.stage = "stage3"
-    cfg.data.text_field = "conversations"
-    cfg.data.group_by_modality = True
-    cfg.optim.lrs = dict(DEFAULT_LRS["stage3"])
-    cfg.scale.num_workers = 32
-    cfg.scale.micro_batch_size = 8
-    cfg.scale.global_batch_size = 256
-    return cfg
+def for_stage(layer: dict[str, Any], stage: str) -> dict[str, Any]:
+    """The part of a profile or run file that applies to `stage`: its top-level sections, then its
+    ``stageN:`` section for this stage."""
+    common = {k: v for k, v in layer.items() if k not in STAGES}
+    own = layer.get(stage) or {}
+    if not isinstance(own, dict):
+        raise ConfigError(f"{stage}: expected a mapping of this stage's changes, got {own!r}")
+    return merge(common, own)
 
 
-STAGE_CONFIGS = {"stage1": stage1, "stage2": stage2, "stage3": stage3}
-
-# Profiles: overrides for a kind of machine; "all" applies to every stage, a stage key to that stage.
-PROFILES: dict[str, dict[str, dict[str, Any]]] = {
-    "cluster": {"all": {}},
-    "cpu": {
-        "all": {
-            "scale.use_gpu": False,
-            "scale.num_workers": 2,
-            "scale.cpus_per_worker": 0.5,
-            "scale.micro_batch_size": 2,
-            "scale.global_batch_size": 8,
-            "scale.precision": "fp32",
-            "data.encode_actors": 1,
-            "data.encode_cpus": 0.5,
-            "data.encode_batch_size": 8,
-            "data.prefetch_batches": 2,
-            "checkpoint.every_steps": 10,
-            "checkpoint.keep_last": 2,
-            "checkpoint.max_failures": 1,
-            "metrics.log_every": 1,
-            "validation.every_steps": 10,
-            "validation.max_rows": 16,
-        },
-        "stage3": {"scale.global_batch_size": 4},
-    },
-}
-
-
-def build_config(stage: str, profile: str = "cluster", overrides: list[str] | None = None) -> TrainConfig:
-    """The stage's config, then the profile's overrides, then the user's (later wins); validated."""
-    if stage not in STAGE_CONFIGS:
-        raise ConfigError(f"stage: unknown stage {stage!r} (choose one of {sorted(STAGE_CONFIGS)})")
-    if profile not in PROFILES:
-        raise ConfigError(f"profile: unknown profile {profile!r} (choose one of {sorted(PROFILES)})")
-    cfg = STAGE_CONFIGS[stage]()
-    items = {**PROFILES[profile].get("all", {}), **PROFILES[profile].get(stage, {})}
-    for key, value in items.items():
-        set_field(cfg, key, value)
+def build_config(
+    stage: str, profile: str = "cluster", overrides: list[str] | None = None, files: tuple[str | Path, ...] = ()
+) -> TrainConfig:
+    """The stage's config, then the profile, the run files and the ``--set`` overrides (later wins);
+    validated."""
+    cfg = recipe(stage)
+    if profile not in profiles():
+        raise ConfigError(f"profile: unknown profile {profile!r} (choose one of {', '.join(profiles())}: "
+                          f"the files in {PROFILE_DIR})")  # fmt: skip
+    for path in (PROFILE_DIR / f"{profile}.yaml", *map(Path, files)):
+        try:
+            update(cfg, for_stage(read_yaml(path, CONFIG_DIR), stage))
+        except ConfigError as err:
+            raise ConfigError(f"{path}: {err}") from None
     for item in overrides or []:
         apply_override(cfg, item)
     validate(cfg)
     return cfg
-
-
-# ----------------------------------------------------------------------------- overrides
-def _parse_value(raw: str, key: str) -> Any:
-    """An override's value as YAML (a plain string when it is not YAML); absurd nesting is a ConfigError
-    naming `key` (PyYAML recurses once per level and would raise RecursionError)."""
-    try:
-        return yaml.safe_load(raw)
-    except yaml.YAMLError:
-        return raw
-    except RecursionError:
-        raise ConfigError(f"{key}: value nested too deeply to parse ({len(raw)} characters)") from None
-
-
-def apply_override(cfg: TrainConfig, item: str) -> None:
-    """Apply one ``dotted.key=value`` override in place."""
-    if "=" not in item:
-        raise ConfigError(f"override {item!r}: expected KEY=VALUE (e.g. scale.num_workers=8)")
-    key, raw = item.split("=", 1)
-    set_field(cfg, key.strip(), _parse_value(raw, key.strip()))
-
-
-def set_field(cfg: Any, key: str, value: Any) -> None:
-    """Set dotted field `key` of a config dataclass (or a key of a dict field such as optim.lrs)."""
-    parts = key.split(".")
-    node, where = cfg, ""
-    for i, part in enumerate(parts):
-        where = f"{where}.{part}" if where else part
-        last = i == len(parts) - 1
-        if isinstance(node, dict):
-            if not last:
-                raise ConfigError(f"{where}: not a section")
-            node[part] = convert_value(
-                float, value, where, lenient=True
-            )  # the only dict fields hold learning rates
-            return
-        if not dataclasses.is_dataclass(node):
-            raise ConfigError(f"{where}: not a section")
-        hints = typing.get_type_hints(type(node))
-        names = [f.name for f in dataclasses.fields(node)]
-        if part not in names:
-            raise ConfigError(f"{where}: unknown key (allowed here: {', '.join(names)})")
-        if last:
-            setattr(node, part, convert_value(hints[part], value, where, lenient=True))
-        else:
-            node = getattr(node, part)
 
 
 # ----------------------------------------------------------------------------- (de)serialisation
@@ -364,7 +293,7 @@ def to_dict(cfg: TrainConfig) -> dict[str, Any]:
 
 def from_dict(data: dict[str, Any]) -> TrainConfig:
     """Strictly rebuild a `TrainConfig` (e.g. from a saved `train_config.json`)."""
-    return build(TrainConfig, copy.deepcopy(data), lenient=True)
+    return build(TrainConfig, copy.deepcopy(data))
 
 
 # train_config.json holds the resolved config plus, under this key, the environment that ran it
@@ -461,8 +390,9 @@ def validate(cfg: TrainConfig, check_paths: bool = False) -> None:
         if not ok:
             raise ConfigError(f"{name}: {why}")
 
-    for name, value in floats_in(to_dict(cfg)):
-        need(math.isfinite(value), name, f"must be a finite number, got {value}")
+    from breen.model import COMPONENTS  # torch: when a config is checked, never for --help
+
+    check_finite(cfg)
     s = cfg.scale
     need(cfg.stage in STAGES, "stage", f"must be one of {STAGES}")
     need(bool(cfg.run_name) and "/" not in cfg.run_name, "name", "must be a non-empty name without '/'")

@@ -13,18 +13,18 @@ Writes: ``<output_dir>/<stage>/`` (Ray Train storage for the run; a folder or ``
         ``metrics.jsonl``, ``samples.jsonl`` and ``tensorboard/`` (rank 0), and at stage end ``export/`` (consolidated
         Hugging Face model, safetensors, tokenizer) that `breen.generate` and the next stage load.
 
-Run with (embedded local Ray when no cluster address is given or found):
+Run with (embedded local Ray when no cluster address is given or found; the command line and the config
+layers are `jobs.launch`'s, the stage files `jobs/configs/`):
     python -m jobs.train --stage stage1 --data runs/prep/shards --init-from /models/breen-7b-init
     python -m jobs.train --stage stage2 --data runs/prep/shards            # init: stage1/export
     python -m jobs.train --stage stage3 --sft-data runs/prep/sft_shards    # init: stage2/export
-    python -m jobs.train --stage all --data runs/demo/shards --sft-data runs/demo/sft_shards \\
-        --init-from tiny --profile cpu --output-dir runs/demo/train        # the demo, on 2 CPU workers
+    python -m jobs.train --stage all --config jobs/configs/demo.yaml      # the demo, on 2 CPU workers
 On a cluster:
     ray job submit --working-dir . -- python -m jobs.train --stage stage1 --data /data/shards \\
-        --init-from /models/breen-7b-init scale.num_workers=64
-Overrides are dotted KEY=VALUE (``scale.num_workers=8 optim.lrs.patch_embed=2e-4``; with ``--stage all``
-``stage2.schedule.max_steps=100`` touches one stage); ``--profile cpu`` is the CPU/test scale (see
-`jobs.config`). Rerunning the same command resumes the run from its latest complete checkpoint (a torn
+        --init-from /models/breen-7b-init --set scale.num_workers=64
+Overrides are ``--set KEY=VALUE`` (``--set scale.num_workers=8 --set optim.lrs.patch_embed=2e-4``; with
+``--stage all`` ``--set stage2.schedule.max_steps=100`` touches one stage); ``--profile cpu`` is the CPU/test
+scale (`jobs/configs/profiles/`); ``--print-config`` shows the resolved configs. Rerunning the same command resumes the run from its latest complete checkpoint (a torn
 one is reported by name and skipped: `jobs.checkpoint.fall_back`); a resume whose config differs from the
 run's last recorded one in a field that can change the weights (`jobs.config.RESUME_NEUTRAL` lists the
 others) is refused before Ray starts, listing each change, unless ``--allow-config-change`` is given (the
@@ -42,12 +42,17 @@ stage, and ``--stage all``, ends with a table of the final validation values.
 
 from __future__ import annotations
 
-import argparse
+import sys
+
+if __name__ == "__main__":  # the command line lives in jobs.launch, which imports this module (and with it
+    from jobs.launch import main  # torch, Ray, DeepSpeed) only once the configs are checked
+
+    sys.exit(main())
+
 import itertools
 import math
 import os
 import random
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -77,7 +82,6 @@ from jobs.config import (
     TINY_INIT,
     ConfigError,
     TrainConfig,
-    build_config,
     config_changes,
     config_record,
     from_dict,
@@ -88,8 +92,6 @@ from jobs.config import (
 )
 from jobs.ingest import MODEL_KEYS
 from jobs.metrics import read_metrics
-
-CHAIN = ("stage1", "stage2", "stage3")
 
 
 # ----------------------------------------------------------------------------- schedule
@@ -841,96 +843,3 @@ def check_resources(cfg: TrainConfig, address: str | None) -> None:
             f"scale.cpus_per_worker: workers and one encode actor need {need} CPUs, local Ray has "
             f"{total.get('CPU', 0)}"
         )
-
-
-def chain_configs(
-    stages: list[str],
-    *,
-    data: list[str],
-    sft_data: list[str],
-    init_from: str | None,
-    output_dir: str,
-    profile: str,
-    overrides: list[str],
-    name: str | None = None,
-) -> list[TrainConfig]:
-    """Configs for the requested stages. Overrides ``stageN.KEY=VALUE`` apply to that stage only; stage
-    N+1 starts from stage N's export (or, run alone, from ``<output_dir>/<previous stage>/export``)."""
-    cfgs = []
-    for i, stage in enumerate(stages):
-        mine = []
-        for item in overrides:
-            head, _, rest = item.partition(".")
-            if head in CHAIN and "=" in rest:
-                if head == stage:
-                    mine.append(rest)
-            else:
-                mine.append(item)
-        base = [f"output_dir={output_dir}"]
-        if name and len(stages) == 1:
-            base.append(f"name={name}")
-        paths = sft_data if stage == "stage3" else data
-        if paths:
-            base.append("data.paths=" + ",".join(paths))
-        if i > 0:  # the previous stage's export, unless this stage's own override names another model
-            own = any(item.startswith(f"{stage}.model.init_from=") for item in overrides)
-            init = None if own else str(cfgs[-1].export_dir)
-            chained = [] if init is None else [f"model.init_from={init}"]
-            cfgs.append(build_config(stage, profile, base + mine + chained))
-            continue
-        if init_from is not None or stage == "stage1":
-            init = init_from
-        else:
-            init = f"{str(output_dir).rstrip('/')}/{CHAIN[CHAIN.index(stage) - 1]}/export"  # a path or a URI
-        if init is not None:
-            base.append(f"model.init_from={init}")
-        cfgs.append(build_config(stage, profile, base + mine))
-    return cfgs
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        description="Train BREEN on Ray Train + DeepSpeed ZeRO-3 (one stage or all three).",
-        epilog="Extra arguments are dotted overrides, e.g. scale.num_workers=8 optim.lrs.default=2e-5",
-    )
-    parser.add_argument("--stage", required=True, choices=[*CHAIN, "all"])
-    parser.add_argument("--data", action="append", default=[], help="training-shard directory (stages 1-2)")
-    parser.add_argument("--sft-data", action="append", default=[], help="SFT training shards (stage 3)")
-    parser.add_argument("--init-from", default=None, help="BREEN directory (weights + tokenizer) or 'tiny'")
-    parser.add_argument("--output-dir", default="runs/train")
-    parser.add_argument("--profile", default="cluster", help="cluster (default, the recipe scale) or cpu")
-    parser.add_argument("--name", default=None, help="run name (default: the stage name)")
-    parser.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS or local)")
-    parser.add_argument("--num-cpus", type=int, default=None, help="logical CPUs of an embedded local Ray")
-    parser.add_argument(
-        "--allow-config-change", action="store_true",
-        help="resume a run although its config changed (the changes are printed and kept in its config history)",
-    )  # fmt: skip
-    args, overrides = parser.parse_known_args(argv)
-    bad = [o for o in overrides if "=" not in o or o.startswith("-")]
-    if bad:
-        parser.error(f"unrecognized arguments: {' '.join(bad)} (overrides are KEY=VALUE)")
-    stages = list(CHAIN) if args.stage == "all" else [args.stage]
-    try:
-        cfgs = chain_configs(
-            stages, data=args.data, sft_data=args.sft_data, init_from=args.init_from,
-            output_dir=args.output_dir, profile=args.profile, overrides=overrides, name=args.name,
-        )  # fmt: skip
-        for cfg in cfgs:  # every stage's inputs (and resumed config) before the first one trains
-            check_resume_config(cfg, check_inputs(cfg), args.allow_config_change, report=False)
-        finals = {}
-        for cfg in cfgs:
-            finals[cfg.stage] = run_stage(cfg, args.address, args.num_cpus, args.allow_config_change)["validation"]
-        if len(cfgs) > 1 and any(finals.values()):
-            print(f"final validation, per stage:\n{validation.table(finals)}", flush=True)
-    except ConfigError as err:
-        print(f"config error: {err}", file=sys.stderr)
-        return 2
-    except StageFailed as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

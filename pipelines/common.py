@@ -663,21 +663,24 @@ class ShardWorker:
 
 def step_main(doc: str, run: Callable[[Any], Any], steps: Callable[[Any], Any] | tuple[str, ...],
               argv: list[str] | None = None) -> int:  # fmt: skip
-    """Shared CLI for a step: `python -m pipelines.<step> --config FILE [--set key=value ...]`. The
-    config and the inputs of `steps` (names of `pipelines.graph.STEPS`, or a function of the config
-    giving them) are checked before `run` starts Ray (`pipelines.preflight`): exit code 2 on a bad one."""
+    """Shared CLI for a step: `python -m pipelines.<step> --config FILE [--set key=value ...]` (the
+    options of every command: `breen.settings`). The config and the inputs of `steps` (names of
+    `pipelines.graph.STEPS`, or a function of the config giving them) are checked before `run` starts
+    Ray (`pipelines.preflight`): exit code 2 on a bad one. ``--print-config`` prints the resolved config."""
     import argparse
 
+    from breen.settings import add_config_arguments, sections_help, to_yaml
     from pipelines import preflight
-    from pipelines.config import ConfigError, load_config
+    from pipelines.config import ConfigError, PrepareConfig, load_config
 
-    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument(
-        "--config", required=True, help="pipeline YAML config (e.g. pipelines/configs/demo.yaml)"
-    )
-    parser.add_argument(
-        "--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field"
-    )
+    main_spec = getattr(sys.modules["__main__"], "__spec__", None)
+    module = run.__module__ if run.__module__ != "__main__" or main_spec is None else main_spec.name
+    parser = argparse.ArgumentParser(
+        prog=f"python -m {module}", description=doc, formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="config sections and their defaults (--print-config shows a file's resolved values):\n"
+        + sections_help(PrepareConfig),
+    )  # fmt: skip
+    add_config_arguments(parser, "pipeline YAML config (e.g. pipelines/configs/demo.yaml)", required=True)
     parser.add_argument("--redo", action="store_true",
                         help="recompute a dataset made from another config, input or code version (instead of "
                              "refusing it); finished shards of the same spec are still reused")  # fmt: skip
@@ -687,6 +690,9 @@ def step_main(doc: str, run: Callable[[Any], Any], steps: Callable[[Any], Any] |
     args = parser.parse_args(argv)
     try:
         cfg = load_config(args.config, args.set)
+        if args.print_config:
+            print(to_yaml(cfg), end="")
+            return 0
         cfg.redo, cfg.wait_s = args.redo, args.wait
         preflight.check(cfg, steps(cfg) if callable(steps) else steps)
         run(cfg)

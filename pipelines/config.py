@@ -12,22 +12,13 @@ fast with a `ConfigError` naming the dotted field (e.g. `filter.min_short_side`)
 from __future__ import annotations
 
 import dataclasses
-import math
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
+from breen.settings import ConfigError, apply_override, build, check_finite, read_yaml
 from breen.storage import Store, scheme
 from breen.teacher import PREPROCESS_RULES, PREPROCESS_VERSION  # numpy and PIL only
-
-
-class ConfigError(ValueError):
-    """A bad config value; the message names the field and the file."""
-
 
 # Field metadata of settings that change how fast a step runs, never what it writes (actor counts, CPUs,
 # GPUs, batch sizes, threads, retries): left out of dataset fingerprints (`output_fields`).
@@ -214,120 +205,13 @@ def apply_preset(f: FilterConfig) -> FilterConfig:
     return f
 
 
-def _type_name(tp: Any) -> str:
-    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
-
-
-def convert_value(tp: Any, value: Any, where: str, lenient: bool = False) -> Any:
-    """Check/convert one value against a type hint; raise ConfigError naming `where`.
-
-    Shared by the pipeline config (YAML files, strict) and the training config (`jobs.config`), which
-    passes ``lenient=True`` for command-line overrides: "None" is null, "a,b" is a list, "4e-4" (a string
-    in YAML 1.1) is a number and a number is accepted where a string is expected.
-    """
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        args = typing.get_args(tp)
-        if value is None or (lenient and value == "None"):
-            if type(None) in args:
-                return None
-            raise ConfigError(f"{where}: must not be null")
-        errors = []
-        for a in args:
-            if a is type(None):
-                continue
-            try:
-                return convert_value(a, value, where, lenient)
-            except ConfigError as e:
-                errors.append(str(e))
-        raise ConfigError(errors[0] if len(errors) == 1 else f"{where}: {value!r} matches none of {tp}")
-    if dataclasses.is_dataclass(tp):
-        if not isinstance(value, dict):
-            raise ConfigError(f"{where}: expected a mapping, got {type(value).__name__}")
-        return build(tp, value, where, lenient)
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
-        _, item = typing.get_args(tp)
-        return {str(k): convert_value(item, v, f"{where}.{k}", lenient) for k, v in value.items()}
-    if origin is list:
-        (item,) = typing.get_args(tp)
-        if lenient and isinstance(value, str):
-            value = [v for v in value.split(",") if v]
-        if not isinstance(value, (list, tuple) if lenient else list):
-            raise ConfigError(f"{where}: expected a list, got {type(value).__name__} ({value!r})")
-        return [convert_value(item, v, f"{where}[{i}]", lenient) for i, v in enumerate(value)]
-    if value is None:
-        raise ConfigError(f"{where}: must not be null")
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"{where}: expected true/false, got {value!r}")
-        return value
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            if isinstance(value, float) and value.is_integer():
-                return int(value)
-            raise ConfigError(f"{where}: expected an integer, got {value!r}")
-        return value
-    if tp is float:
-        if lenient and isinstance(value, str):
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{where}: expected a number, got {value!r}")
-        return float(value)
-    if tp is str:
-        if lenient and isinstance(value, (int, float)) and not isinstance(value, bool):
-            return str(value)
-        if not isinstance(value, str):
-            raise ConfigError(f"{where}: expected a string, got {value!r}")
-        return value
-    raise ConfigError(f"{where}: unsupported type {_type_name(tp)}")
-
-
-def build(cls: type, data: dict[str, Any], prefix: str = "", lenient: bool = False) -> Any:
-    """Dataclass `cls` from plain data: unknown keys and wrong types raise ConfigError naming the field."""
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls) if f.init}
-    kwargs = {}
-    for key, value in data.items():
-        where = f"{prefix}.{key}" if prefix else str(key)
-        if key not in names:
-            raise ConfigError(f"{where}: unknown key (allowed here: {', '.join(sorted(names))})")
-        kwargs[key] = convert_value(hints[key], value, where, lenient)
-    return cls(**kwargs)
-
-
 def from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
-    """Build dataclass `cls` from plain data, strictly (unknown keys and wrong types raise)."""
+    """Build a section dataclass `cls` from plain data, strictly (a step reads its own section this way)."""
     return build(cls, data, prefix)
 
 
 def to_dict(obj: Any) -> dict[str, Any]:
     return dataclasses.asdict(obj)
-
-
-def _apply_override(data: dict[str, Any], item: str) -> None:
-    if "=" not in item:
-        raise ConfigError(f"override {item!r}: expected KEY=VALUE (e.g. teacher.batch_size=8)")
-    key, raw = item.split("=", 1)
-    try:
-        value = yaml.safe_load(raw)
-    except yaml.YAMLError as e:
-        raise ConfigError(f"override {key}: not valid YAML: {e}") from None
-    except RecursionError:  # PyYAML recurses once per nesting level
-        raise ConfigError(
-            f"override {key}: value nested too deeply to parse ({len(raw)} characters)"
-        ) from None
-    node = data
-    parts = key.split(".")
-    for p in parts[:-1]:
-        node = node.setdefault(p, {})
-        if not isinstance(node, dict):
-            raise ConfigError(f"override {item!r}: {p} is not a section")
-    node[parts[-1]] = value
 
 
 def check_locations(cfg: PrepareConfig, where: str) -> None:
@@ -350,22 +234,14 @@ def check_locations(cfg: PrepareConfig, where: str) -> None:
 
 
 def load_config(path: str | Path, overrides: list[str] | None = None) -> PrepareConfig:
-    """Load, override (dotted KEY=VALUE), validate and resolve a pipeline config file."""
+    """Load (`breen.settings.read_yaml`: ``base:`` files merged), override (``--set`` KEY=VALUE),
+    validate and resolve a pipeline config file."""
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config file not found: {path}")
+    data = read_yaml(path)
     try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML: {e}") from e
-    except RecursionError:  # PyYAML recurses once per nesting level
-        raise ConfigError(f"{path}: not valid YAML: nested too deeply to parse") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: top level must be a mapping")
-    for item in overrides or []:
-        _apply_override(data, item)
-    try:
-        cfg: PrepareConfig = from_dict(PrepareConfig, data)
+        cfg: PrepareConfig = build(PrepareConfig, data)
+        for item in overrides or []:
+            apply_override(cfg, item)
     except ConfigError as e:
         raise ConfigError(f"{path}: {e}") from None
     cfg.source = str(path)
@@ -417,8 +293,7 @@ def validate(cfg: PrepareConfig, where: str = "config") -> None:
         if not cond:
             raise ConfigError(f"{where}: {field_name}: {msg}")
 
-    for name, value in floats_in(to_dict(cfg)):
-        need(math.isfinite(value), name, f"must be a finite number, got {value}")
+    check_finite(cfg, f"{where}: ")
     need(cfg.download.rows_per_shard > 0, "download.rows_per_shard", "must be > 0")
     need(cfg.download.image_size >= 28, "download.image_size", "must be >= 28")
     need(cfg.download.encode_format in ("jpg", "png", "webp"), "download.encode_format", "jpg, png or webp")
@@ -449,13 +324,3 @@ def validate(cfg: PrepareConfig, where: str = "config") -> None:
         section, key = name.split(".")
         need(getattr(getattr(cfg, section), key) > 0, name, "must be > 0")
     need(cfg.teacher.preprocess in PREPROCESS_RULES, "teacher.preprocess", " or ".join(PREPROCESS_RULES))
-
-
-def floats_in(node: Any, where: str = "") -> list[tuple[str, float]]:
-    """(dotted name, value) of every float in a `to_dict` tree (dict values and list items included): what
-    the pipelines' and the trainer's `validate` check for finiteness."""
-    if isinstance(node, dict):
-        return [x for k, v in node.items() for x in floats_in(v, f"{where}.{k}" if where else str(k))]
-    if isinstance(node, list):
-        return [x for i, v in enumerate(node) for x in floats_in(v, f"{where}[{i}]")]
-    return [(where, node)] if isinstance(node, float) else []

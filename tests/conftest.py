@@ -64,6 +64,11 @@ def ray_local():
     ray.shutdown()
 
 
+def with_set(*items: str) -> list[str]:
+    """Command-line arguments: each ``KEY=VALUE`` as ``--set KEY=VALUE``, options (``--x``) as they are."""
+    return [a for item in items for a in ((item,) if item.startswith("-") else ("--set", item))]
+
+
 def write_tiny_teacher_weights(path: Path) -> Path:
     """A tiny random open_clip ViT (the demo's `tiny-vit.json`) saved as safetensors."""
     import open_clip

@@ -146,9 +146,9 @@ def test_absurdly_nested_yaml_is_a_config_error(tmp_path, capsys):
         load_config(path)
     ok = tmp_path / "ok.yaml"
     ok.write_text("teacher: {random_init_seed: 0}\n")
-    with pytest.raises(ConfigError, match=r"override filter\.languages: value nested too deeply to parse"):
+    with pytest.raises(ConfigError, match=r"ok\.yaml: filter\.languages: value nested too deeply to parse"):
         load_config(ok, [f"filter.languages={deep}"])
-    with pytest.raises(ConfigError, match=r"override filter\.languages: not valid YAML"):
+    with pytest.raises(ConfigError, match=r"filter\.languages: not valid YAML"):
         load_config(ok, ["filter.languages=[en"])
     from pipelines import download
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 
 from breen import generate, storage
-from jobs import train
+from jobs import launch
 from pipelines import common, prepare
 
 
@@ -51,13 +51,13 @@ def test_train_checks_object_store_locations_before_ray_naming_the_field(tmp_pat
     data = tmp_path / "shards"
     data.mkdir()
     endpoint = f"storage.endpoint_override={s3_server}"
-    argv = ["--stage", "stage1", "--data", str(data), "--init-from", "tiny", "--profile", "cpu", endpoint]
-    assert train.main([*argv, "--output-dir", "s3://no-such-bucket/breen/train"]) == 2
+    argv = ["--stage", "stage1", "--data", str(data), "--init-from", "tiny", "--profile", "cpu", "--set", endpoint]
+    assert launch.main([*argv, "--output-dir", "s3://no-such-bucket/breen/train"]) == 2
     assert "output_dir: s3://no-such-bucket/breen/train: bucket 'no-such-bucket' not found" in capsys.readouterr().err
-    assert train.main(["--stage", "stage1", "--data", "s3://breen-test/no/shards", "--init-from", "tiny",
-                       "--profile", "cpu", "--output-dir", str(tmp_path / "out"), endpoint]) == 2  # fmt: skip
+    assert launch.main(["--stage", "stage1", "--data", "s3://breen-test/no/shards", "--init-from", "tiny",
+                       "--profile", "cpu", "--output-dir", str(tmp_path / "out"), "--set", endpoint]) == 2  # fmt: skip
     assert "data.paths[0]: s3://breen-test/no/shards: not found" in capsys.readouterr().err
-    assert train.main([*argv, "--output-dir", "ftp://host/train"]) == 2
+    assert launch.main([*argv, "--output-dir", "ftp://host/train"]) == 2
     assert "output_dir: ftp://host/train: unknown storage scheme ftp://" in capsys.readouterr().err
     assert not (tmp_path / "s3:").exists() and not (tmp_path / "ftp:").exists()
 

@@ -42,11 +42,14 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from breen.stages import STAGES
 from breen.storage import Store, fetch_dir
-from jobs import train
+from jobs import launch, train
 from jobs.checkpoint import latest_checkpoint, registered_checkpoints
+from jobs.config import CONFIG_DIR
 from jobs.deepspeed_config import SHM_BUFFER_PREFIX
 from jobs.tiny import write_tiny_shards
+from tests.conftest import with_set
 
 pytestmark = pytest.mark.slow
 CPU = ["--profile", "cpu", "--num-cpus", "4"]
@@ -95,11 +98,11 @@ def chained(prepared_demo, tmp_path_factory):
     cfg, _, _, _ = prepared_demo
     out = tmp_path_factory.mktemp("train") / "runs"
     argv = ["--stage", "all", "--data", str(cfg.out / "shards"), "--sft-data", str(cfg.out / "sft_shards"),
-            "--init-from", "tiny", "--output-dir", str(out), *CPU,
-            "stage1.schedule.max_steps=6", "stage2.schedule.max_steps=3", "stage3.schedule.max_steps=3",
-            "data.val_fraction=0.2", "validation.every_steps=3", "validation.max_rows=8"]  # fmt: skip
+            "--init-from", "tiny", "--output-dir", str(out), *CPU, "--config", str(CONFIG_DIR / "demo.yaml"),
+            *with_set("stage1.schedule.max_steps=6", "stage2.schedule.max_steps=3", "stage3.schedule.max_steps=3",
+                      "data.val_fraction=0.2", "validation.every_steps=3", "validation.max_rows=8")]  # fmt: skip
     before = set(Path("/dev/shm").glob(f"{SHM_BUFFER_PREFIX}_*"))
-    assert train.main(argv) == 0
+    assert launch.main(argv) == 0
     left = set(Path("/dev/shm").glob(f"{SHM_BUFFER_PREFIX}_*")) - before
     assert not left, f"DeepSpeed's CPU all-reduce buffers left in /dev/shm: {sorted(map(str, left))}"
     return out
@@ -113,7 +116,7 @@ def test_three_stages_chain_and_the_export_answers_generate(chained):
     from jobs.ingest import load_tokenizer
 
     previous = None
-    for stage in train.CHAIN:
+    for stage in STAGES:
         run = chained / stage
         config = json.loads((run / "train_config.json").read_text())
         assert config["stage"] == stage
@@ -187,7 +190,7 @@ def shards(tmp_path_factory):
 
 def stage1_argv(shards: Path, out: Path, *extra: str) -> list[str]:
     return ["--stage", "stage1", "--data", str(shards), "--init-from", "tiny", "--output-dir", str(out), *CPU,
-            "schedule.max_steps=12", "checkpoint.every_steps=3", "checkpoint.async_upload=false", *extra]  # fmt: skip
+            *with_set("schedule.max_steps=12", "checkpoint.every_steps=3", "checkpoint.async_upload=false", *extra)]  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -203,17 +206,17 @@ def val_args(val_shards: Path) -> list[str]:
 @pytest.fixture(scope="module")
 def uninterrupted(shards, val_shards, tmp_path_factory, ray_local):
     out = tmp_path_factory.mktemp("uninterrupted")
-    assert train.main(stage1_argv(shards, out, *val_args(val_shards))) == 0
+    assert launch.main(stage1_argv(shards, out, *val_args(val_shards))) == 0
     return out / "stage1"
 
 
 def test_stopped_and_resumed_run_matches_an_uninterrupted_one(shards, val_shards, uninterrupted, tmp_path):
-    assert train.main(stage1_argv(shards, tmp_path, *val_args(val_shards), "debug.stop_after_step=3")) == 0
+    assert launch.main(stage1_argv(shards, tmp_path, *val_args(val_shards), "debug.stop_after_step=3")) == 0
     run = tmp_path / "stage1"
     assert sorted(losses(run)) == [1, 2, 3] and not (run / "export").exists()
     assert sorted(val_records(run)) == [2]
     first = (run / "train_config.json").read_text()
-    assert train.main(stage1_argv(shards, tmp_path, *val_args(val_shards))) == 0  # resumes at step 3
+    assert launch.main(stage1_argv(shards, tmp_path, *val_args(val_shards))) == 0  # resumes at step 3
     want, got = losses(uninterrupted), losses(run)
     assert sorted(want) == list(range(1, 13))
     assert got == want, f"per-step losses differ:\n uninterrupted {want}\n resumed       {got}"
@@ -230,7 +233,7 @@ def test_a_torn_latest_checkpoint_falls_back_to_the_newest_complete_one(
     shards, uninterrupted, tmp_path, capsys
 ):
     keep = "checkpoint.keep_last=3"
-    assert train.main(stage1_argv(shards, tmp_path, keep, "debug.stop_after_step=9")) == 0
+    assert launch.main(stage1_argv(shards, tmp_path, keep, "debug.stop_after_step=9")) == 0
     run = tmp_path / "stage1"
     assert [p.name for p in sorted(run.glob("step-*"))] == ["step-0000003", "step-0000006", "step-0000009"]
     model0, optim1 = (
@@ -247,7 +250,7 @@ def test_a_torn_latest_checkpoint_falls_back_to_the_newest_complete_one(
     (run / "step-0000006" / optim1).write_bytes(bytes(data))
     capsys.readouterr()
 
-    assert train.main(stage1_argv(shards, tmp_path, keep)) == 0
+    assert launch.main(stage1_argv(shards, tmp_path, keep)) == 0
     out = capsys.readouterr().out
     reported = [
         line
@@ -281,13 +284,13 @@ def test_a_resume_with_a_changed_config_is_refused_then_allowed_and_recorded(
     def argv(*extra: str) -> list[str]:
         return stage1_argv(shards, tmp_path, "schedule.max_steps=6", *extra)
 
-    assert train.main(argv("debug.stop_after_step=3")) == 0
+    assert launch.main(argv("debug.stop_after_step=3")) == 0
     run = tmp_path / "stage1"
     first = (run / "train_config.json").read_text()
     changed = ["seed=1", "optim.lrs.patch_embed=0.375", "data.max_length=300", "checkpoint.keep_last=5"]
     lines = ["data.max_length: 4096 -> 300", "optim.lrs.patch_embed: 0.0004 -> 0.375", "seed: 0 -> 1"]
     capsys.readouterr()
-    assert train.main(argv(*changed)) == 2
+    assert launch.main(argv(*changed)) == 2
     err = capsys.readouterr().err
     assert err.startswith(f"config error: resume of {run} with a changed config (vs {run}/config_history/0000.json):\n"
                           + "".join(f"  {line}\n" for line in lines)), err  # fmt: skip
@@ -299,7 +302,7 @@ def test_a_resume_with_a_changed_config_is_refused_then_allowed_and_recorded(
     (bucket / "stage1").upload_dir(run)  # the same run folder, in a bucket
     remote = argv(*changed, f"storage.endpoint_override={s3_server}")
     remote[remote.index("--output-dir") + 1] = bucket.uri
-    assert train.main(remote) == 2
+    assert launch.main(remote) == 2
     err = capsys.readouterr().err
     assert (
         f"config error: resume of {bucket}/stage1 with a changed config (vs {bucket}/stage1/config_history/0000.json)"
@@ -308,7 +311,7 @@ def test_a_resume_with_a_changed_config_is_refused_then_allowed_and_recorded(
     assert all(f"\n  {line}\n" in err for line in lines), err
     assert [n for n in (bucket / "stage1" / "config_history").names()] == ["0000.json"]
 
-    assert train.main(argv(*changed, "--allow-config-change")) == 0
+    assert launch.main(argv(*changed, "--allow-config-change")) == 0
     out = capsys.readouterr().out
     assert f"[stage1] --allow-config-change: resuming {run} with a changed config" in out
     assert all(f"  {line}" in out for line in lines)
@@ -357,7 +360,7 @@ def test_killed_worker_restarts_from_the_latest_checkpoint(shards, uninterrupted
 
     watcher = threading.Thread(target=kill_after_a_checkpoint, daemon=True)
     watcher.start()
-    assert train.main(stage1_argv(shards, tmp_path, "checkpoint.max_failures=1")) == 0
+    assert launch.main(stage1_argv(shards, tmp_path, "checkpoint.max_failures=1")) == 0
     watcher.join(timeout=5)
     assert killed, "no Ray Train worker was killed (the run ended first?)"
     text = (run / "metrics.jsonl").read_text().splitlines()
@@ -377,7 +380,7 @@ def test_killed_worker_restarts_from_the_latest_checkpoint(shards, uninterrupted
 
 def test_a_deterministic_first_step_error_stops_at_once_without_restarts(shards, tmp_path, capsys):
     argv = stage1_argv(shards, tmp_path, "checkpoint.max_failures=3", "debug.error_at_step=0")
-    assert train.main(argv) == 1
+    assert launch.main(argv) == 1
     run = tmp_path / "stage1"
     assert (run / "debug-errors").read_text().splitlines() == ["step 0"], "the error was raised again"
     assert not (run / "metrics.jsonl").exists() or not (run / "metrics.jsonl").read_text().strip()
@@ -414,7 +417,7 @@ def test_stage1_on_s3_resumes_a_killed_worker_from_the_bucket(shards, uninterrup
                        f"storage.endpoint_override={s3_server}")  # fmt: skip
     argv[argv.index("--data") + 1] = (bucket / "shards").uri
     argv[argv.index("--output-dir") + 1] = (bucket / "runs").uri
-    assert train.main(argv) == 0
+    assert launch.main(argv) == 0
     watcher.join(timeout=5)
     out = capsys.readouterr().out
     assert killed, "no Ray Train worker was killed (the run ended first?)"

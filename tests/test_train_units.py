@@ -25,12 +25,13 @@ import pytest
 from breen import envlock
 from breen import shard_format as sf
 from breen.config import BreenConfig
-from breen.stages import DEFAULT_LRS
+from breen.stages import DEFAULT_LRS, STAGES
 from jobs import config as jc
-from jobs import ingest, train
+from jobs import ingest, launch, train
 from jobs.checkpoint import TrainState
 from jobs.config import ConfigError
 from jobs.tiny import tiny_tokenizer, write_tiny_shards
+from tests.conftest import with_set
 
 CLIP_DIM = 32
 CPU = ["--profile", "cpu"]
@@ -114,7 +115,7 @@ def shards(tmp_path) -> Path:
 
 # ============================================================================= jobs.config
 def test_stage2_is_stage1_plus_the_documented_changes():
-    s1, s2 = jc.stage1(), jc.stage2()
+    s1, s2 = jc.recipe("stage1"), jc.recipe("stage2")
     assert differing_keys(s1, s2) == {
         "stage",
         "optim.lrs.patch_embed",  # stage 2: one learning rate for everything
@@ -126,7 +127,7 @@ def test_stage2_is_stage1_plus_the_documented_changes():
 
 
 def test_stage3_is_stage2_plus_the_documented_changes():
-    s2, s3 = jc.stage2(), jc.stage3()
+    s2, s3 = jc.recipe("stage2"), jc.recipe("stage3")
     assert differing_keys(s2, s3) == {
         "stage",
         "data.text_field",
@@ -181,7 +182,7 @@ def test_dotted_overrides_parse_typed_values():
     assert cfg.data.teacher == "ViT-L-14-336"
     assert cfg.schedule.max_steps is None and cfg.debug.fail_at_step == 3
     assert cfg.model.attn_implementation == "sdpa"
-    assert jc.stage1().data.teacher is None  # default: any single teacher
+    assert jc.recipe("stage1").data.teacher is None  # default: any single teacher
 
 
 @pytest.mark.parametrize(
@@ -331,16 +332,16 @@ def test_lr_factor_matches_transformers_cosine_with_warmup(warmup_ratio, min_lr_
 # ============================================================================= jobs.train: chaining
 def test_chain_configs_scoped_overrides_and_init_chain(tmp_path):
     out = str(tmp_path / "runs")
-    cfgs = train.chain_configs(
-        list(train.CHAIN), data=["d1", "d2"], sft_data=["s"], init_from="tiny", output_dir=out,
+    cfgs = launch.chain_configs(
+        list(STAGES), data=["d1", "d2"], sft_data=["s"], init_from="tiny", output_dir=out,
         profile="cpu", overrides=["stage2.schedule.max_steps=3", "seed=7", "stage3.optim.lrs.default=1e-5"],
         name="ignored-for-a-chain",
     )  # fmt: skip
-    assert [c.stage for c in cfgs] == list(train.CHAIN)
+    assert [c.stage for c in cfgs] == list(STAGES)
     assert [c.schedule.max_steps for c in cfgs] == [None, 3, None]
     assert [c.optim.lrs["default"] for c in cfgs] == [4e-5, 4e-5, 1e-5]
     assert all(c.seed == 7 and c.output_dir == out for c in cfgs)
-    assert [c.run_name for c in cfgs] == list(train.CHAIN)
+    assert [c.run_name for c in cfgs] == list(STAGES)
     assert cfgs[0].model.init_from == "tiny"
     assert cfgs[1].model.init_from == str(cfgs[0].export_dir) == str(Path(out, "stage1", "export"))
     assert cfgs[2].model.init_from == str(cfgs[1].export_dir) == str(Path(out, "stage2", "export"))
@@ -351,16 +352,16 @@ def test_chain_configs_scoped_overrides_and_init_chain(tmp_path):
 def test_chain_configs_lone_stage_defaults_to_the_previous_export(tmp_path):
     out = str(tmp_path / "runs")
     kw = dict(data=["d"], sft_data=["s"], output_dir=out, profile="cpu", overrides=[])
-    (s2,) = train.chain_configs(["stage2"], init_from=None, **kw)
+    (s2,) = launch.chain_configs(["stage2"], init_from=None, **kw)
     assert s2.model.init_from == str(Path(out) / "stage1" / "export")
-    (s3,) = train.chain_configs(["stage3"], init_from=None, name="sft-a", **kw)
+    (s3,) = launch.chain_configs(["stage3"], init_from=None, name="sft-a", **kw)
     assert s3.model.init_from == str(Path(out) / "stage2" / "export") and s3.run_name == "sft-a"
-    (given,) = train.chain_configs(["stage2"], init_from="/models/x", **kw)
+    (given,) = launch.chain_configs(["stage2"], init_from="/models/x", **kw)
     assert given.model.init_from == "/models/x"
-    (s1,) = train.chain_configs(["stage1"], init_from=None, **kw)
+    (s1,) = launch.chain_configs(["stage1"], init_from=None, **kw)
     assert s1.model.init_from is None  # stage 1 has no previous stage: main reports it (model.init_from)
     with pytest.raises(ConfigError, match=r"scale\.num_worker"):
-        train.chain_configs(["stage2"], init_from=None, **{**kw, "overrides": ["stage2.scale.num_worker=1"]})
+        launch.chain_configs(["stage2"], init_from=None, **{**kw, "overrides": ["stage2.scale.num_worker=1"]})
 
 
 def test_check_same_scale():
@@ -839,22 +840,24 @@ def test_build_dataset_with_nothing_left_to_read(shards, init_dir):
 
 # ============================================================================= jobs.train.main
 def run_main(argv, capsys) -> tuple[int, str]:
-    code = train.main(argv)
+    code = launch.main(argv)
     return code, capsys.readouterr().err
 
 
 def stage1_argv(tmp_path, data, init, *overrides: str) -> list[str]:
     """`jobs.train` arguments for stage 1 on the CPU profile, output under tmp_path/runs."""
     return ["--stage", "stage1", "--data", str(data), "--init-from", str(init), "--output-dir",
-            str(tmp_path / "runs"), *CPU, *overrides]  # fmt: skip
+            str(tmp_path / "runs"), *CPU, *with_set(*overrides)]  # fmt: skip
 
 
 def test_main_help(capsys):
     with pytest.raises(SystemExit) as exc:
-        train.main(["--help"])
+        launch.main(["--help"])
     assert exc.value.code == 0
     out = capsys.readouterr().out
-    assert "--stage" in out and "--sft-data" in out and "overrides" in out
+    assert out.startswith("usage: python -m jobs.train") and "--sft-data" in out
+    assert "--set KEY=VALUE" in out and "--print-config" in out and "--config FILE.yaml" in out
+    assert "scale: num_workers=64," in out  # the sections with their defaults
 
 
 def test_main_missing_data_dir_exits_2(tmp_path, capsys):
@@ -910,8 +913,8 @@ def test_main_unknown_learning_rate_component_exits_2(tmp_path, shards, init_dir
 
 def test_chain_an_unscoped_init_override_starts_only_the_first_stage(tmp_path):
     out = str(tmp_path / "runs")
-    cfgs = train.chain_configs(
-        list(train.CHAIN), data=["d"], sft_data=["s"], init_from=None, output_dir=out, profile="cpu",
+    cfgs = launch.chain_configs(
+        list(STAGES), data=["d"], sft_data=["s"], init_from=None, output_dir=out, profile="cpu",
         overrides=["model.init_from=/models/x", "stage3.model.init_from=/models/y"],
     )  # fmt: skip
     assert cfgs[0].model.init_from == "/models/x"
