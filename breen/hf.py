@@ -33,6 +33,7 @@ REMOTE_MODULES = {
     "breen.config": "configuration_breen",
     "breen.attention": "attention_breen",
     "breen.model": "modeling_breen",
+    "breen.stages": "stages_breen",  # the parameter groups (COMPONENTS) the model is built around
     "breen.data": "data_breen",
     "breen.processing": "processing_breen",
 }

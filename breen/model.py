@@ -64,21 +64,8 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from breen.attention import default_attn_implementation
 from breen.config import IMAGE_TOKEN_ID, QUERY_TOKEN_ID, BreenConfig
+from breen.stages import COMPONENTS
 
-# Parameter groups ("components") used for trainability tables, learning rates and parameter counts.
-COMPONENTS = (
-    "patch_embed",
-    "queries",
-    "align_head",
-    "embed_tokens",
-    "attention",
-    "norms",
-    "text_experts",
-    "text_gates",
-    "image_experts",
-    "image_gates",
-    "lm_head",
-)
 # What one text token passes through (one expert + its gate per layer): the "active" parameters.
 ACTIVE_COMPONENTS = ("embed_tokens", "attention", "norms", "text_experts", "text_gates", "lm_head")
 

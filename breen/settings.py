@@ -129,8 +129,9 @@ def build(cls: type, data: dict[str, Any], prefix: str = "", cli: bool = False) 
 
 
 def update(cfg: Any, data: dict[str, Any], prefix: str = "") -> None:
-    """Lay a mapping from a file over a config dataclass in place: sections merge key by key (an absent
-    optional section is created first), any other value replaces the field (strictly typed)."""
+    """Lay a mapping from a file over a config dataclass in place: sections and mapping fields merge key
+    by key (an absent optional section is created first), any other value replaces the field (strictly
+    typed), as `merge` does for files."""
     if not isinstance(data, dict):
         raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {type(data).__name__}")
     hints, names = _fields(type(cfg))
@@ -144,6 +145,8 @@ def update(cfg: Any, data: dict[str, Any], prefix: str = "") -> None:
             setattr(cfg, key, child)
         if dataclasses.is_dataclass(child) and isinstance(value, dict):
             update(child, value, where)
+        elif isinstance(child, dict) and isinstance(value, dict):  # a mapping field (learning rates) merges too
+            child.update(convert_value(hints[key], value, where))
         else:
             setattr(cfg, key, convert_value(hints[key], value, where))
 

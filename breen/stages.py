@@ -26,6 +26,21 @@ if TYPE_CHECKING:  # the stage table and learning rates import no torch (`jobs.c
     from breen.model import BreenForCausalLM
 
 STAGES = ("stage1", "stage2", "stage3")
+# The model's parameter groups ("components", `BreenForCausalLM.component_params`): the unit of the
+# trainability tables, learning rates and parameter counts.
+COMPONENTS = (
+    "patch_embed",
+    "queries",
+    "align_head",
+    "embed_tokens",
+    "attention",
+    "norms",
+    "text_experts",
+    "text_gates",
+    "image_experts",
+    "image_gates",
+    "lm_head",
+)
 DEFAULT_LRS: dict[str, dict[str, float]] = {
     "stage1": {"default": 4e-5, "patch_embed": 4e-4},
     "stage2": {"default": 4e-5},
@@ -35,9 +50,7 @@ _STAGE1 = ("patch_embed", "image_experts", "image_gates", "text_gates")
 
 
 def trainable_components(config: BreenConfig, stage: str) -> tuple[str, ...]:
-    """Components (see `breen.model.COMPONENTS`) that train in `stage` under `config`'s settings."""
-    from breen.model import COMPONENTS
-
+    """Components (`COMPONENTS`) that train in `stage` under `config`'s settings."""
     if stage not in STAGES:
         raise ValueError(f"stage must be one of {STAGES}, got {stage!r}")
     if stage == "stage1":
@@ -91,8 +104,6 @@ def param_groups(
     names and ``"default"`` to learning rates. Each group has ``params``, ``lr``, ``weight_decay`` (0 in
     the recipe) and ``name`` (the component, for logging).
     """
-    from breen.model import COMPONENTS
-
     if stage not in STAGES:
         raise ValueError(f"stage must be one of {STAGES}, got {stage!r}")
     if lrs is None:

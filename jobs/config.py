@@ -28,7 +28,7 @@ differs from the run's last recorded one in any field outside `RESUME_NEUTRAL` i
 
 Validation (`validate`): types on assignment, then every float finite (no inf/nan anywhere) and every
 value in its range; an override too deeply nested to parse is a `ConfigError` naming the field. Imports
-no torch, Ray or transformers until a config is validated (``jobs.train --help`` answers at once).
+no torch, Ray or transformers (``jobs.train --help`` and ``--print-config`` answer at once).
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ from pathlib import Path
 from typing import Any
 
 from breen.settings import ConfigError, apply_override, build, check_finite, merge, read_yaml, update
-from breen.stages import DEFAULT_LRS, STAGES
+from breen.stages import COMPONENTS, DEFAULT_LRS, STAGES
 from breen.storage import Store, scheme
 from pipelines.config import StorageConfig
 
@@ -107,7 +107,7 @@ class ModelSection:
 
 @dataclass
 class OptimSection:
-    # Learning rate per component (`breen.model.COMPONENTS`) and "default" (breen.stages.DEFAULT_LRS).
+    # Learning rate per component (`breen.stages.COMPONENTS`) and "default" (breen.stages.DEFAULT_LRS).
     lrs: dict[str, float] = field(default_factory=dict)
     warmup_ratio: float = 0.03
     min_lr_ratio: float = 0.0  # cosine decays to min_lr_ratio * lr
@@ -389,8 +389,6 @@ def validate(cfg: TrainConfig, check_paths: bool = False) -> None:
     def need(ok: bool, name: str, why: str) -> None:
         if not ok:
             raise ConfigError(f"{name}: {why}")
-
-    from breen.model import COMPONENTS  # torch: when a config is checked, never for --help
 
     check_finite(cfg)
     s = cfg.scale

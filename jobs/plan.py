@@ -96,7 +96,7 @@ SOURCES: dict[str, str] = {
     "--download-ok for yours",
     "sft_samples": "BREEN's SFT set is 4M samples (comparison table in the README of EvolvingLMMs-Lab/NEO: "
     "BREEN 13M pre-training / 4M SFT)",
-    "keep_checkpoints": "checkpoint.keep_last of the training config (jobs/config.py)",
+    "keep_checkpoints": "checkpoint.keep_last of the stage configs, jobs/configs/",
     "convert_gbps": "assumed: one pod reading and writing the shared volume",
     "bucket_gbps_per_node": "assumed: pyarrow's S3/GCS client with parallel range reads and multipart uploads "
     "sustains several Gbit/s per node on a 25-100 Gbit/s NIC in the bucket's region; measure yours (the "
@@ -105,10 +105,12 @@ SOURCES: dict[str, str] = {
 
 
 def training_keep_last() -> int:
-    """Checkpoints the training keeps per stage (`checkpoint.keep_last`, jobs/config.py)."""
-    from jobs.config import CheckpointSection
+    """Checkpoints the training keeps per stage: the largest ``checkpoint.keep_last`` of the three stage
+    configs at cluster scale (`jobs/configs/`)."""
+    from breen.stages import STAGES
+    from jobs.config import build_config
 
-    return CheckpointSection().keep_last
+    return max(build_config(stage).checkpoint.keep_last for stage in STAGES)
 
 
 # --------------------------------------------------------------------------------------- inputs
@@ -539,50 +541,63 @@ def write_chart(phases: list[Phase], path: Path, title: str) -> Path:
 # --------------------------------------------------------------------------------------- CLI
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     d = Assumptions()
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--pairs", type=float, default=d.pairs, help="image-text pairs reaching training (13e6)")
+    class Help(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+        """The module docstring as written, and every option's default."""
+
+    ap = argparse.ArgumentParser(prog="python -m jobs.plan", description=__doc__, formatter_class=Help)
+    ap.add_argument("--pairs", type=float, default=d.pairs, help="image-text pairs reaching training")
     ap.add_argument("--gpus", type=int, default=d.gpus, help="GPUs for the teacher and stages 1-2")
     ap.add_argument(
-        "--stage3-gpus", type=int, default=None, help="GPUs for stage 3 (default: half of --gpus)"
+        "--stage3-gpus", type=int, default=None, help="GPUs for stage 3 (None: half of --gpus)"
     )
     ap.add_argument("--gpu-type", default=d.gpu_type, help=f"one of {sorted(GPU_PEAK_FLOPS)}")
     ap.add_argument(
-        "--gpu-peak-tflops", type=float, default=None, help="override the peak bf16 TFLOP/s per GPU"
+        "--gpu-peak-tflops", type=float, default=None, help="peak bf16 TFLOP/s per GPU (None: the GPU type's)"
     )
     ap.add_argument("--mfu", type=float, default=d.mfu, help="training model-FLOPs utilisation")
-    ap.add_argument("--teacher-mfu", type=float, default=d.teacher_mfu)
+    ap.add_argument("--teacher-mfu", type=float, default=d.teacher_mfu,
+                    help="model-FLOPs utilisation of the CLIP teacher (bf16 forward, large batches)")
     ap.add_argument("--cpu-cores", type=int, default=d.cpu_cores, help="CPU cores for download and filter")
-    ap.add_argument("--cpus-per-gpu", type=int, default=d.cpus_per_gpu)
-    ap.add_argument("--ingress-gbps", type=float, default=d.ingress_gbps)
+    ap.add_argument("--cpus-per-gpu", type=int, default=d.cpus_per_gpu, help="CPUs per GPU on the GPU nodes (ingest)")
+    ap.add_argument("--ingress-gbps", type=float, default=d.ingress_gbps,
+                    help="cluster download bandwidth from the internet, Gbit/s")
     ap.add_argument(
         "--download-ok",
         type=float,
         default=d.download_ok,
-        help="fraction of URLs that download and decode (default 0.8, img2dataset's 77-81%%)",
+        help="fraction of URLs that download and decode (img2dataset reports 77-81%%)",
     )
-    ap.add_argument("--filter-keep", type=float, default=d.filter_keep)
-    ap.add_argument("--source-image-kb", type=float, default=d.source_image_kb)
-    ap.add_argument("--image-kb", type=float, default=d.image_kb)
-    ap.add_argument("--stage1-fraction", type=float, default=d.stage1_fraction)
+    ap.add_argument("--filter-keep", type=float, default=d.filter_keep,
+                    help="fraction of downloaded images the filter keeps")
+    ap.add_argument("--source-image-kb", type=float, default=d.source_image_kb,
+                    help="mean source image size as served, KB (network transfer)")
+    ap.add_argument("--image-kb", type=float, default=d.image_kb,
+                    help="mean stored image size, KB (long side <= 672, JPEG q95)")
+    ap.add_argument("--stage1-fraction", type=float, default=d.stage1_fraction,
+                    help="share of the pairs stage 1 trains on (4M of 13M); stage 2 takes the rest")
     ap.add_argument(
         "--sft-samples", type=float, default=d.sft_samples, help="stage-3 SFT samples (BREEN: 4M)"
     )
-    ap.add_argument("--image-tokens", type=int, default=d.image_tokens)
-    ap.add_argument("--caption-tokens", type=int, default=d.caption_tokens)
-    ap.add_argument("--sft-text-tokens", type=int, default=d.sft_text_tokens)
+    ap.add_argument("--image-tokens", type=int, default=d.image_tokens,
+                    help="image tokens per sample (48x48 for a square 672 image, the maximum)")
+    ap.add_argument("--caption-tokens", type=int, default=d.caption_tokens,
+                    help="text tokens per stage-1/2 sample")
+    ap.add_argument("--sft-text-tokens", type=int, default=d.sft_text_tokens,
+                    help="text tokens per stage-3 sample (question, repeated question, answer)")
     ap.add_argument(
         "--keep-checkpoints",
         type=int,
         default=None,
-        help="checkpoints kept per stage (default: checkpoint.keep_last of the training config)",
+        help="checkpoints kept per stage (None: checkpoint.keep_last of the stage configs)",
     )
     ap.add_argument("--convert-gbps", type=float, default=d.convert_gbps, help="conversion disk GB/s")
     ap.add_argument("--storage", choices=("volume", "bucket"), default=d.storage,
-                    help="datasets and checkpoints on a shared volume (default) or in an object store")
+                    help="datasets and checkpoints on a shared volume or in an object store")
     ap.add_argument("--bucket-gbps-per-node", type=float, default=d.bucket_gbps_per_node,
                     help="Gbit/s each node moves to and from the bucket (--storage bucket)")
-    ap.add_argument("--gpus-per-node", type=int, default=d.gpus_per_node)
-    ap.add_argument("--cpu-cores-per-node", type=int, default=d.cpu_cores_per_node)  # fmt: skip
+    ap.add_argument("--gpus-per-node", type=int, default=d.gpus_per_node, help="GPUs per GPU node")
+    ap.add_argument("--cpu-cores-per-node", type=int, default=d.cpu_cores_per_node,
+                    help="CPU cores per CPU node (bucket traffic is per node)")  # fmt: skip
     ap.add_argument("--preset", default=d.preset, help="BREEN model preset (breen.config)")
     ap.add_argument("--rates", type=Path, default=DEFAULT_RATES_FILE, help="per-core rates JSON")
     ap.add_argument(

@@ -197,7 +197,7 @@ def write_tiny_shards(
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="Write a tiny random BREEN + tokenizer (offline).")
+    parser = argparse.ArgumentParser(prog="python -m jobs.tiny", description="Write a tiny random BREEN + tokenizer (offline).")
     parser.add_argument("--out", required=True)
     parser.add_argument("--clip-dim", type=int, default=32, help="teacher feature width D of the shards")
     parser.add_argument("--seed", type=int, default=0)

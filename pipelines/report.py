@@ -757,7 +757,7 @@ def _write_report(out_dir: Store, work: Path, sample_rows: int, teacher_rows: in
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="python -m pipelines.report", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("out_dir", help="pipeline output_dir (holds download/, filter/, ...); a folder or an "
                         "s3:// or gs:// URI (endpoint from AWS_ENDPOINT_URL)")

@@ -28,6 +28,7 @@ import shlex
 import shutil
 import subprocess
 import sys
+import time
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -642,30 +643,45 @@ def test_entrypoint_modules_resolve_and_help_works():
         assert "usage" in out.lower(), f"python -m {m} --help printed no usage"
 
 
-# Entrypoints whose `--help` must answer without importing the heavy libraries (seconds each). jobs.train
-# still imports them at start-up (issue 20).
-LIGHT_HELP = ("pipelines.prepare", "pipelines.download", "pipelines.captions", "pipelines.filter",
-              "pipelines.teacher", "pipelines.sft_import", "pipelines.report", "pipelines.verify", "jobs.plan",
-              "breen.generate", "breen.convert", "jobs.eval")  # fmt: skip
+# Every command a user runs: `--help` answers in under a second in a fresh process, names the module it
+# runs as, and imports none of the heavy libraries (those load only once a command has checked its inputs).
+ENTRYPOINTS = ("pipelines.prepare", "pipelines.download", "pipelines.captions", "pipelines.filter",
+               "pipelines.teacher", "pipelines.sft_import", "pipelines.report", "pipelines.verify",
+               "pipelines.synthetic", "jobs.train", "jobs.plan", "jobs.eval", "jobs.tiny", "breen.generate",
+               "breen.convert", "breen.envlock")  # fmt: skip
 HEAVY = ("torch", "ray", "transformers", "deepspeed", "open_clip")
 
 
-@pytest.mark.parametrize("module", LIGHT_HELP)
-def test_help_imports_no_heavy_library(module):
+def test_every_entrypoint_is_listed():
+    found = {f"{p.parent.name}.{p.stem}" for pkg in ("breen", "jobs", "pipelines") for p in (REPO / pkg).glob("*.py")
+             if 'if __name__ == "__main__":' in p.read_text()}  # fmt: skip
+    assert found == set(ENTRYPOINTS)
+
+
+@pytest.mark.parametrize("module", ENTRYPOINTS)
+def test_help_is_fast_names_the_module_and_imports_no_heavy_library(module):
     probe = (
         "import contextlib, io, runpy, sys\n"
         f"sys.argv = [{module!r}, '--help']\n"
         "with contextlib.redirect_stdout(io.StringIO()) as out:\n"
         "    try:\n"
-        f"        runpy.run_module({module!r}, run_name='__main__')\n"
+        f"        runpy.run_module({module!r}, run_name='__main__', alter_sys=True)\n"
         "    except SystemExit as e:\n"
         "        assert e.code in (0, None), e.code\n"
-        "assert 'usage' in out.getvalue().lower()\n"
+        "print(out.getvalue().splitlines()[0])\n"
         f"print(sorted(m for m in {HEAVY!r} if m in sys.modules))\n"
     )
     done = subprocess.run([sys.executable, "-c", probe], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
-    assert done.stdout.strip() == "[]", f"python -m {module} --help imports {done.stdout.strip()}"
+    usage, heavy = done.stdout.strip().splitlines()[-2:]
+    assert usage.startswith(f"usage: python -m {module} "), usage
+    assert heavy == "[]", f"python -m {module} --help imports {heavy}"
+    seconds = []
+    for _ in range(3):  # the best of three: one slow start on a busy machine is not the command's
+        t0 = time.monotonic()
+        subprocess.run([sys.executable, "-m", module, "--help"], cwd=REPO, capture_output=True, check=True, timeout=60)
+        seconds.append(time.monotonic() - t0)
+    assert min(seconds) < 1.0, f"python -m {module} --help took {min(seconds):.2f} s at best"
 
 
 def configmap_file(job_overlay: str, path: str) -> str:
@@ -738,14 +754,14 @@ def _train_configs(argv: list[str]):
     """Parse a `python -m jobs.train ...` entrypoint with jobs.train itself and return the stage configs
     it would run (`run_stage` is replaced, nothing runs; `check_inputs` too: the data lives on the
     cluster's volume, not here)."""
-    import jobs.train as train
+    from jobs import launch, train
 
     captured = []
     original = train.run_stage, train.check_inputs
     train.run_stage = lambda cfg, *a, **k: captured.append(cfg) or {"validation": None}
     train.check_inputs = lambda cfg: train.validate(cfg)
     try:
-        rc = train.main(argv[3:])
+        rc = launch.main(argv[3:])
     finally:
         train.run_stage, train.check_inputs = original
     assert rc == 0, f"jobs.train rejected {argv}"

@@ -165,6 +165,30 @@ def test_convert_then_generate_cli(tmp_path, capsys):
     assert first and capsys.readouterr().out == first  # deterministic
 
 
+def test_convert_config_file_set_and_print_config(tmp_path, capsys):
+    """breen.convert takes its BreenConfig changes as every command does (--config, --set, --print-config);
+    a bad field fails before any weight is read."""
+    import yaml
+
+    from breen.convert import main as convert_main
+
+    qwen = save_tiny_qwen2_dir(tmp_path / "qwen")
+    changes = tmp_path / "breen.yaml"
+    changes.write_text("image_size: 112\nfine_grid: 4\n")
+    out = tmp_path / "breen"
+    convert_main(["--qwen", str(qwen), "--out", str(out), "--config", str(changes), "--set", "fine_grid=2",
+                  "--print-config"])  # fmt: skip
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert (printed["image_size"], printed["fine_grid"]) == (112, 2) and not out.exists()
+    for args, message in ((["--set", "fine_grd=2"], "fine_grd: unknown BreenConfig field"),
+                          (["--set", "image_size=big"], "image_size: expected an integer, got 'big'"),
+                          (["--set", "align_loss_weight=.inf"], "align_loss_weight: must be a finite number")):  # fmt: skip
+        with pytest.raises(SystemExit) as exit_:
+            convert_main(["--qwen", str(qwen), "--out", str(out), *args])
+        assert exit_.value.code == 2 and message in capsys.readouterr().err
+    assert not out.exists()
+
+
 def test_convert_and_generate_with_both_directories_in_a_bucket(tmp_path, capsys, monkeypatch, s3_server):
     """`breen.convert` reads Qwen2 from s3:// and writes BREEN to s3:// (a real S3 API); `breen.generate`
     answers from the s3:// model exactly as from a local copy of the same files."""
