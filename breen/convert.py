@@ -27,10 +27,11 @@ filled tensor by tensor; no fp32 copy of Qwen is kept). Either directory may be 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -93,8 +94,11 @@ def qwen2_key_map(config: BreenConfig) -> dict[str, tuple[str, ...]]:
     return key_map
 
 
-def iter_safetensors(directory: str | Path) -> Iterator[tuple[str, torch.Tensor]]:
-    """(key, tensor) for every tensor of every ``*.safetensors`` file in `directory`, one file at a time."""
+def safetensors_entries(directory: str | Path) -> Iterator[tuple[str, Callable[[], torch.Tensor]]]:
+    """(key, read) for every tensor of every ``*.safetensors`` file in `directory`: files in name order,
+    keys sorted within a file; ``read()`` loads that tensor (valid until the next entry). The one reader of
+    safetensors checkpoints: `iter_safetensors` reads every tensor; ZeRO-3 loading
+    (`jobs.model_init.load_weights_zero3`) walks the same keys on every rank and reads on rank 0 only."""
     from safetensors import safe_open
 
     files = sorted(Path(directory).glob("*.safetensors"))
@@ -102,8 +106,14 @@ def iter_safetensors(directory: str | Path) -> Iterator[tuple[str, torch.Tensor]
         raise FileNotFoundError(f"no *.safetensors in {directory} (only safetensors checkpoints are loaded)")
     for file in files:
         with safe_open(str(file), framework="pt") as f:
-            for key in f.keys():  # noqa: SIM118 (safe_open is not a dict)
-                yield key, f.get_tensor(key)
+            for key in sorted(f.keys()):
+                yield key, functools.partial(f.get_tensor, key)
+
+
+def iter_safetensors(directory: str | Path) -> Iterator[tuple[str, torch.Tensor]]:
+    """(key, tensor) for every tensor of every ``*.safetensors`` file in `directory`, one at a time."""
+    for key, read in safetensors_entries(directory):
+        yield key, read()
 
 
 def convert_qwen2(
