@@ -5,10 +5,10 @@ Same model (a BREEN larger than ``tiny``, random init, saved once), same batches
 micro-batches in the same order), same step (stage 2: everything but the alignment head trains, the
 product's AdamW (`jobs.train.make_optimizer`, fused), clipping 1.0, cosine schedule, activation
 checkpointing, fp32, packed micro-batches), the same torch threads and the same process environment
-(`jobs.train.worker_env`: glibc malloc settings):
+(`jobs.driver.worker_env`: glibc malloc settings):
   baseline  a plain loop over pre-encoded batches in memory, in its own process, run before and after
             ours (its step time is the mean of the two medians, so slow drift of the machine load cancels);
-  ours      `jobs.train.run_stage` on a local Ray: 1 Ray Train worker, DeepSpeed ZeRO-3 engine, batches
+  ours      `jobs.driver.run_stage` on a local Ray: 1 Ray Train worker, DeepSpeed ZeRO-3 engine, batches
             streamed by Ray Data (read + decode + tokenise in an encode actor), per-step metrics
             all-reduce; step times from the run's ``metrics.jsonl``.
 Both print per-step losses; the largest difference checks that they computed the same thing.
@@ -123,7 +123,8 @@ def baseline(cfg, init: Path, batches, threads: int) -> tuple[list[float], list[
 
     from breen.model import BreenForCausalLM
     from breen.stages import param_groups, set_trainable
-    from jobs.train import MODEL_KEYS, lr_factor, make_optimizer
+    from jobs.ingest import MODEL_KEYS
+    from jobs.train import lr_factor, make_optimizer
 
     torch.set_num_threads(threads)
     torch.manual_seed(cfg.seed)
@@ -153,7 +154,7 @@ def baseline(cfg, init: Path, batches, threads: int) -> tuple[list[float], list[
 
 def baseline_process(args, cfg, work: Path, tag: str) -> tuple[list[float], list[float]]:
     """`baseline` in a fresh Python process with the training workers' environment (`--child`)."""
-    from jobs.train import worker_env
+    from jobs.driver import worker_env
 
     env = {**os.environ, **worker_env(cfg)}
     argv = [sys.executable, "-m", "bench.train_overhead", "--child", str(work), *child_argv(args)]
@@ -229,9 +230,9 @@ def run(args) -> dict:
 
     from breen.config import BreenConfig
     from jobs import ingest
+    from jobs.driver import run_stage
     from jobs.metrics import read_metrics
     from jobs.tiny import write_tiny_shards
-    from jobs.train import run_stage
     from pipelines.common import init_ray
 
     work = Path(args.work_dir or tempfile.mkdtemp(prefix="bench-train-"))

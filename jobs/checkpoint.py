@@ -54,11 +54,15 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from breen.settings import ConfigError
 from breen.storage import Store
+
+if TYPE_CHECKING:
+    from jobs.config import TrainConfig
 
 ZERO_TAG = "zero"
 STATE_FILE = "train_state.json"
@@ -104,6 +108,18 @@ class TrainState:
     def from_dict(cls, data: dict[str, Any]) -> TrainState:
         names = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in data.items() if k in names})
+
+
+def check_same_scale(state: TrainState, cfg: TrainConfig, world: int) -> None:
+    """A resume must keep the scale the checkpoint was written with (its data position counts global batches)."""
+    s = cfg.scale
+    now = (world, s.micro_batch_size, s.global_batch_size)
+    then = (state.num_workers, state.micro_batch_size, state.global_batch_size)
+    if now != then:
+        raise ConfigError(
+            f"scale.num_workers/micro_batch_size/global_batch_size = {now} but the checkpoint was written "
+            f"with {then}: resume with the same scale, or start a new run from an export (model.init_from)"
+        )
 
 
 def checkpoint_name(step: int) -> str:

@@ -2,8 +2,8 @@
 
 Reads:  the stage files `jobs/configs/stageN.yaml`, a profile (``--profile``), run files (``--config``),
         ``--set KEY=VALUE`` overrides (`jobs.config`, `breen.settings`), and the flags below.
-Writes: nothing itself; `jobs.train.run_stage` trains each stage. ``--print-config`` prints the resolved
-        config of every stage and exits.
+Writes: nothing itself; `jobs.driver.run_stages` trains the stages (each worker runs `jobs.train`).
+        ``--print-config`` prints the resolved config of every stage and exits.
 
     python -m jobs.train --stage all --config jobs/configs/demo.yaml           # the demo run
     python -m jobs.train --stage stage1 --data /data/shards --init-from /models/breen-7b-init \\
@@ -18,8 +18,8 @@ a run file) touches one stage. Stage N+1 starts from stage N's export unless its
 Bare ``KEY=VALUE`` arguments (without ``--set``) are still read in this release, with a deprecation
 warning; they go in the next one.
 
-This module imports no torch, Ray or DeepSpeed before the configs are checked: ``--help`` answers at
-once and a bad value fails in about a second.
+This module imports no torch, Ray or DeepSpeed before the configs are checked (`jobs.driver`, and with it
+`jobs.train`, is imported only then): ``--help`` answers at once and a bad value fails in about a second.
 """
 
 from __future__ import annotations
@@ -146,20 +146,14 @@ def main(argv: list[str] | None = None) -> int:
         print("\n".join(f"# {cfg.stage}\n{to_yaml(cfg)}" for cfg in cfgs), end="")
         return 0
 
-    from jobs import train  # torch, Ray and DeepSpeed from here on
+    from jobs import driver  # torch, Ray and DeepSpeed from here on
 
     try:
-        for cfg in cfgs:  # every stage's inputs (and resumed config) before the first one trains
-            train.check_resume_config(cfg, train.check_inputs(cfg), args.allow_config_change, report=False)
-        finals = {}
-        for cfg in cfgs:
-            finals[cfg.stage] = train.run_stage(cfg, args.address, args.num_cpus, args.allow_config_change)["validation"]
-        if len(cfgs) > 1 and any(finals.values()):
-            print(f"final validation, per stage:\n{train.validation.table(finals)}", flush=True)
+        driver.run_stages(cfgs, args.address, args.num_cpus, args.allow_config_change)
     except ConfigError as err:
         print(f"config error: {err}", file=sys.stderr)
         return 2
-    except train.StageFailed as err:
+    except driver.StageFailed as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
     return 0

@@ -1,4 +1,6 @@
-"""Rank-0 training metrics: one summary line per step, a JSONL record per step, TensorBoard scalars.
+"""Training metrics: a step's statistics (`StepStats`: each rank's named sums over its micro-batches,
+summed over the ranks in one all_reduce), then on rank 0 one summary line, a JSONL record and TensorBoard
+scalars per step (`Tracker`).
 
 Writes under the run directory (``<output_dir>/<name>/``):
 
@@ -34,10 +36,12 @@ else 1 TFLOP/s per CPU worker (a nominal value: CPU MFU is only comparable with 
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import tempfile
 import time
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -75,6 +79,91 @@ def format_eta(seconds: float) -> str:
 
 def mfu(flops_per_step: float, step_seconds: float, devices: int, peak: float) -> float:
     return flops_per_step / max(step_seconds, 1e-9) / (devices * peak * 1e12)
+
+
+@dataclass
+class StepStats:
+    """One optimizer step's sums over its micro-batches (`add`, `add_rejected`), then over the ranks
+    (`all_reduce`: the one place they are reduced). A micro-batch replayed with weight 0 (every row
+    rejected) adds nothing; rejected samples are counted per reason (`jobs.ingest.REJECT_REASONS`)."""
+
+    loss: float = 0.0  # sum of the micro-batches' mean losses
+    lm_loss: float = 0.0
+    align_fine: float = 0.0  # x aligned rows
+    align_coarse: float = 0.0  # x aligned rows
+    micro_batches: float = 0.0
+    aligned_rows: float = 0.0
+    samples: float = 0.0
+    tokens: float = 0.0  # real tokens
+    flops: float = 0.0  # model FLOPs (forward + backward)
+    padded_tokens: float = 0.0  # tokens incl. padding
+    rejected: dict[str, int] = field(default_factory=dict)  # reason -> samples left out by the ingest
+
+    def add(self, out, batch: dict[str, Any], weight: float, model_config) -> None:
+        """One micro-batch: the model's output `out` on `batch`."""
+        lengths = sample_lengths(batch)
+        rows = int(batch["align_mask"].sum())
+        loss, lm, fine, coarse = (
+            t.detach().float().item() for t in (out.loss, out.lm_loss, out.align_loss_fine, out.align_loss_coarse)
+        )
+        self.loss += weight * loss
+        self.lm_loss += weight * lm
+        self.align_fine += weight * (fine * rows)
+        self.align_coarse += weight * (coarse * rows)
+        self.micro_batches += weight
+        self.aligned_rows += weight * rows
+        self.samples += weight * len(lengths)
+        self.tokens += weight * sum(lengths)
+        self.flops += weight * sum(model_config.flops_per_token(n) * n for n in lengths)
+        self.padded_tokens += weight * batch["input_ids"].numel()
+
+    def add_rejected(self, codes) -> None:
+        """The ingest's reject codes of a micro-batch's rows (-1: kept, else an index of REJECT_REASONS)."""
+        from jobs.ingest import REJECT_REASONS
+
+        for code in codes[codes >= 0].tolist():
+            reason = REJECT_REASONS[code]
+            self.rejected[reason] = self.rejected.get(reason, 0) + 1
+
+    def to_vector(self) -> list[float]:
+        """The sums in field order, then the rejected counts in `REJECT_REASONS` order."""
+        from jobs.ingest import REJECT_REASONS
+
+        sums = [getattr(self, f.name) for f in fields(self) if f.name != "rejected"]
+        return sums + [float(self.rejected.get(reason, 0)) for reason in REJECT_REASONS]
+
+    @classmethod
+    def from_vector(cls, values: list[float]) -> StepStats:
+        from jobs.ingest import REJECT_REASONS
+
+        names = [f.name for f in fields(cls) if f.name != "rejected"]
+        counts = zip(REJECT_REASONS, values[len(names) :], strict=True)
+        return cls(**dict(zip(names, values, strict=False)), rejected={r: int(n) for r, n in counts if n})
+
+    def all_reduce(self, device) -> StepStats:
+        """The sums over every rank: one ``all_reduce`` of one float64 tensor (collective)."""
+        import torch
+        import torch.distributed as dist
+
+        vector = torch.tensor(self.to_vector(), dtype=torch.float64).to(device)
+        dist.all_reduce(vector)
+        return StepStats.from_vector(vector.cpu().tolist())
+
+    def record(self) -> dict[str, Any]:
+        """The step's metrics that come from these sums (`Tracker.log` keys)."""
+        n, rows = max(self.micro_batches, 1e-9), max(self.aligned_rows, 1e-9)
+        return {
+            "loss": self.loss / n, "lm_loss": self.lm_loss / n, "align_fine": self.align_fine / rows,
+            "align_coarse": self.align_coarse / rows, "samples": int(self.samples), "tokens": int(self.tokens),
+            "padding": 1.0 - self.tokens / max(self.padded_tokens, 1.0),
+        }  # fmt: skip
+
+
+def sample_lengths(batch: dict[str, Any]) -> list[int]:
+    """Real tokens of every sample in a micro-batch, packed (``cu_seqlens``) or padded."""
+    if "cu_seqlens" in batch:
+        return [hi - lo for lo, hi in itertools.pairwise(batch["cu_seqlens"].tolist())]
+    return batch["attention_mask"].sum(dim=1).tolist()
 
 
 class Tracker:

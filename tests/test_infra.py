@@ -752,18 +752,18 @@ def test_pipeline_entrypoints_and_configs(overlay):
 
 def _train_configs(argv: list[str]):
     """Parse a `python -m jobs.train ...` entrypoint with jobs.train itself and return the stage configs
-    it would run (`run_stage` is replaced, nothing runs; `check_inputs` too: the data lives on the
-    cluster's volume, not here)."""
-    from jobs import launch, train
+    it would run (`jobs.driver.run_stage` is replaced, nothing runs; `check_inputs` too: the data lives on
+    the cluster's volume, not here)."""
+    from jobs import driver, launch
 
     captured = []
-    original = train.run_stage, train.check_inputs
-    train.run_stage = lambda cfg, *a, **k: captured.append(cfg) or {"validation": None}
-    train.check_inputs = lambda cfg: train.validate(cfg)
+    original = driver.run_stage, driver.check_inputs
+    driver.run_stage = lambda cfg, *a, **k: captured.append(cfg) or {"validation": None}
+    driver.check_inputs = lambda cfg: driver.validate(cfg)
     try:
         rc = launch.main(argv[3:])
     finally:
-        train.run_stage, train.check_inputs = original
+        driver.run_stage, driver.check_inputs = original
     assert rc == 0, f"jobs.train rejected {argv}"
     return captured
 

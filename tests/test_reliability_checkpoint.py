@@ -47,14 +47,15 @@ class _RunsCode:
 
 
 def _engine(init: Path, cfg, seed: int):
-    """A ZeRO-3 engine as `jobs.train.train_worker` builds it (model, trainable set, param groups, AdamW)."""
+    """A ZeRO-3 engine as `jobs.train.run_worker` builds it (model, trainable set, param groups, AdamW)."""
     import deepspeed
     import torch
 
     from breen.config import BreenConfig
     from breen.stages import param_groups, set_trainable
     from jobs.deepspeed_config import deepspeed_config
-    from jobs.train import build_model, make_optimizer
+    from jobs.model_init import build_model
+    from jobs.train import make_optimizer
 
     torch.manual_seed(seed)
     model_config = BreenConfig.from_pretrained(init)

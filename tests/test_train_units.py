@@ -27,8 +27,8 @@ from breen import shard_format as sf
 from breen.config import BreenConfig
 from breen.stages import DEFAULT_LRS, STAGES
 from jobs import config as jc
-from jobs import ingest, launch, train
-from jobs.checkpoint import TrainState
+from jobs import driver, ingest, launch, train
+from jobs.checkpoint import TrainState, check_same_scale
 from jobs.config import ConfigError
 from jobs.tiny import tiny_tokenizer, write_tiny_shards
 from tests.conftest import with_set
@@ -367,20 +367,47 @@ def test_chain_configs_lone_stage_defaults_to_the_previous_export(tmp_path):
 def test_check_same_scale():
     cfg = jc.build_config("stage1", "cpu")
     state = TrainState(num_workers=2, micro_batch_size=2, global_batch_size=8)
-    train.check_same_scale(state, cfg, world=2)
+    check_same_scale(state, cfg, world=2)
     with pytest.raises(ConfigError, match=r"scale\.num_workers.*\(4, 2, 8\).*\(2, 2, 8\)"):
-        train.check_same_scale(state, cfg, world=4)
+        check_same_scale(state, cfg, world=4)
+
+
+def test_step_stats_travel_as_one_vector_and_give_the_step_metrics():
+    """`StepStats`: named sums (a replayed micro-batch, weight 0, adds nothing), rejected samples per
+    reason; the one all_reduce sends them as one vector (fields, then REJECT_REASONS in order)."""
+    import types
+
+    import torch
+
+    from jobs.metrics import StepStats
+
+    out = types.SimpleNamespace(loss=torch.tensor(2.0), lm_loss=torch.tensor(1.5),
+                                align_loss_fine=torch.tensor(0.5), align_loss_coarse=torch.tensor(0.25))  # fmt: skip
+    batch = {"attention_mask": torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0]]), "align_mask": torch.tensor([1, 0]),
+             "input_ids": torch.zeros(2, 4, dtype=torch.long)}  # fmt: skip
+    model_config = types.SimpleNamespace(flops_per_token=lambda n: 10 * n)
+    stats = StepStats()
+    stats.add(out, batch, 1.0, model_config)
+    stats.add(out, batch, 0.0, model_config)
+    stats.add_rejected(torch.tensor([-1, 2, 2, 0]))
+    assert (stats.samples, stats.tokens, stats.flops, stats.padded_tokens) == (2, 5, 130, 8)
+    assert stats.rejected == {ingest.REJECT_REASONS[2]: 2, ingest.REJECT_REASONS[0]: 1}
+    vector = stats.to_vector()
+    assert len(vector) == 10 + len(ingest.REJECT_REASONS) and vector[10 + 2] == 2
+    assert StepStats.from_vector(vector) == stats
+    assert stats.record() == {"loss": 2.0, "lm_loss": 1.5, "align_fine": 0.5, "align_coarse": 0.25,
+                              "samples": 2, "tokens": 5, "padding": 1 - 5 / 8}  # fmt: skip
 
 
 def test_worker_env_malloc_settings():
     cpu, gpu = jc.build_config("stage1", "cpu"), jc.build_config("stage1")
-    assert train.worker_env(cpu) == {"DS_ACCELERATOR": "cpu", "GLIBC_TUNABLES": jc.CPU_MALLOC_TUNABLES}
-    assert train.worker_env(gpu) == {}  # auto: glibc's defaults next to a GPU
-    assert train.worker_env(jc.build_config("stage1", "cpu", ["scale.malloc=default"])) == {
+    assert driver.worker_env(cpu) == {"DS_ACCELERATOR": "cpu", "GLIBC_TUNABLES": jc.CPU_MALLOC_TUNABLES}
+    assert driver.worker_env(gpu) == {}  # auto: glibc's defaults next to a GPU
+    assert driver.worker_env(jc.build_config("stage1", "cpu", ["scale.malloc=default"])) == {
         "DS_ACCELERATOR": "cpu"
     }
     mine = "glibc.malloc.arena_max=2"
-    assert train.worker_env(jc.build_config("stage1", overrides=[f"scale.malloc={mine}"])) == {
+    assert driver.worker_env(jc.build_config("stage1", overrides=[f"scale.malloc={mine}"])) == {
         "GLIBC_TUNABLES": mine
     }
 
