@@ -126,7 +126,7 @@ def run_preparation(n: int, work: Path) -> dict[str, Any]:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from pipelines import common, graph, synthetic
+    from pipelines import graph, raystart, synthetic
     from pipelines.config import load_config
 
     root = work / f"rows-{n}"
@@ -151,7 +151,7 @@ teacher: {{model_config: {CONFIGS / "tiny-vit.json"}, random_init_seed: 0, batch
 shards: {{rows_per_file: 1024}}
 """)
         cfg = load_config(cfg_path)
-        common.init_ray(cfg.ray.address, cfg.ray.num_cpus)
+        raystart.init_ray(cfg.ray.address, cfg.ray.num_cpus)
         steps = {}
         for step in graph.chain("pretrain"):
             with RssSampler() as rss:

@@ -759,7 +759,7 @@ def write_teacher_inputs(out_dir: Path, shards: list[list[tuple[str, str, bytes]
     captions in `captions/`, every key kept in `filter/` (tests and benchmarks of the teacher alone)."""
     import pyarrow as pa
 
-    from pipelines import common, fingerprint
+    from pipelines import fingerprint, layout
 
     specs = {step: {"step": step, "inputs": {"write_teacher_inputs": fingerprint.digest(
         [[k for k, _, _ in rows] for rows in shards])}} for step in ("download", "captions", "filter")}  # fmt: skip
@@ -786,10 +786,10 @@ def write_teacher_inputs(out_dir: Path, shards: list[list[tuple[str, str, bytes]
             ("filter", ["key"]),
         ):
             kept = table.select(columns)
-            empty = common.with_reason(kept.slice(0, 0), [], [])
-            common.write_shard(out_dir / step, common.shard_name(s), kept, empty, kept.num_rows)
+            empty = layout.with_reason(kept.slice(0, 0), [], [])
+            layout.write_shard(out_dir / step, layout.shard_name(s), kept, empty, kept.num_rows)
     for step, spec in specs.items():  # complete datasets, as their steps would leave them
-        common.write_manifest(out_dir / step, step, [], {}, fingerprint.of(spec))
+        layout.write_manifest(out_dir / step, step, [], {}, fingerprint.of(spec))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -727,7 +727,7 @@ def test_pipeline_entrypoints_and_configs(overlay):
             assert len(args) == 1 and args[0].startswith(data_root(overlay) + "/"), f"{name}: report DIR expected"
             configs.add(("report", args[0]))
             continue
-        # `common.step_main`: --config FILE and --set KEY=VALUE pairs only.
+        # `cli.step_main`: --config FILE and --set KEY=VALUE pairs only.
         assert args[0] == "--config" and len(args) % 2 == 0, f"{name}: {args}"
         assert all(a == "--set" for a in args[2::2]), f"{name}: {args}"
         cfg = prep_config(overlay, args[1])

@@ -22,7 +22,7 @@ import pytest
 from PIL import Image
 
 from breen import shard_format as sf
-from pipelines import common, graph, prepare
+from pipelines import graph, layout, prepare
 from pipelines.config import load_config
 from tests.conftest import CONFIGS
 
@@ -36,7 +36,7 @@ def prepared(prepared_demo):
 
 
 def all_rows(dataset: Path, columns: list[str], rejected: bool = False) -> list[dict]:
-    d = dataset / common.REJECTED if rejected else dataset
+    d = dataset / layout.REJECTED if rejected else dataset
     rows = []
     for f in sorted(d.glob("part-*.parquet")):
         names = pq.read_schema(f).names
@@ -47,7 +47,7 @@ def all_rows(dataset: Path, columns: list[str], rejected: bool = False) -> list[
 def test_every_shard_and_the_total_balance(prepared):
     cfg, acc, _, _ = prepared
     for step in graph.DATASETS:
-        stats = common.read_stats(Path(cfg.out.path) / step)
+        stats = layout.read_stats(Path(cfg.out.path) / step)
         assert stats, step
         for s in stats:
             assert s["rows_in"] == s["kept"] + sum(s["rejected"].values()), (step, s)
