@@ -44,7 +44,7 @@ def make_corpus(root: Path, n: int, seed: int = 0) -> list[dict[str, str]]:
     """`n` small JPEGs under `root/img/` and their URL-list rows (url filled in later)."""
     from PIL import Image
 
-    from pipelines.synthetic import _english_caption
+    from pipelines.synthetic import english_caption
 
     rng = np.random.default_rng(seed)
     (root / "img").mkdir(parents=True, exist_ok=True)
@@ -63,7 +63,7 @@ def make_corpus(root: Path, n: int, seed: int = 0) -> list[dict[str, str]]:
             originals.append(data)
         name = f"img/{i:07d}.jpg"
         (root / name).write_bytes(data)
-        rows.append({"path": name, "caption": _english_caption(rng)})
+        rows.append({"path": name, "caption": english_caption(rng)})
     return rows
 
 
