@@ -12,6 +12,7 @@ import hashlib
 import io
 import json
 import math
+import re
 from collections import Counter, defaultdict
 from pathlib import Path
 
@@ -210,9 +211,16 @@ def test_training_shards_layout(prepared):
 
 
 def test_report_is_written(prepared):
-    cfg, _, _, _ = prepared
+    cfg, acc, _, _ = prepared
     html = (Path(cfg.out.path) / "report" / "index.html").read_text()
-    assert "download" in html and "teacher" in html
+    assert "steps not found" not in html  # the report names every missing pre-training step: none is
+    assert set(acc["steps"]) == set(graph.DATASETS)
+    for step, c in acc["steps"].items():  # one accounting row per step, with its manifest's counts
+        row = re.search(rf"<tr><td>{step}</td>(.*?)</tr>", html)
+        assert row, f"no accounting row for {step}"
+        cells = re.findall(r"<td>(.*?)</td>", row.group(1))
+        assert cells[:4] == [f"{c[k]:,}" for k in ("shards", "rows_in", "kept", "rejected_total")], step
+    assert 'src="teacher_norms.png"' in html  # the teacher's features were read back
     assert list((Path(cfg.out.path) / "report").glob("*.png"))
 
 
