@@ -53,7 +53,12 @@ def step_main(doc: str, run: Callable[[Any], Any], steps: Callable[[Any], Any] |
     except (ConfigError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except (fingerprint.FingerprintMismatch, fingerprint.IncompleteUpstream, LeaseHeld, layout.CorruptShard) as e:
+    except (
+        fingerprint.FingerprintMismatch,
+        fingerprint.IncompleteUpstream,
+        LeaseHeld,
+        layout.CorruptShard,
+    ) as e:
         print(f"error: {e}", file=sys.stderr)
         return 3
     return 0

@@ -496,7 +496,9 @@ def _run(cfg: PrepareConfig, output: Any, urls: list[Store], inputs: list[dict[s
         retry_exceptions=True,
     )
     cfg_dict = to_dict(cfg.download)
-    _, failed = runner.run_tasks(STEP, task, todo, in_dir, out, cfg_dict, cfg.filter.max_pixels, keep_going=True)
+    _, failed = runner.run_tasks(
+        STEP, task, todo, in_dir, out, cfg_dict, cfg.filter.max_pixels, keep_going=True
+    )
     manifest = runner.finish_step(output, inputs, {"download": cfg_dict, "max_pixels": cfg.filter.max_pixels})
     if failed:
         raise RuntimeError(f"{STEP}: {len(failed)} shard(s) failed ({sorted(failed)}); finished shards are kept, "

@@ -418,5 +418,3 @@ def require_dataset(dataset: Location, produced_by: str) -> list[str]:
         raise RuntimeError(f"{dataset}: the listing shows {len(names)} finished shards but its manifest counts "
                            f"{claimed}; retry when the store's listing has caught up")  # fmt: skip
     return names
-
-

@@ -75,5 +75,3 @@ def quiet_embedded_ray() -> None:
         logger = logging.getLogger(name)
         if errors_only.__name__ not in {getattr(f, "__name__", "") for f in logger.filters}:
             logger.addFilter(errors_only)
-
-

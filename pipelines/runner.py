@@ -62,7 +62,9 @@ def finish_step(
 ) -> dict[str, Any]:
     """End of a step: write the manifest (the lease still ours), print the accounting, return the manifest."""
     output.check()
-    manifest = layout.write_manifest(output.dataset, output.spec["step"], inputs, config, output.fingerprint, extra)
+    manifest = layout.write_manifest(
+        output.dataset, output.spec["step"], inputs, config, output.fingerprint, extra
+    )
     accounting.print_step(output.dataset.name, manifest["counts"])
     return manifest
 
@@ -150,5 +152,3 @@ class ShardWorker:
                 stats.setdefault("seconds", round(time.monotonic() - t0, 3))
             out.append(json.dumps(stats))
         return {"stats": out}
-
-

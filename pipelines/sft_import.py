@@ -261,7 +261,9 @@ def run(cfg: PrepareConfig) -> dict[str, Any]:
         if todo:
             raystart.init_ray(cfg.ray.address, cfg.ray.num_cpus)
             task = ray.remote(import_shard).options(num_cpus=0.5, max_retries=3, retry_exceptions=True)
-            runner.run_tasks(STEP, task, todo, work, out, folder, cfg.download.image_size, cfg.filter.max_pixels)
+            runner.run_tasks(
+                STEP, task, todo, work, out, folder, cfg.download.image_size, cfg.filter.max_pixels
+            )
         inputs = [{"path": str(sft_json), "sha256": json_sha}, images]
         return runner.finish_step(output, inputs, {"sft": common_dict(cfg)})
 

@@ -499,7 +499,9 @@ def test_fault_table_counts_lost_duplicated_and_changed_rows(tmp_path, monkeypat
     def dataset(name: str, kept: dict[str, str], rejected: tuple[str, ...] = ("r9",)) -> Path:
         d = tmp_path / name
         fingerprint.record(d, {"step": name})
-        bad = layout.with_reason(pa.table({"key": list(rejected), "v": ["x"] * len(rejected)}), "download_error")
+        bad = layout.with_reason(
+            pa.table({"key": list(rejected), "v": ["x"] * len(rejected)}), "download_error"
+        )
         layout.write_shard(d, layout.shard_name(0), pa.table({"key": list(kept), "v": list(kept.values())}), bad,
                            len(kept) + len(rejected))  # fmt: skip
         return d
@@ -517,4 +519,7 @@ def test_fault_table_counts_lost_duplicated_and_changed_rows(tmp_path, monkeypat
         with pytest.raises(AssertionError):
             compare(name, clean, dataset(name, kept, rejected), 5, name)
     assert {n: (r["lost"], r["duplicated"], r["identical"]) for n, r in RESULTS.items() if n != "same"} == {
-        "lost": (1, 0, False), "duplicated": (0, 1, False), "changed": (0, 0, False)}
+        "lost": (1, 0, False),
+        "duplicated": (0, 1, False),
+        "changed": (0, 0, False),
+    }
