@@ -67,7 +67,7 @@ def parser() -> argparse.ArgumentParser:
 def run(args) -> dict:
     """Both sides, alternating; returns {"baseline", "ours", "ratio", "runs", ...} (images/s)."""
     from pipelines import synthetic
-    from pipelines.common import init_ray
+    from pipelines.raystart import init_ray
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)

@@ -44,7 +44,7 @@ def make_corpus(root: Path, n: int, seed: int = 0) -> list[dict[str, str]]:
     """`n` small JPEGs under `root/img/` and their URL-list rows (url filled in later)."""
     from PIL import Image
 
-    from pipelines.synthetic import _english_caption
+    from pipelines.synthetic import english_caption
 
     rng = np.random.default_rng(seed)
     (root / "img").mkdir(parents=True, exist_ok=True)
@@ -63,7 +63,7 @@ def make_corpus(root: Path, n: int, seed: int = 0) -> list[dict[str, str]]:
             originals.append(data)
         name = f"img/{i:07d}.jpg"
         (root / name).write_bytes(data)
-        rows.append({"path": name, "caption": _english_caption(rng)})
+        rows.append({"path": name, "caption": english_caption(rng)})
     return rows
 
 
@@ -126,7 +126,7 @@ def run_preparation(n: int, work: Path) -> dict[str, Any]:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from pipelines import common, graph, synthetic
+    from pipelines import graph, raystart, synthetic
     from pipelines.config import load_config
 
     root = work / f"rows-{n}"
@@ -151,7 +151,7 @@ teacher: {{model_config: {CONFIGS / "tiny-vit.json"}, random_init_seed: 0, batch
 shards: {{rows_per_file: 1024}}
 """)
         cfg = load_config(cfg_path)
-        common.init_ray(cfg.ray.address, cfg.ray.num_cpus)
+        raystart.init_ray(cfg.ray.address, cfg.ray.num_cpus)
         steps = {}
         for step in graph.chain("pretrain"):
             with RssSampler() as rss:

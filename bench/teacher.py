@@ -135,7 +135,7 @@ def run(args) -> dict:
     """Both sides, alternating; returns {"baseline", "ours", "ratio", "runs"} (images/s)."""
     import dataclasses
 
-    from pipelines.common import init_ray
+    from pipelines.raystart import init_ray
 
     gpu = args.device == "cuda"
     with tempfile.TemporaryDirectory() as tmp:

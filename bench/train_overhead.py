@@ -233,7 +233,7 @@ def run(args) -> dict:
     from jobs.driver import run_stage
     from jobs.metrics import read_metrics
     from jobs.tiny import write_tiny_shards
-    from pipelines.common import init_ray
+    from pipelines.raystart import init_ray
 
     work = Path(args.work_dir or tempfile.mkdtemp(prefix="bench-train-"))
     data = args.data or [

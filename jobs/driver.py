@@ -274,7 +274,7 @@ def run_stage(
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from pipelines.common import init_ray
+    from pipelines.raystart import init_ray
 
     plan = stage_plan(cfg, allow_config_change)
     init_ray(address, num_cpus)

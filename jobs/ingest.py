@@ -64,8 +64,8 @@ from breen import shard_format as sf
 from breen.config import BreenConfig
 from breen.data import SampleRejected, collate, encode_sample, pack
 from breen.storage import Store, fetch_dir
-from pipelines.common import stats_path
 from pipelines.fingerprint import META_KEY as META_FINGERPRINT
+from pipelines.layout import stats_path
 
 # `breen.data.SampleRejected` reasons (plus our own "other"), coded as integers in worker batches.
 REJECT_REASONS = (

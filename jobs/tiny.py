@@ -133,7 +133,7 @@ def write_tiny_shards(
 
     from breen import shard_format as sf
     from breen.storage import Store
-    from pipelines import common, fingerprint
+    from pipelines import fingerprint, layout
 
     out = Path(out)
     # a dataset records what it is made from before its shards (`pipelines.fingerprint`)
@@ -178,19 +178,19 @@ def write_tiny_shards(
         table = pa.Table.from_pylist(rows[lo:hi], pa.schema(schema))
         table = table.append_column(sf.FINE, sf.tensor_array(fine[lo:hi], valid[lo:hi]))
         table = table.append_column(sf.COARSE, sf.tensor_array(coarse[lo:hi], valid[lo:hi]))
-        name = common.shard_name(j)
+        name = layout.shard_name(j)
         file_meta = meta
         if referenced:
             store = out.parent / f"{out.name}-images"
-            common.write_table(store / f"{name}.parquet", table.select([sf.KEY, sf.IMAGE]))
+            layout.write_table(store / f"{name}.parquet", table.select([sf.KEY, sf.IMAGE]))
             has = table.column(sf.IMAGE).is_valid()
             positions = pa.array(np.arange(hi - lo, dtype=np.int32))
             table = table.drop_columns([sf.IMAGE])
             table = table.add_column(1, sf.IMAGE_SHARD, pc.if_else(has, name, pa.scalar(None, pa.string())))
             table = table.add_column(2, sf.IMAGE_ROW, pc.if_else(has, positions, pa.scalar(None, pa.int32())))
             file_meta = {**meta, sf.META_IMAGES: f"../{store.name}"}
-        empty = common.with_reason(table.select(["key"]).slice(0, 0), [], [])
-        common.write_shard(out, name, table, empty, table.num_rows, metadata=file_meta)
+        empty = layout.with_reason(table.select(["key"]).slice(0, 0), [], [])
+        layout.write_shard(out, name, table, empty, table.num_rows, metadata=file_meta)
     manifest = {"step": "shards", "teacher": {"name": "synthetic"}, "counts": {"kept": n_rows}}
     Store.at(out / "manifest.json").write_json(manifest)
     return out

@@ -32,7 +32,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from breen.storage import Store
-from pipelines import common, graph
+from pipelines import cli, graph, layout, raystart, runner
 from pipelines.config import CaptionsConfig, PrepareConfig, from_dict, output_fields, to_dict
 
 STEP = "captions"
@@ -315,14 +315,14 @@ def clean_table(table: pa.Table, cfg: CaptionsConfig) -> tuple[pa.Table, pa.Tabl
     bad = out.filter(pc.invert(ok))
     details = [_detail(r) for r, c in zip(raw, cleaned, strict=True) if len(c) < cfg.min_chars]
     bad = bad.drop_columns([c for c in REJECTED_DROP if c in bad.column_names])
-    rejected = common.with_reason(bad, REASON_EMPTY, details)
+    rejected = layout.with_reason(bad, REASON_EMPTY, details)
     return kept, rejected
 
 
 # ----------------------------------------------------------------------------- the step
 
 
-class CaptionsWorker(common.ShardWorker):
+class CaptionsWorker(runner.ShardWorker):
     """Cleans the captions of one download shard (one actor holds the config and compiled patterns)."""
 
     def __init__(self, in_dir: Store, out_dir: Store, captions: dict[str, Any]) -> None:
@@ -332,9 +332,9 @@ class CaptionsWorker(common.ShardWorker):
     def process(self, name: str) -> dict[str, Any]:
         t0 = time.monotonic()
         source = self.in_dir / f"{name}.parquet"
-        table = common.read_table(source, columns=list(READS))
+        table = layout.read_table(source, columns=list(READS))
         kept, rejected = clean_table(table, self.cfg)
-        return common.write_shard(
+        return layout.write_shard(
             self.out_dir, name, kept, rejected, table.num_rows,
             extra_stats={"seconds": round(time.monotonic() - t0, 3)}, inputs=[source],
         )  # fmt: skip
@@ -344,22 +344,22 @@ def run(cfg: PrepareConfig) -> dict[str, Any]:
     """Run the captions step for `cfg` on the current (or an embedded) Ray cluster."""
     in_dir = cfg.out / STEP_INFO.rows_from
     out = cfg.out / STEP
-    names = common.require_dataset(in_dir, STEP_INFO.rows_from)
-    with common.open_step(cfg, STEP, {"captions": output_fields(cfg.captions)}) as output:
-        todo = common.todo_shards(output, names)
+    names = layout.require_dataset(in_dir, STEP_INFO.rows_from)
+    with runner.open_step(cfg, STEP, {"captions": output_fields(cfg.captions)}) as output:
+        todo = runner.todo_shards(output, names)
         print(f"[{STEP}] {len(names)} input shards, {len(names) - len(todo)} already finished", flush=True)
         if todo:
-            common.init_ray(cfg.ray.address, cfg.ray.num_cpus)
-        common.run_shards(
+            raystart.init_ray(cfg.ray.address, cfg.ray.num_cpus)
+        runner.run_shards(
             STEP, todo, CaptionsWorker,
             {"in_dir": in_dir, "out_dir": out, "captions": to_dict(cfg.captions)},
             num_actors=cfg.captions.num_actors, num_cpus=cfg.captions.cpus_per_actor,
         )  # fmt: skip
-        return common.finish_step(output, [common.dataset_input(in_dir)], {"captions": to_dict(cfg.captions)})
+        return runner.finish_step(output, [layout.dataset_input(in_dir)], {"captions": to_dict(cfg.captions)})
 
 
 def main(argv: list[str] | None = None) -> int:
-    return common.step_main(__doc__, run, ("captions",), argv)
+    return cli.step_main(__doc__, run, ("captions",), argv)
 
 
 if __name__ == "__main__":

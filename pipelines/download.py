@@ -46,7 +46,7 @@ import pyarrow.ipc as ipc
 import pyarrow.json as pjson
 
 from breen.storage import Store
-from pipelines import common
+from pipelines import cli, layout, raystart, runner
 from pipelines.config import ConfigError, DownloadConfig, PrepareConfig, from_dict, output_fields, to_dict
 from pipelines.guard import (
     INVALID_UNICODE,
@@ -96,7 +96,7 @@ def url_list_columns(path: str | Path | Store) -> list[str]:
     fmt = _format_of(path)
     try:
         if fmt == "parquet":
-            names = common.read_schema(path).names
+            names = layout.read_schema(path).names
         elif fmt in ("csv", "tsv"):
             with path.open_input() as f, pcsv.open_csv(f, parse_options=_csv_options(fmt)) as reader:
                 names = reader.schema.names
@@ -158,7 +158,7 @@ def read_url_list_rows(path: str | Path | Store) -> tuple[pa.Table, list[str | N
     problems: dict[int, str] = {}  # row -> why its text is not valid Unicode
     try:
         if fmt == "parquet":
-            table = common.read_table(path)
+            table = layout.read_table(path)
         elif fmt in ("csv", "tsv"):
             with path.open_input() as f:
                 table = pcsv.read_csv(f, parse_options=_csv_options(fmt),
@@ -271,7 +271,7 @@ def make_input_shards(urls: list[str | Store], rows_per_shard: int, dest: str | 
     row's text is not valid Unicode); deterministic; reused if present."""
     dest = Store.at(dest)
     success = dest / "_SUCCESS.json"
-    fingerprint = {"inputs": [common.sha256_file(u) for u in urls], "rows_per_shard": rows_per_shard}
+    fingerprint = {"inputs": [layout.sha256_file(u) for u in urls], "rows_per_shard": rows_per_shard}
     if success.exists() and (done := success.read_json()).get("fingerprint") == fingerprint:
         return done["shards"]
     tables = []
@@ -280,14 +280,14 @@ def make_input_shards(urls: list[str | Store], rows_per_shard: int, dest: str | 
         tables.append(table.append_column(TEXT_PROBLEM, pa.array(problems, pa.string())))
     dest.delete()
     dest.mkdir()
-    table = common.concat(tables) if tables else pa.table({"url": [], "caption": []})
+    table = layout.concat(tables) if tables else pa.table({"url": [], "caption": []})
     n = table.num_rows
     keys = pa.array([f"{i:0{KEY_DIGITS}d}" for i in range(n)], pa.string())
     table = table.add_column(0, "key", keys)
     names = []
     for s, start in enumerate(range(0, n, rows_per_shard)):
-        name = common.shard_name(s)
-        common.write_arrow(dest / f"{name}.arrow", table.slice(start, rows_per_shard))
+        name = layout.shard_name(s)
+        layout.write_arrow(dest / f"{name}.arrow", table.slice(start, rows_per_shard))
         names.append(name)
     success.write_json({"fingerprint": fingerprint, "shards": names, "rows": n})
     return names
@@ -312,7 +312,7 @@ def _resizer(cfg: DownloadConfig, max_pixels: int):
             except ValueError as e:
                 return None, None, None, None, None, str(e)
             except Exception as e:  # a decoder failure is a rejected row, never a failed shard
-                return None, None, None, None, None, common.error_detail(e)
+                return None, None, None, None, None, layout.error_detail(e)
             img_stream = io.BytesIO(fixed) if fixed is not None else img_stream
             img_stream.seek(0)
             return super().__call__(img_stream, blurring_bbox_list)
@@ -335,17 +335,17 @@ def download_one_shard(
 
     cfg: DownloadConfig = from_dict(DownloadConfig, cfg_dict, "download")
     out = Store.at(out_dir)
-    if common.done_marker(out, name).exists():
-        return common.stats_path(out, name).read_json()
+    if layout.done_marker(out, name).exists():
+        return layout.stats_path(out, name).read_json()
     t0 = time.monotonic()
-    table = common.read_arrow(Store.at(in_dir) / f"{name}.arrow")
+    table = layout.read_arrow(Store.at(in_dir) / f"{name}.arrow")
     rows_in = table.num_rows
     # Rows whose text is not valid Unicode (`read_url_list`): rejected before anything else.
     if TEXT_PROBLEM not in table.column_names:  # input shards written before the column existed
         table = table.append_column(TEXT_PROBLEM, pa.nulls(rows_in, pa.string()))
     bad_text = table.column(TEXT_PROBLEM).is_valid()
     invalid = table.filter(bad_text)
-    invalid = common.with_reason(invalid.drop_columns([TEXT_PROBLEM]), INVALID_UNICODE,
+    invalid = layout.with_reason(invalid.drop_columns([TEXT_PROBLEM]), INVALID_UNICODE,
                                  invalid.column(TEXT_PROBLEM).to_pylist())  # fmt: skip
     table = table.filter(pc.invert(bad_text)).drop_columns([TEXT_PROBLEM])
     extras = [c for c in table.column_names if c not in ("key", "url", "caption")]
@@ -369,16 +369,16 @@ def download_one_shard(
     # Accounting: every allowed row must come back from img2dataset, once.
     seen = set(kept.column("key").to_pylist()) | set(failed.column("key").to_pylist())
     lost = allowed.filter(pa.array([k not in seen for k in allowed.column("key").to_pylist()], pa.bool_()))
-    rejected = common.concat([
+    rejected = layout.concat([
         invalid,
-        common.with_reason(refused_rows, "url_refused", refused_detail),
+        layout.with_reason(refused_rows, "url_refused", refused_detail),
         failed,
-        common.with_reason(lost, "download_error", "row lost inside img2dataset"),
+        layout.with_reason(lost, "download_error", "row lost inside img2dataset"),
     ])  # fmt: skip
     rejected = rejected.sort_by("key")
     kept = kept.sort_by("key")
     seconds = time.monotonic() - t0
-    return common.write_shard(
+    return layout.write_shard(
         out, name, kept, rejected, rows_in,
         extra_stats={"seconds": round(seconds, 3), "image_bytes": int(pc.sum(
             pc.binary_length(kept.column("image"))).as_py() or 0)},
@@ -393,7 +393,7 @@ def _empty_results(allowed: pa.Table, extras: list[str]) -> tuple[pa.Table, pa.T
     kept = kept.append_column("sha256", pa.array([], pa.string()))
     for c in extras:
         kept = kept.append_column(c, pa.array([], pa.string()))
-    failed = common.with_reason(allowed.select(["key", "url", "caption", *extras]).slice(0, 0), [], [])
+    failed = layout.with_reason(allowed.select(["key", "url", "caption", *extras]).slice(0, 0), [], [])
     return kept, failed
 
 
@@ -454,7 +454,7 @@ def _run_img2dataset(allowed, extras, cfg, max_pixels, work, Downloader):
     bad = res.filter(pc.invert(ok))
     messages = bad.column("error_message").to_pylist()
     reasons = [_failure_reason(s, m) for s, m in zip(bad.column("status").to_pylist(), messages, strict=True)]
-    failed = common.with_reason(bad.select([*base, *extras]), reasons, messages)
+    failed = layout.with_reason(bad.select([*base, *extras]), reasons, messages)
     return kept, failed
 
 
@@ -475,9 +475,9 @@ def run(cfg: PrepareConfig) -> dict[str, Any]:
     out = cfg.out / STEP
     in_dir = out / "_input"
     urls = [cfg.location(u, f"input.urls[{i}]") for i, u in enumerate(cfg.input.urls)]
-    inputs = [{"path": str(u), "sha256": common.sha256_file(u)} for u in urls]
+    inputs = [{"path": str(u), "sha256": layout.sha256_file(u)} for u in urls]
     config = {"download": output_fields(cfg.download), "max_pixels": cfg.filter.max_pixels}
-    with common.open_step(cfg, STEP, config, {"urls": [i["sha256"] for i in inputs]}) as output:
+    with runner.open_step(cfg, STEP, config, {"urls": [i["sha256"] for i in inputs]}) as output:
         return _run(cfg, output, urls, inputs, in_dir)
 
 
@@ -487,29 +487,19 @@ def _run(cfg: PrepareConfig, output: Any, urls: list[Store], inputs: list[dict[s
 
     out = output.dataset
     names = make_input_shards(urls, cfg.download.rows_per_shard, in_dir)
-    common.init_ray(cfg.ray.address, cfg.ray.num_cpus)
-    todo = common.todo_shards(output, names)
+    raystart.init_ray(cfg.ray.address, cfg.ray.num_cpus)
+    todo = runner.todo_shards(output, names)
     print(f"[{STEP}] {len(names)} input shards, {len(names) - len(todo)} already finished", flush=True)
     task = ray.remote(download_one_shard).options(
         num_cpus=cfg.download.cpus_per_shard,
         max_retries=cfg.download.max_shard_retries,
         retry_exceptions=True,
     )
-    progress = common.Progress(STEP, len(todo))
     cfg_dict = to_dict(cfg.download)
-    pending = {task.remote(n, in_dir, out, cfg_dict, cfg.filter.max_pixels): n for n in todo}
-    failed: dict[str, str] = {}
-    while pending:
-        ready, _ = ray.wait(list(pending), num_returns=1)
-        name = pending.pop(ready[0])
-        try:
-            stats = ray.get(ready[0])
-            progress.update(stats["rows_in"])
-        except Exception as e:  # the shard failed after all retries: report it, keep going
-            failed[name] = f"{type(e).__name__}: {e}".splitlines()[0]
-            print(f"[{STEP}] shard {name} failed after {cfg.download.max_shard_retries} retries: "
-                  f"{failed[name]}", file=sys.stderr, flush=True)  # fmt: skip
-    manifest = common.finish_step(output, inputs, {"download": cfg_dict, "max_pixels": cfg.filter.max_pixels})
+    _, failed = runner.run_tasks(
+        STEP, task, todo, in_dir, out, cfg_dict, cfg.filter.max_pixels, keep_going=True
+    )
+    manifest = runner.finish_step(output, inputs, {"download": cfg_dict, "max_pixels": cfg.filter.max_pixels})
     if failed:
         raise RuntimeError(f"{STEP}: {len(failed)} shard(s) failed ({sorted(failed)}); finished shards are kept, "
                            "relaunch the same command to retry only the failed ones")  # fmt: skip
@@ -517,7 +507,7 @@ def _run(cfg: PrepareConfig, output: Any, urls: list[Store], inputs: list[dict[s
 
 
 def main(argv: list[str] | None = None) -> int:
-    return common.step_main(__doc__, run, ("download",), argv)
+    return cli.step_main(__doc__, run, ("download",), argv)
 
 
 if __name__ == "__main__":

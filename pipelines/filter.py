@@ -39,7 +39,7 @@ from PIL import Image
 
 from breen import shard_format
 from breen.storage import Store
-from pipelines import common, dedup, graph
+from pipelines import cli, dedup, graph, layout, raystart, runner
 from pipelines.config import FilterConfig, PrepareConfig, from_dict, output_fields, to_dict
 from pipelines.guard import open_image
 
@@ -154,7 +154,7 @@ class RowRules:
                 w, h = im.size
                 out["phash"] = f"{phash(decode_for_hash(im)):016x}"
         except Exception as e:  # every decoder failure becomes a rejected row
-            return {**out, "reason": "decode_error", "detail": common.error_detail(e)}
+            return {**out, "reason": "decode_error", "detail": layout.error_detail(e)}
         if c.min_short_side is not None and min(w, h) < c.min_short_side:
             return {**out, "reason": "too_small", "detail": f"{w}x{h}, short side < {c.min_short_side}"}
         if c.max_aspect_ratio is not None and max(w, h) / min(w, h) > c.max_aspect_ratio:
@@ -191,7 +191,7 @@ def index_table(captions: pa.Table, images: pa.Table, shard: str, rules: RowRule
     return pa.table(cols, schema=INDEX_SCHEMA)
 
 
-class IndexWorker(common.ShardWorker):
+class IndexWorker(runner.ShardWorker):
     def __init__(self, in_dir: Store, out_dir: Store, images_dir: Store, cfg: dict) -> None:
         super().__init__(in_dir, out_dir)
         self.images_dir = images_dir
@@ -202,18 +202,18 @@ class IndexWorker(common.ShardWorker):
 
         out = []
         for name in batch.column("shard").to_pylist():
-            if not common.done_marker(self.out_dir, name).exists():
-                captions = common.read_table(self.in_dir / f"{name}.parquet", columns=["key", "caption"])
+            if not layout.done_marker(self.out_dir, name).exists():
+                captions = layout.read_table(self.in_dir / f"{name}.parquet", columns=["key", "caption"])
                 images, _ = shard_format.read_by_key(
                     self.images_dir / f"{name}.parquet", captions.column("key"), ["image", "sha256"]
                 )
-                common.write_table(
+                layout.write_table(
                     self.out_dir / f"{name}.parquet", index_table(captions, images, name, self.rules)
                 )
-                common.done_marker(self.out_dir, name).write_bytes(b"")
+                layout.done_marker(self.out_dir, name).write_bytes(b"")
             out.append(
                 json.dumps(
-                    {"shard": name, "rows_in": common.num_rows(self.out_dir / f"{name}.parquet")}
+                    {"shard": name, "rows_in": layout.num_rows(self.out_dir / f"{name}.parquet")}
                 )
             )
         return {"stats": out}
@@ -282,17 +282,17 @@ def global_dedup(index_dir: Store, names: list[str], dedup_dir: Store, cfg: Filt
         print(f"[{STEP}] note: near_dup_max_distance {cfg.near_dup_max_distance} >= {dedup.BANDS}: pairs that "
               "share no 16-bit band are not compared", flush=True)  # fmt: skip
     files = [index_dir / f"{n}.parquet" for n in names]
-    index = common.read_table(files, columns=["key", "shard", "sha256", "phash", "reason"], schema=INDEX_SCHEMA)
+    index = layout.read_table(files, columns=["key", "shard", "sha256", "phash", "reason"], schema=INDEX_SCHEMA)
     index = index.filter(pc.is_null(index.column("reason"))).drop_columns(["reason"])
     decisions = dedup_decisions(index, cfg, ray_runner)
-    common.write_table(dedup_dir / "decisions.parquet", decisions, row_group_size=DECISIONS_ROW_GROUP)
+    layout.write_table(dedup_dir / "decisions.parquet", decisions, row_group_size=DECISIONS_ROW_GROUP)
     (dedup_dir / "_SUCCESS").write_bytes(b"")
 
 
 # ----------------------------------------------------------------------------- phase 3: split
 
 
-class SplitWorker(common.ShardWorker):
+class SplitWorker(runner.ShardWorker):
     def __init__(self, in_dir: Store, out_dir: Store, index_dir: Store, dedup_dir: Store, images_dir: Store) -> None:
         super().__init__(in_dir, out_dir)
         self.index_dir = index_dir
@@ -303,14 +303,14 @@ class SplitWorker(common.ShardWorker):
         import time
 
         t0 = time.monotonic()
-        index = common.read_table(self.index_dir / f"{name}.parquet")
-        rows_in = common.num_rows(self.in_dir / f"{name}.parquet")
+        index = layout.read_table(self.index_dir / f"{name}.parquet")
+        rows_in = layout.num_rows(self.in_dir / f"{name}.parquet")
         # The decisions are global: complete (their success marker) or the step fails, never "no duplicates".
         if not (self.dedup_dir / "_SUCCESS").exists():
             raise RuntimeError(f"{self.dedup_dir}: the duplicate decisions are incomplete (no _SUCCESS marker): "
                                "another run removed them, or phase 2 did not finish")  # fmt: skip
         files = self.dedup_dir.files(".parquet")
-        dups = common.read_table(files, filters=[("shard", "=", name)], schema=DECISION_SCHEMA) if files else None
+        dups = layout.read_table(files, filters=[("shard", "=", name)], schema=DECISION_SCHEMA) if files else None
         sources = [self.in_dir / f"{name}.parquet", self.images_dir / f"{name}.parquet"]
         return split_shard(self.out_dir, name, index, dups, rows_in, time.monotonic() - t0, sources)
 
@@ -330,9 +330,9 @@ def split_shard(out_dir: Store, name: str, index: pa.Table, dups: pa.Table | Non
     keep = pa.array([r is None for r in reason], pa.bool_())
     table = index.select(["key", "language", "phash"])
     kept = table.filter(keep)
-    rejected = common.with_reason(table.filter(pc.invert(keep)), [r for r in reason if r is not None],
+    rejected = layout.with_reason(table.filter(pc.invert(keep)), [r for r in reason if r is not None],
                                   [d for r, d in zip(reason, detail, strict=True) if r is not None])  # fmt: skip
-    return common.write_shard(out_dir, name, kept, rejected, rows_in, {"seconds": round(seconds, 3)}, inputs=inputs)
+    return layout.write_shard(out_dir, name, kept, rejected, rows_in, {"seconds": round(seconds, 3)}, inputs=inputs)
 
 
 # ----------------------------------------------------------------------------- the step
@@ -342,16 +342,16 @@ def run(cfg: PrepareConfig) -> dict[str, Any]:
     in_dir = cfg.out / STEP_INFO.rows_from
     images_dir = cfg.out / graph.image_store(STEP)
     out = cfg.out / STEP
-    names = common.require_dataset(in_dir, STEP_INFO.rows_from)
-    with common.open_step(cfg, STEP, {"filter": output_fields(cfg.filter)}) as output:
+    names = layout.require_dataset(in_dir, STEP_INFO.rows_from)
+    with runner.open_step(cfg, STEP, {"filter": output_fields(cfg.filter)}) as output:
         index_dir, dedup_dir = out / INDEX, out / DEDUP
-        todo = common.todo_shards(output, names, also=(index_dir,))
+        todo = runner.todo_shards(output, names, also=(index_dir,))
         if todo:
-            common.init_ray(cfg.ray.address, cfg.ray.num_cpus)
+            raystart.init_ray(cfg.ray.address, cfg.ray.num_cpus)
             f = cfg.filter
-            pending = common.unfinished(index_dir, names)
+            pending = layout.unfinished(index_dir, names)
             print(f"[{STEP}] phase 1/3: rules and hashes on {len(pending)} of {len(names)} shards", flush=True)
-            common.run_shards(f"{STEP}:rules", pending, IndexWorker,
+            runner.run_shards(f"{STEP}:rules", pending, IndexWorker,
                               {"in_dir": in_dir, "out_dir": index_dir, "images_dir": images_dir,
                                "cfg": to_dict(f)},
                               num_actors=f.num_actors, num_cpus=f.cpus_per_actor)  # fmt: skip
@@ -360,18 +360,18 @@ def run(cfg: PrepareConfig) -> dict[str, Any]:
             global_dedup(index_dir, names, dedup_dir, f)
             output.check()
             print(f"[{STEP}] phase 3/3: writing kept and rejected rows", flush=True)
-            common.run_shards(STEP, todo, SplitWorker,
+            runner.run_shards(STEP, todo, SplitWorker,
                               {"in_dir": in_dir, "out_dir": out, "index_dir": index_dir, "dedup_dir": dedup_dir,
                                "images_dir": images_dir},
                               num_actors=f.num_actors, num_cpus=f.cpus_per_actor)  # fmt: skip
         else:
             print(f"[{STEP}] nothing to do: all {len(names)} shards are finished", flush=True)
-        return common.finish_step(output, [common.dataset_input(in_dir), common.dataset_input(images_dir)],
+        return runner.finish_step(output, [layout.dataset_input(in_dir), layout.dataset_input(images_dir)],
                                   {"filter": to_dict(cfg.filter)})  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:
-    return common.step_main(__doc__, run, ("filter",), argv)
+    return cli.step_main(__doc__, run, ("filter",), argv)
 
 
 if __name__ == "__main__":

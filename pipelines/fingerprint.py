@@ -278,12 +278,12 @@ def stale_shards(dataset: Location, fp: str, names: list[str]) -> list[str]:
     """The finished shards among `names` to redo because an upstream file they were made from changed
     since (a shard's stats record the sha256 of each file it read); `FingerprintMismatch` for a shard made
     with another fingerprint."""
-    from pipelines import common
+    from pipelines import layout
 
     dataset = Store.at(dataset)
     root = dataset.parent
-    finished = [n for n in names if n in set(common.finished_shards(dataset))]
-    stats = dict(zip(finished, common.read_stats(dataset, finished), strict=True))
+    finished = [n for n in names if n in set(layout.finished_shards(dataset))]
+    stats = dict(zip(finished, layout.read_stats(dataset, finished), strict=True))
     alien = [n for n, s in stats.items() if s.get("fingerprint") != fp]
     if alien:
         raise FingerprintMismatch(
@@ -298,7 +298,7 @@ def stale_shards(dataset: Location, fp: str, names: list[str]) -> list[str]:
         by_shard.setdefault((up, file.split(".")[0]), []).append(rel)
     current: dict[str, str | None] = {}
     keys = sorted(by_shard)
-    for (up, shard), got in zip(keys, common.read_stats_many(root, keys), strict=True):
+    for (up, shard), got in zip(keys, layout.read_stats_many(root, keys), strict=True):
         for rel in by_shard[(up, shard)]:
             entry = (got or {}).get("files", {}).get(rel[len(up) + 1 :]) or {}
             current[rel] = entry.get("sha256")

@@ -95,19 +95,3 @@ def text_source(step_name: str) -> tuple[str, tuple[str, ...]]:
         if text:
             return dataset, text
     raise KeyError(f"step {step_name} reads no text column")
-
-
-def accounting(counts: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    """Per chain: input rows (its first step) = kept (its last step) + rejected (every step of the chain)."""
-    out = {}
-    for name in ("pretrain", "sft"):
-        steps = [s.name for s in chain(name) if s.name in counts]
-        if not steps or steps[0] != chain(name)[0].name or steps[-1] != TRAINING[name]:
-            continue
-        rejected = sum(counts[s]["rejected_total"] for s in steps)
-        first, last = counts[steps[0]], counts[steps[-1]]
-        # every step's input is exactly its upstream's kept rows
-        chained = all(counts[s]["rows_in"] == counts[BY_NAME[s].rows_from]["kept"] for s in steps[1:])
-        out[name] = {"input_rows": first["rows_in"], "kept": last["kept"], "rejected": rejected,
-                     "balanced": chained and first["rows_in"] == last["kept"] + rejected}  # fmt: skip
-    return out

@@ -1,6 +1,6 @@
 """Checks before Ray starts: the output folder and every input the steps about to run will read.
 
-`check(cfg, steps)` runs in every step's CLI (`pipelines.common.step_main`) after the config is loaded
+`check(cfg, steps)` runs in every step's CLI (`pipelines.cli.step_main`) after the config is loaded
 (types, ranges and that configured files exist: `pipelines.config.load_config`) and before anything
 starts or writes: a failure is a `ConfigError` naming the config field and the file (exit code 2), and
 nothing is left on disk or in the bucket. Object stores are reached here: an unknown bucket or denied

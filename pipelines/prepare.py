@@ -4,7 +4,7 @@ Reads:  the config file (see `pipelines/configs/demo.yaml`); with `input.synthet
         generates a synthetic corpus under `<output_dir>/synthetic/` and serves it from 127.0.0.1
         for the duration of the run (demo and tests).
 Writes: one dataset directory per step under `output_dir` (`pipelines/graph.py` lists them and what
-        each holds; `pipelines/common.py` the files of one), the
+        each holds; `pipelines/layout.py` the files of one), the
         training shards in `<output_dir>/shards/` (and `sft_shards/`), `<output_dir>/accounting.json`
         and an HTML report in `<output_dir>/report/index.html`. Prints the accounting table: every
         input row is either kept or rejected with a reason, per step and in total.
@@ -26,7 +26,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from pipelines import common, graph, preflight, report
+from pipelines import accounting, cli, graph, layout, preflight, raystart, report
 from pipelines.config import PrepareConfig, SftInput
 
 
@@ -63,55 +63,30 @@ def synthetic_input(cfg: PrepareConfig) -> Iterator[None]:
         yield
 
 
-def accounting(cfg: PrepareConfig) -> dict[str, Any]:
-    """Per-step counts from the manifests and, per chain (`graph.accounting`), input = kept + all rejected."""
-    steps = {}
-    for name in graph.DATASETS:
-        m = cfg.out / name / "manifest.json"
-        if m.exists():
-            steps[name] = m.read_json()["counts"]
-    return {"steps": steps, **graph.accounting(steps)}
-
-
-def print_table(acc: dict[str, Any]) -> None:
-    print("\n== accounting: rows in = kept + rejected ==")
-    print(f"{'step':<12} {'in':>8} {'kept':>8} {'rejected':>9}  reasons")
-    for name, c in acc["steps"].items():
-        reasons = ", ".join(f"{r}={n}" for r, n in c["rejected"].items()) or "-"
-        ok = "ok" if c["rows_in"] == c["kept"] + c["rejected_total"] else "MISMATCH"
-        print(f"{name:<12} {c['rows_in']:>8} {c['kept']:>8} {c['rejected_total']:>9}  {reasons}  [{ok}]")
-    for chain, what in (("pretrain", "input URLs"), ("sft", "SFT records")):
-        if chain in acc:
-            p = acc[chain]
-            print(f"total: {p['input_rows']} {what} = {p['kept']} training rows + {p['rejected']} rejected "
-                  f"[{'ok' if p['balanced'] else 'MISMATCH'}]")  # fmt: skip
-
-
 def run(cfg: PrepareConfig) -> dict[str, Any]:
     t0 = time.monotonic()
     steps = preflight.steps_of(cfg)
     with synthetic_input(cfg):
-        common.init_ray(cfg.ray.address, cfg.ray.num_cpus)
+        raystart.init_ray(cfg.ray.address, cfg.ray.num_cpus)
         for step in graph.STEPS:
             if step.name not in steps:
                 continue
             print(f"\n[prepare] === {step.name} ===", flush=True)
             graph.runner(step)(cfg)
-    acc = accounting(cfg)
-    common.write_json_if_changed(cfg.out / "accounting.json", acc)
+    acc = accounting.collect(cfg.out)
+    layout.write_json_if_changed(cfg.out / "accounting.json", acc)
     html = report.write_report(cfg.out)
-    print_table(acc)
+    accounting.print_table(acc)
     print(
         f"\n[prepare] done in {time.monotonic() - t0:.0f}s; training shards in {cfg.out / 'shards'}; report {html}"
     )
-    balanced = all(c["rows_in"] == c["kept"] + c["rejected_total"] for c in acc["steps"].values())
-    if not balanced or not all(acc[chain]["balanced"] for chain in ("pretrain", "sft") if chain in acc):
-        raise common.AccountingError("row accounting does not balance; see the table above")
+    if not accounting.all_balanced(acc):
+        raise accounting.AccountingError("row accounting does not balance; see the table above")
     return acc
 
 
 def main(argv: list[str] | None = None) -> int:
-    return common.step_main(__doc__, run, preflight.steps_of, argv)
+    return cli.step_main(__doc__, run, preflight.steps_of, argv)
 
 
 if __name__ == "__main__":

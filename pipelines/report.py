@@ -41,7 +41,7 @@ import pyarrow.parquet as pq
 
 from breen import shard_format
 from breen.storage import Location, Store
-from pipelines import common, graph
+from pipelines import accounting, graph, layout
 
 # Known step datasets, in pipeline order (`pipelines.graph`); any other folder of DIR with shard markers or
 # a manifest is reported too (after these). The pre-training steps are named in the page when missing.
@@ -73,30 +73,31 @@ class StepData:
     notes: list[str] = field(default_factory=list)
 
     @property
+    def counts(self) -> dict[str, Any]:
+        """rows_in, kept, rejected by reason and rejected_total of the finished shards (`pipelines.accounting`)."""
+        return accounting.summarize(self.stats)
+
+    @property
     def rows_in(self) -> int:
-        return sum(int(s.get("rows_in", 0)) for s in self.stats)
+        return self.counts["rows_in"]
 
     @property
     def kept(self) -> int:
-        return sum(int(s.get("kept", 0)) for s in self.stats)
+        return self.counts["kept"]
 
     @property
     def rejected(self) -> dict[str, int]:
-        c: Counter[str] = Counter()
-        for s in self.stats:
-            c.update({str(k): int(v) for k, v in (s.get("rejected") or {}).items()})
-        return dict(sorted(c.items()))
+        return self.counts["rejected"]
 
     @property
     def rejected_total(self) -> int:
-        return sum(self.rejected.values())
+        return self.counts["rejected_total"]
 
     @property
     def balanced(self) -> bool:
-        return self.rows_in == self.kept + self.rejected_total and all(
-            int(s.get("rows_in", 0)) == int(s.get("kept", 0)) + sum((s.get("rejected") or {}).values())
-            for s in self.stats
-        )
+        """The step and each of its shards: rows in = kept + rejected."""
+        return accounting.balanced(self.counts) and all(accounting.balanced(accounting.summarize([s]))
+                                                        for s in self.stats)  # fmt: skip
 
     @property
     def seconds(self) -> float | None:
@@ -106,7 +107,7 @@ class StepData:
     def files(self, rejected: bool = False) -> list[Store]:
         """Parquet files of finished shards (kept rows, or rejected rows)."""
         done = {s.get("shard") for s in self.stats}
-        folder = self.path / common.REJECTED if rejected else self.path
+        folder = self.path / layout.REJECTED if rejected else self.path
         out = []
         for p in folder.glob("part-*.parquet"):
             m = _SHARD_RE.match(p.name)
@@ -118,9 +119,9 @@ class StepData:
 def load_step(path: Location) -> StepData:
     path = Store.at(path)
     step = StepData(path.name, path)
-    for name in common.finished_shards(path):
+    for name in layout.finished_shards(path):
         try:
-            stats = common.stats_path(path, name).read_json()
+            stats = layout.stats_path(path, name).read_json()
             stats.setdefault("shard", name)
             step.stats.append(stats)
         except (OSError, ValueError) as e:
@@ -144,7 +145,7 @@ def discover_steps(out_dir: Location) -> list[str]:
         d.name
         for d in out_dir.dirs()
         if d.name != REPORT_DIR
-        and (d.name in STEPS or (d / "manifest.json").exists() or common.finished_shards(d))
+        and (d.name in STEPS or (d / "manifest.json").exists() or layout.finished_shards(d))
     ]
     order = {n: i for i, n in enumerate(STEPS)}
     return sorted(found, key=lambda n: (order.get(n, len(STEPS)), n))
@@ -206,7 +207,7 @@ def sample_table(
 def _has_columns(files: list[Store], columns: list[str]) -> bool:
     for path in files[:1]:
         try:
-            return set(columns) <= set(common.read_schema(path).names)
+            return set(columns) <= set(layout.read_schema(path).names)
         except (OSError, pa.ArrowException):
             return False
     return False
@@ -611,12 +612,12 @@ def _count_values(files: list[Store], column: str, reason: str | None = None) ->
     read = 0
     for path in files:
         try:
-            names = common.read_schema(path).names
+            names = layout.read_schema(path).names
         except (OSError, pa.ArrowException):
             continue
         if column not in names or (reason is not None and "reason" not in names):
             continue
-        t = common.read_table(path, columns=[column] + (["reason"] if reason is not None else []))
+        t = layout.read_table(path, columns=[column] + (["reason"] if reason is not None else []))
         if reason is not None:
             t = t.filter(pc.equal(t.column("reason"), reason))
         read += 1

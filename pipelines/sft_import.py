@@ -41,7 +41,7 @@ from typing import Any
 import pyarrow as pa
 
 from breen.storage import Store
-from pipelines import common, fingerprint
+from pipelines import cli, fingerprint, layout, raystart, runner
 from pipelines.config import ConfigError, PrepareConfig
 from pipelines.guard import (
     INVALID_RECORD,
@@ -143,10 +143,10 @@ def import_shard(name: str, work_dir: str | Store, out_dir: str | Store, folder:
                  max_pixels: int) -> dict:  # fmt: skip
     """Turn one shard of raw JSON records into kept/rejected rows (runs in a Ray task)."""
     out = Store.at(out_dir)
-    if common.done_marker(out, name).exists():
-        return common.stats_path(out, name).read_json()
+    if layout.done_marker(out, name).exists():
+        return layout.stats_path(out, name).read_json()
     t0 = time.monotonic()
-    src = common.read_arrow(Store.at(work_dir) / f"{name}.arrow")
+    src = layout.read_arrow(Store.at(work_dir) / f"{name}.arrow")
     kept: list[dict[str, Any]] = []
     rejected: list[dict[str, Any]] = []
     for key, raw, problem in zip(*(src.column(c).to_pylist() for c in SPLIT_SCHEMA.names), strict=True):
@@ -172,14 +172,14 @@ def import_shard(name: str, work_dir: str | Store, out_dir: str | Store, folder:
                 rejected.append({**base, "reason": "missing_image", "detail": str(e)})
                 continue
             except Exception as e:
-                rejected.append({**base, "reason": "decode_error", "detail": common.error_detail(e)})
+                rejected.append({**base, "reason": "decode_error", "detail": layout.error_detail(e)})
                 continue
         caption = next(t["value"] for t in turns if t["from"] == "gpt")
         kept.append({"key": key, "id": rid, "image": image, "width": w, "height": h, "sha256": sha,
                      "caption": caption, "conversations": json.dumps(turns, ensure_ascii=False)})  # fmt: skip
     rej_schema = pa.schema([("key", pa.string()), ("id", pa.string()), ("record", pa.string()),
-                            *common.REJECT_FIELDS])  # fmt: skip
-    return common.write_shard(
+                            *layout.REJECT_FIELDS])  # fmt: skip
+    return layout.write_shard(
         out, name, pa.Table.from_pylist(kept, OUT_SCHEMA), pa.Table.from_pylist(rejected, rej_schema),
         src.num_rows, {"seconds": round(time.monotonic() - t0, 3)},
     )  # fmt: skip
@@ -208,7 +208,7 @@ def split_records(json_path: str | Path | Store, rows_per_shard: int, dest: str 
     reused if unchanged. Broken array structure is a ConfigError naming the file and the byte."""
     json_path, dest = Store.at(json_path), Store.at(dest)
     success = dest / "_SUCCESS.json"
-    fingerprint = {"input": common.sha256_file(json_path), "rows_per_shard": rows_per_shard,
+    fingerprint = {"input": layout.sha256_file(json_path), "rows_per_shard": rows_per_shard,
                    "format": SPLIT_FORMAT}  # fmt: skip
     if success.exists() and (done := success.read_json()).get("fingerprint") == fingerprint:
         return done["shards"]
@@ -222,8 +222,8 @@ def split_records(json_path: str | Path | Store, rows_per_shard: int, dest: str 
         # a flagged record keeps only a preview: it is rejected, and may be huge
         records = [r if p is None else r[: 4 * PREVIEW_CHARS] for r, p in rows]
         table = pa.table([keys, records, [p for _, p in rows]], schema=SPLIT_SCHEMA)
-        name = common.shard_name(len(names))
-        common.write_arrow(dest / f"{name}.arrow", table)
+        name = layout.shard_name(len(names))
+        layout.write_arrow(dest / f"{name}.arrow", table)
         names.append(name)
         rows.clear()
 
@@ -252,23 +252,20 @@ def run(cfg: PrepareConfig) -> dict[str, Any]:
     work = out / "_input"
     sft_json = cfg.location(cfg.input.sft.json, "input.sft.json")
     folder = cfg.location(cfg.input.sft.image_folder, "input.sft.image_folder")
-    json_sha = common.sha256_file(sft_json)
+    json_sha = layout.sha256_file(sft_json)
     images = fingerprint.folder_digest(folder)
     external = {"json": json_sha, "image_folder": images["listing_sha256"]}
-    with common.open_step(cfg, STEP, {"sft": common_dict(cfg)}, external) as output:
+    with runner.open_step(cfg, STEP, {"sft": common_dict(cfg)}, external) as output:
         names = split_records(sft_json, cfg.download.rows_per_shard, work)
-        todo = common.todo_shards(output, names)
+        todo = runner.todo_shards(output, names)
         if todo:
-            common.init_ray(cfg.ray.address, cfg.ray.num_cpus)
+            raystart.init_ray(cfg.ray.address, cfg.ray.num_cpus)
             task = ray.remote(import_shard).options(num_cpus=0.5, max_retries=3, retry_exceptions=True)
-            progress = common.Progress(STEP, len(todo))
-            refs = [task.remote(n, work, out, folder, cfg.download.image_size, cfg.filter.max_pixels)
-                    for n in todo]  # fmt: skip
-            while refs:
-                ready, refs = ray.wait(refs, num_returns=1)
-                progress.update(ray.get(ready[0])["rows_in"])
+            runner.run_tasks(
+                STEP, task, todo, work, out, folder, cfg.download.image_size, cfg.filter.max_pixels
+            )
         inputs = [{"path": str(sft_json), "sha256": json_sha}, images]
-        return common.finish_step(output, inputs, {"sft": common_dict(cfg)})
+        return runner.finish_step(output, inputs, {"sft": common_dict(cfg)})
 
 
 def common_dict(cfg: PrepareConfig) -> dict[str, Any]:
@@ -285,7 +282,7 @@ def run_chain(cfg: PrepareConfig) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return common.step_main(__doc__, run_chain, ("sft_import", "sft_shards"), argv)
+    return cli.step_main(__doc__, run_chain, ("sft_import", "sft_shards"), argv)
 
 
 if __name__ == "__main__":

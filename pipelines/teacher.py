@@ -57,7 +57,7 @@ import pyarrow.compute as pc
 from breen import shard_format as sf
 from breen.storage import Store, fetch_file
 from breen.teacher import PREPROCESS_VERSION, last_block_grid, letterbox, pool_targets
-from pipelines import common, fingerprint, graph
+from pipelines import cli, fingerprint, graph, layout, raystart, runner
 from pipelines.config import ConfigError, PrepareConfig, TeacherConfig, from_dict, output_fields, to_dict
 
 TEACHER_NON_FINITE = "teacher_non_finite"  # reason: a row whose features hold a nan or inf
@@ -69,7 +69,7 @@ def teacher_identity(cfg: TeacherConfig, endpoint: str | None = None) -> tuple[s
     """(model name, weights id) without building the model."""
     name = Path(cfg.model_config).stem if cfg.model_config else cfg.model
     if cfg.weights:
-        return name, "sha256:" + common.sha256_file(fetch_file(cfg.weights, "teacher.weights", endpoint))
+        return name, "sha256:" + layout.sha256_file(fetch_file(cfg.weights, "teacher.weights", endpoint))
     if cfg.pretrained:
         return name, f"open_clip-pretrained:{cfg.pretrained}"
     return name, f"random-init-seed:{cfg.random_init_seed}"
@@ -123,7 +123,7 @@ def check_weights(path: str) -> None:
             torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
     except Exception as e:
         raise ConfigError(f"teacher.weights: {path}: cannot be loaded as safetensors or with "
-                          f"torch.load(weights_only=True): {common.error_detail(e)}") from None  # fmt: skip
+                          f"torch.load(weights_only=True): {layout.error_detail(e)}") from None  # fmt: skip
 
 
 def resolve_device(cfg: TeacherConfig) -> str:
@@ -157,7 +157,7 @@ def features(model, pixels: np.ndarray, device: str) -> tuple[np.ndarray, np.nda
     return fine.half().cpu().numpy(), coarse.half().cpu().numpy()
 
 
-class TeacherWorker(common.ShardWorker):
+class TeacherWorker(runner.ShardWorker):
     """One actor = one model replica; builds whole training-shard files in fixed-size batches."""
 
     def __init__(self, in_dir: Store, out_dir: Store, step: str, cfg: dict, identity: tuple[str, str],
@@ -186,7 +186,7 @@ class TeacherWorker(common.ShardWorker):
         meta = {sf.META_TEACHER: self.name, sf.META_TEACHER_WEIGHTS: self.weights_id,
                 sf.META_PREPROCESS: self.cfg.preprocess, sf.META_IMAGES: self.sources.images_rel}  # fmt: skip
         seconds = time.monotonic() - t0
-        return common.write_shard(self.out_dir, name, kept, rejected, table.num_rows,
+        return layout.write_shard(self.out_dir, name, kept, rejected, table.num_rows,
                                   {"seconds": round(seconds, 3), "device": self.device}, metadata=meta,
                                   inputs=self.sources.files(self.plan[name]))  # fmt: skip
 
@@ -212,7 +212,7 @@ class Sources:
         the text columns of the upstream rows in `slices` ((shard, offset, length), in order)."""
         parts = []
         for shard, offset, length in slices:
-            keys = common.read_table(self.rows_dir / f"{shard}.parquet", columns=[sf.KEY]).column(sf.KEY)
+            keys = layout.read_table(self.rows_dir / f"{shard}.parquet", columns=[sf.KEY]).column(sf.KEY)
             keys = keys.slice(offset, length)
             path = self.images_dir / f"{shard}.parquet"
             image_columns = [sf.IMAGE, sf.WIDTH, sf.HEIGHT]
@@ -236,14 +236,14 @@ class Sources:
                 **{c: text.column(c) for c in self.text_columns},
             }
             parts.append(pa.table({k: cols[k] for k in sf.COLUMNS if k in cols}))
-        return common.concat(parts)
+        return layout.concat(parts)
 
 
 def _decode_or_error(image: bytes, preprocess: str) -> np.ndarray | str:
     try:
         return decode(image, preprocess)
     except Exception as e:
-        return common.error_detail(e)
+        return layout.error_detail(e)
 
 
 def decoded_batches(
@@ -315,7 +315,7 @@ def teacher_table(
     )
     kept = out.filter(ok)
     rows = sorted(problems)
-    rejected = common.with_reason(
+    rejected = layout.with_reason(
         table.filter(pc.invert(ok)).drop_columns(["image"]),
         [problems[i][0] for i in rows],
         [problems[i][1] for i in rows],
@@ -350,7 +350,7 @@ def plan(counts: list[tuple[str, int]], rows_per_file: int) -> list[list[tuple[s
 
 def write_plan(out: Store, step: str, counts: list[list[Any]], rows_per_file: int) -> dict[str, list]:
     """The file plan (`_plan.json`); a plan that changed (upstream counts, rows_per_file) clears `out`."""
-    files = {common.shard_name(j): s for j, s in enumerate(plan(counts, rows_per_file))}
+    files = {layout.shard_name(j): s for j, s in enumerate(plan(counts, rows_per_file))}
     record = {"upstream": counts, "rows_per_file": rows_per_file, "files": files}
     path = out / PLAN
     exists = path.exists()
@@ -368,7 +368,7 @@ def write_plan(out: Store, step: str, counts: list[list[Any]], rows_per_file: in
 def check_preprocess(out: Store, finished: list[str], preprocess: str) -> None:
     """Finished files made with another canvas rule cannot be resumed with this one: fail, naming both."""
     for name in finished[:1] + finished[-1:]:
-        meta = common.read_schema(out / f"{name}.parquet").metadata or {}
+        meta = layout.read_schema(out / f"{name}.parquet").metadata or {}
         made = meta.get(sf.META_PREPROCESS.encode(), b"").decode()
         if made != preprocess:
             raise ConfigError(
@@ -382,16 +382,16 @@ def run_training_shards(cfg: PrepareConfig, step: str) -> dict[str, Any]:
     """Teacher features for the rows of `step`'s upstream, written as training shards."""
     info = graph.step(step)
     rows_dir = cfg.out / info.rows_from
-    names = common.require_dataset(rows_dir, info.rows_from)
+    names = layout.require_dataset(rows_dir, info.rows_from)
     t = cfg.teacher
     if t.weights:  # first: before hashing it and before any actor starts
         check_weights(str(fetch_file(t.weights, "teacher.weights", cfg.storage.endpoint_override)))
     name, weights_id = teacher_identity(t, cfg.storage.endpoint_override)
     external = {"teacher": [name, weights_id]}
     if t.model_config:
-        external["teacher_model_config"] = common.sha256_file(t.model_config)
+        external["teacher_model_config"] = layout.sha256_file(t.model_config)
     config = {"teacher": output_fields(t), "shards": output_fields(cfg.shards)}
-    with common.open_step(cfg, step, config, external) as output:
+    with runner.open_step(cfg, step, config, external) as output:
         return _run(cfg, output, step, names, (name, weights_id))
 
 
@@ -402,30 +402,30 @@ def _run(cfg: PrepareConfig, output: Any, step: str, names: list[str], identity:
     info, t = graph.step(step), cfg.teacher
     rows_dir, out = cfg.out / info.rows_from, output.dataset
     name, weights_id = identity
-    counts = [[s["shard"], s["kept"]] for s in common.read_stats(rows_dir, names)]
+    counts = [[s["shard"], s["kept"]] for s in layout.read_stats(rows_dir, names)]
     files = write_plan(out, step, counts, cfg.shards.rows_per_file)
-    todo = common.todo_shards(output, list(files))
+    todo = runner.todo_shards(output, list(files))
     check_preprocess(out, [n for n in files if n not in todo], t.preprocess)
     if todo:
-        common.init_ray(cfg.ray.address, cfg.ray.num_cpus)
+        raystart.init_ray(cfg.ray.address, cfg.ray.num_cpus)
         gpus = ray.cluster_resources().get("GPU", 0) if t.device != "cpu" else 0
         num_gpus = t.num_gpus_per_actor if gpus else 0.0
         print(f"[{step}] teacher on {len(todo)} of {len(files)} files, {t.num_actors} actor(s), "
               f"{'GPU' if num_gpus else 'CPU'}", flush=True)  # fmt: skip
         kwargs = {"in_dir": rows_dir, "out_dir": out, "step": step, "cfg": to_dict(t),
                   "identity": (name, weights_id), "endpoint": cfg.storage.endpoint_override}  # fmt: skip
-        common.run_shards(step, todo, TeacherWorker, kwargs,
+        runner.run_shards(step, todo, TeacherWorker, kwargs,
                           num_actors=t.num_actors, num_cpus=t.cpus_per_actor, num_gpus=num_gpus)  # fmt: skip
     else:
         print(f"[{step}] nothing to do: all {len(files)} files are finished", flush=True)
-    schema = common.read_schema(out / f"{common.shard_name(0)}.parquet") if files else None
+    schema = layout.read_schema(out / f"{layout.shard_name(0)}.parquet") if files else None
     if t.random_init_seed is not None and schema is not None:
         weights_id = schema.metadata[sf.META_TEACHER_WEIGHTS.encode()].decode()
     sources = Sources(cfg.out, step)
     inputs = [
-        common.dataset_input(d) for d in dict.fromkeys([rows_dir, sources.images_dir, sources.text_dir])
+        layout.dataset_input(d) for d in dict.fromkeys([rows_dir, sources.images_dir, sources.text_dir])
     ]
-    return common.finish_step(
+    return runner.finish_step(
         output, inputs, {"teacher": to_dict(t), "shards": to_dict(cfg.shards)},
         extra={"teacher": {"name": name, "weights": weights_id, "preprocess": t.preprocess},
                "images": sources.images_rel,
@@ -445,7 +445,7 @@ def run_sft(cfg: PrepareConfig) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
-    return common.step_main(__doc__, run, ("shards",), argv)
+    return cli.step_main(__doc__, run, ("shards",), argv)
 
 
 if __name__ == "__main__":

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 import pyarrow.parquet as pq
 
 from breen.storage import Store
-from pipelines import common, fingerprint, graph
+from pipelines import fingerprint, graph, layout
 
 
 @dataclass
@@ -43,7 +43,7 @@ def _check_file(path: Store, entry: dict, fp: str) -> str | None:
             return "missing"
         if size != entry["bytes"]:
             return f"{size} bytes, its stats say {entry['bytes']}"
-        if common.sha256_file(path) != entry["sha256"]:
+        if layout.sha256_file(path) != entry["sha256"]:
             return "sha256 differs from its stats (the content changed)"
         with path.fs.open_input_file(path.path) as f:
             meta = pq.read_metadata(f).metadata or {}
@@ -64,8 +64,8 @@ def verify_dataset(dataset: Store, report: Report) -> None:
     manifest = dataset / "manifest.json"
     if not manifest.exists() or manifest.read_json().get("fingerprint") != fp:
         report.problems.append(f"{dataset}: not complete (no manifest for its fingerprint {fp[:12]})")
-    names = common.finished_shards(dataset)
-    for name, stats in zip(names, common.read_stats_many(dataset.parent, [(dataset.name, n) for n in names]),
+    names = layout.finished_shards(dataset)
+    for name, stats in zip(names, layout.read_stats_many(dataset.parent, [(dataset.name, n) for n in names]),
                            strict=True):  # fmt: skip
         bad = []
         if stats is None:
@@ -91,7 +91,7 @@ def verify_dataset(dataset: Store, report: Report) -> None:
 
 def datasets_under(root: Store) -> list[Store]:
     """`root` itself when it is a dataset, else the step datasets in it (in graph order)."""
-    if (root / fingerprint.SPEC_FILE).exists() or common.finished_shards(root):
+    if (root / fingerprint.SPEC_FILE).exists() or layout.finished_shards(root):
         return [root]
     return [root / name for name in graph.DATASETS if (root / name).is_dir()]
 
@@ -120,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.repair and report.damaged:
         for dataset, names in report.damaged.items():
             for name in names:
-                common.done_marker(Store.at(dataset), name).delete()
+                layout.done_marker(Store.at(dataset), name).delete()
                 print(f"[verify] {dataset}/{name}: marker removed; the next run of its step redoes it")
     return 1 if report.problems else 0
 

@@ -48,7 +48,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
-from pipelines.synthetic import _NOT_IMAGE_HTML, _bomb_png, _draw, closed_port_url
+from pipelines.synthetic import NOT_IMAGE_HTML, LocalServer, bomb_png, closed_port_url, draw
 
 KEPT = ("kept", None)
 D, C, F = "download", "captions", "filter"  # steps that reject rows
@@ -94,7 +94,7 @@ class BadCase:
 
 def picture(seed: int, w: int = 320, h: int = 240) -> Image.Image:
     """A distinct procedural RGB picture per seed (distinct perceptual hashes: no accidental near dups)."""
-    return _draw(np.random.default_rng([7007, seed]), w, h)
+    return draw(np.random.default_rng([7007, seed]), w, h)
 
 
 def encode(img: Image.Image, fmt: str, **kw: Any) -> bytes:
@@ -201,7 +201,7 @@ def image_payloads() -> dict[str, tuple[bytes, str, set, str | None, Callable | 
     out["truncated_png"] = (png[: len(png) * 6 // 10], "image/png", dec, None, None, "60 % of a valid PNG")
     out["zero_byte"] = (b"", "image/jpeg", dec, "empty", None, "")
     out["html_served_as_jpeg"] = (
-        _NOT_IMAGE_HTML.encode(),
+        NOT_IMAGE_HTML.encode(),
         "image/jpeg",
         dec,
         "not a decodable image",
@@ -221,7 +221,7 @@ def image_payloads() -> dict[str, tuple[bytes, str, set, str | None, Callable | 
                         "vector image: no raster decoder")  # fmt: skip
     # --- decompression bombs: refused from the header, before any pixel is decoded
     bomb = "decompression bomb"
-    out["bomb_png_40000x40000"] = (_bomb_png(), "image/png", dec, bomb, None, "190 KB file, 1.6 Gpx declared")
+    out["bomb_png_40000x40000"] = (bomb_png(), "image/png", dec, bomb, None, "190 KB file, 1.6 Gpx declared")
     out["bomb_jpeg_header_65000x65000"] = (_jpeg_with_size(65000, 65000), "image/jpeg", dec, bomb, None, "")
     out["bomb_gif_screen_65535x65535"] = (_gif_with_screen(65535, 65535), "image/gif", dec, bomb, None, "")
     out["over_pixel_limit_8000x6000"] = (encode(Image.new("1", (8000, 6000)), "PNG"), "image/png", dec, bomb,
@@ -535,7 +535,6 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 
 
 class _Server(http.server.ThreadingHTTPServer):
-    daemon_threads = True
     # The corpus opens ~100 connections at once (7 shards x 16 threads): with socketserver's default
     # listen backlog of 5 the kernel drops SYNs, and a connect retried after 1 s and 3 s looks like a
     # timeout to a client with a short socket timeout.
@@ -557,42 +556,30 @@ class _Server(http.server.ThreadingHTTPServer):
         super().process_request(request, client_address)
 
 
-class HostileServer:
-    """An HTTP server on 127.0.0.1 (free port) for payloads and misbehaviours; a context manager."""
+class HostileServer(LocalServer):
+    """An HTTP server on 127.0.0.1 (free port) for payloads and misbehaviours; a context manager (the
+    thread and the shutdown of `pipelines.synthetic.LocalServer`)."""
+
+    httpd: _Server
 
     def __init__(self) -> None:
-        self.httpd = _Server()
-        self.thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05},
-                                       name="hostile-http", daemon=True)  # fmt: skip
+        super().__init__(_Server(), "hostile-http")
 
     def __enter__(self) -> HostileServer:
-        self.thread.start()
+        super().__enter__()
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self.httpd.stop.set()
-        self.httpd.shutdown()
-        self.httpd.server_close()
-        self.thread.join(timeout=5)
-
-    @property
-    def port(self) -> int:
-        return int(self.httpd.server_address[1])
-
-    @property
-    def base(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        self.httpd.stop.set()  # first: handlers that wait (slow, trickle, hang) return at once
+        super().__exit__(*exc)
 
     def add(self, name: str, data: bytes, ctype: str = "image/jpeg") -> str:
         self.httpd.files[name] = (data, ctype)
-        return f"{self.base}/f/{name}"
+        return f"{self.base_url}/f/{name}"
 
     def redirect(self, name: str, target: str) -> str:
         self.httpd.redirects[name] = target
-        return f"{self.base}/redirect/{name}"
-
-    def url(self, path: str) -> str:
-        return f"{self.base}/{path.lstrip('/')}"
+        return f"{self.base_url}/redirect/{name}"
 
     @property
     def requests(self) -> list[str]:

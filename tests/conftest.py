@@ -57,7 +57,7 @@ def ray_local():
     """A local Ray started once for the session (4 logical CPUs so actors and tasks overlap)."""
     import ray
 
-    from pipelines.common import init_ray
+    from pipelines.raystart import init_ray
 
     init_ray(None, num_cpus=4)
     yield ray

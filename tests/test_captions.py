@@ -11,7 +11,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipelines import common, fingerprint
+from pipelines import fingerprint, layout
 from pipelines.captions import CaptionsWorker, clean_caption, clean_table
 from pipelines.config import CaptionsConfig, to_dict
 
@@ -214,9 +214,9 @@ def _write_input(dataset: Path, name: str, captions: list[str | None]) -> None:
     """One finished shard of a complete upstream dataset (its fingerprint recorded, its manifest written)."""
     fp = fingerprint.record(dataset, {"step": dataset.name})
     table = _table(captions)
-    empty = common.with_reason(table.select(["key"]).slice(0, 0), [], [])
-    common.write_shard(dataset, name, table, empty, table.num_rows)
-    common.write_manifest(dataset, dataset.name, [], {}, fp)
+    empty = layout.with_reason(table.select(["key"]).slice(0, 0), [], [])
+    layout.write_shard(dataset, name, table, empty, table.num_rows)
+    layout.write_manifest(dataset, dataset.name, [], {}, fp)
 
 
 def test_worker_processes_one_shard(tmp_path):
@@ -227,7 +227,7 @@ def test_worker_processes_one_shard(tmp_path):
     stats = worker.process("part-00000")
     assert stats["rows_in"] == 8 and stats["kept"] == 3 and stats["rejected"] == {"empty_caption": 5}
     assert stats["seconds"] >= 0
-    assert common.done_marker(out, "part-00000").exists()
+    assert layout.done_marker(out, "part-00000").exists()
     kept = pq.read_table(out / "part-00000.parquet")
     assert kept.column("caption_raw").to_pylist() == [CAPTIONS[0], CAPTIONS[1], CAPTIONS[7]]
     rejected = pq.read_table(out / "rejected" / "part-00000.parquet")

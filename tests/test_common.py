@@ -1,5 +1,5 @@
-"""pipelines.common: the embedded Ray keeps idle workers (Ray 2.60 aborts some idle exits); shard
-bookkeeping: a listing that lags behind the upstream manifest is an error, not fewer shards.
+"""pipelines.raystart: the embedded Ray keeps idle workers (Ray 2.60 aborts some idle exits); pipelines.layout,
+shard bookkeeping: a listing that lags behind the upstream manifest is an error, not fewer shards.
 
 Ray ends a worker that stays idle for 1 s beyond the node's CPU count, and in Ray 2.60 about 1 such
 exit in 80 aborts in the worker's own shutdown ("Mutex corrupt", SIGABRT). `init_ray` starts the
@@ -34,15 +34,15 @@ def test_a_listing_behind_the_upstream_manifest_is_an_error_not_fewer_shards(tmp
     import pyarrow as pa
     import pytest
 
-    from pipelines import common, fingerprint
+    from pipelines import fingerprint, layout
 
-    empty = common.with_reason(pa.table({"key": pa.array([], pa.string())}), [], [])
+    empty = layout.with_reason(pa.table({"key": pa.array([], pa.string())}), [], [])
     fp = fingerprint.record(tmp_path, {"step": "download"})
     for i in range(2):
-        common.write_shard(tmp_path, common.shard_name(i), pa.table({"key": [f"k{i}"]}), empty, 1)
-    common.write_manifest(tmp_path, "download", [], {}, fp)
-    assert common.require_dataset(tmp_path, "download") == ["part-00000", "part-00001"]
-    assert common.unfinished(tmp_path, ["part-00000", "part-00001", "part-00002"]) == ["part-00002"]
+        layout.write_shard(tmp_path, layout.shard_name(i), pa.table({"key": [f"k{i}"]}), empty, 1)
+    layout.write_manifest(tmp_path, "download", [], {}, fp)
+    assert layout.require_dataset(tmp_path, "download") == ["part-00000", "part-00001"]
+    assert layout.unfinished(tmp_path, ["part-00000", "part-00001", "part-00002"]) == ["part-00002"]
     (tmp_path / "part-00001.done").unlink()  # what a listing that lags behind the writes would show
     with pytest.raises(RuntimeError, match="shows 1 finished shards but its manifest counts 2"):
-        common.require_dataset(tmp_path, "download")
+        layout.require_dataset(tmp_path, "download")

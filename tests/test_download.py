@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from pipelines import common, download, fingerprint
+from pipelines import download, fingerprint, layout
 from pipelines.config import ConfigError, DownloadConfig, to_dict
 from pipelines.guard import (
     AddressPolicy,
@@ -175,4 +175,4 @@ def test_one_shard_with_real_img2dataset(tmp_path):
     rejected = pq.read_table(out / "rejected" / f"{name}.parquet").to_pylist()
     assert [r["tag"] for r in rejected] == ["c", "d", "e", "f"]
     assert all(r["detail"] for r in rejected)
-    assert common.done_marker(out, name).exists()
+    assert layout.done_marker(out, name).exists()

@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from bench import language as language_eval
-from pipelines import common, fingerprint
+from pipelines import accounting, fingerprint
 from pipelines import filter as filt
 from pipelines.captions import clean_caption
 from pipelines.config import PRESETS, CaptionsConfig, FilterConfig, apply_preset
@@ -89,7 +89,7 @@ def test_split_shard_accounts_for_every_row(tmp_path):
     assert stats["rejected"] == {"duplicate": 1, "too_small": 1}
     kept = pq.read_table(tmp_path / "part-00000.parquet")
     assert kept.column_names == ["key", "language", "phash"]  # decisions and new columns, no image bytes
-    with pytest.raises(common.AccountingError):
+    with pytest.raises(accounting.AccountingError):
         filt.split_shard(tmp_path, "part-00001", index, dups, rows_in=5)
 
 

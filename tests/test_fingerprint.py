@@ -1,4 +1,4 @@
-"""pipelines.fingerprint (with the checks in pipelines.common that use it): config drift, input drift,
+"""pipelines.fingerprint (with the checks in pipelines.layout and pipelines.runner that use it): config drift, input drift,
 code digests, one writer per dataset, damaged and stale shards. Real steps on real Ray, on copies of the
 session's demo preparation (`prepared_demo`); the concurrency case runs two real CLI processes."""
 
@@ -18,7 +18,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from breen import lease
-from pipelines import captions, common, download, fingerprint, sft_import, teacher, verify
+from pipelines import captions, download, fingerprint, layout, sft_import, teacher, verify
 from pipelines import filter as filt
 from pipelines.config import load_config, to_dict
 from tests.conftest import CONFIGS
@@ -72,17 +72,17 @@ def _fixture(path: Path, step: str) -> str:
 
 
 def test_a_shard_made_from_an_upstream_file_that_was_redone_is_stale(tmp_path):
-    empty = common.with_reason(pa.table({"key": pa.array([], pa.string())}), [], [])
+    empty = layout.with_reason(pa.table({"key": pa.array([], pa.string())}), [], [])
     up, down = tmp_path / "download", tmp_path / "captions"
     _fixture(up, "download")
     fp = _fixture(down, "captions")
     for i in range(2):
-        name = common.shard_name(i)
-        common.write_shard(up, name, pa.table({"key": [f"k{i}"]}), empty, 1)
-        common.write_shard(down, name, pa.table({"key": [f"k{i}"]}), empty, 1, inputs=[up / f"{name}.parquet"])
+        name = layout.shard_name(i)
+        layout.write_shard(up, name, pa.table({"key": [f"k{i}"]}), empty, 1)
+        layout.write_shard(down, name, pa.table({"key": [f"k{i}"]}), empty, 1, inputs=[up / f"{name}.parquet"])
     names = ["part-00000", "part-00001"]
     assert fingerprint.stale_shards(down, fp, names) == []
-    common.write_shard(up, "part-00001", pa.table({"key": ["k1"], "x": [1]}), empty, 1)  # redone, other bytes
+    layout.write_shard(up, "part-00001", pa.table({"key": ["k1"], "x": [1]}), empty, 1)  # redone, other bytes
     assert fingerprint.stale_shards(down, fp, names) == ["part-00001"]
     (down / "fingerprint.json").write_text((down / "fingerprint.json").read_text().replace(fp, "0" * 64))
     with pytest.raises(fingerprint.FingerprintMismatch, match="mixes runs"):
@@ -94,17 +94,17 @@ def test_an_unreadable_file_is_named(tmp_path):
     import numpy as np
 
     values = np.random.default_rng(0).normal(size=20_000)  # data pages make up most of the file
-    info = common.write_table(path, pa.table({"key": [f"k{i}" for i in range(20_000)], "v": values}))
+    info = layout.write_table(path, pa.table({"key": [f"k{i}" for i in range(20_000)], "v": values}))
     assert info["bytes"] == path.stat().st_size
     data = path.read_bytes()
     path.write_bytes(data[: len(data) // 2])
-    with pytest.raises(common.CorruptShard, match=str(path)):
-        common.read_table(path)
+    with pytest.raises(layout.CorruptShard, match=str(path)):
+        layout.read_table(path)
     flipped = bytearray(data)
     flipped[len(data) // 2] ^= 0x01  # a flipped bit inside a data page: the page checksum catches it
     path.write_bytes(bytes(flipped))
-    with pytest.raises(common.CorruptShard, match=r"part-00000\.parquet: cannot be read"):
-        common.read_table(path)
+    with pytest.raises(layout.CorruptShard, match=r"part-00000\.parquet: cannot be read"):
+        layout.read_table(path)
 
 
 # ----------------------------------------------------------------------------- on the demo preparation
@@ -135,7 +135,7 @@ def test_config_drift_is_refused_at_every_step_and_redo_recomputes(demo_copy, ra
     cfg.redo = True
     manifest = filt.run(cfg)
     assert manifest["counts"]["kept"] < before_kept(before, "filter")
-    assert all(s["fingerprint"] == manifest["fingerprint"] for s in common.read_stats(out / "filter"))
+    assert all(s["fingerprint"] == manifest["fingerprint"] for s in layout.read_stats(out / "filter"))
     cfg.redo = False
     with pytest.raises(fingerprint.FingerprintMismatch, match=r"inputs\.filter: the upstream dataset changed"):
         teacher.run(cfg)  # the training shards see the new filter through its fingerprint
@@ -263,6 +263,6 @@ def test_two_runs_on_one_dataset_one_fails_fast_one_waits_and_the_result_is_a_si
     # the same as one run alone
     alone = _filter_cli(cfg_path, single, "--redo")
     assert alone.communicate(timeout=600)[0] and alone.returncode == 0
-    for name in common.finished_shards(single / "filter"):
+    for name in layout.finished_shards(single / "filter"):
         assert (out / "filter" / f"{name}.parquet").read_bytes() == (single / "filter" / f"{name}.parquet").read_bytes()
-    assert common.finished_shards(out / "filter") == common.finished_shards(single / "filter")
+    assert layout.finished_shards(out / "filter") == layout.finished_shards(single / "filter")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import importlib
 
-from pipelines import graph, prepare, report
+from pipelines import accounting, graph, prepare, report
 
 
 def test_every_step_reads_only_what_earlier_steps_of_its_chain_write():
@@ -43,10 +43,10 @@ def test_accounting_balances_per_chain_and_checks_the_links():
         return {"rows_in": rows_in, "kept": kept, "rejected_total": rows_in - kept}
 
     counts = {"download": c(10, 9), "captions": c(9, 8), "filter": c(8, 6), "shards": c(6, 6)}
-    acc = graph.accounting(counts)
+    acc = accounting.chains(counts)
     assert acc["pretrain"] == {"input_rows": 10, "kept": 6, "rejected": 4, "balanced": True}
     assert "sft" not in acc  # no SFT chain ran
     counts["filter"] = c(7, 6)  # a row lost between captions and filter
-    assert graph.accounting(counts)["pretrain"]["balanced"] is False
+    assert accounting.chains(counts)["pretrain"]["balanced"] is False
     del counts["shards"]
-    assert "pretrain" not in graph.accounting(counts)  # an unfinished chain has no total
+    assert "pretrain" not in accounting.chains(counts)  # an unfinished chain has no total

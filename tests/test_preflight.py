@@ -10,7 +10,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipelines import common, download, preflight, prepare, sft_import, teacher
+from pipelines import download, preflight, prepare, raystart, sft_import, teacher
 from pipelines.config import ConfigError
 
 
@@ -29,7 +29,7 @@ def good_urls(tmp_path) -> Path:
 
 @pytest.fixture(autouse=True)
 def ray_starts(monkeypatch) -> list:
-    """Every call of `pipelines.common.init_ray` (none may happen: the checks come first). Recorded by
+    """Every call of `pipelines.raystart.init_ray` (none may happen: the checks come first). Recorded by
     patching it, not by asking Ray, because other tests of the session may have started Ray already."""
     calls: list = []
 
@@ -37,7 +37,7 @@ def ray_starts(monkeypatch) -> list:
         calls.append(args)
         raise AssertionError("Ray was started before the inputs were checked")
 
-    monkeypatch.setattr(common, "init_ray", refuse)
+    monkeypatch.setattr(raystart, "init_ray", refuse)
     return calls
 
 

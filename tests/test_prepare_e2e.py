@@ -12,6 +12,7 @@ import hashlib
 import io
 import json
 import math
+import re
 from collections import Counter, defaultdict
 from pathlib import Path
 
@@ -22,7 +23,7 @@ import pytest
 from PIL import Image
 
 from breen import shard_format as sf
-from pipelines import common, graph, prepare
+from pipelines import graph, layout, prepare
 from pipelines.config import load_config
 from tests.conftest import CONFIGS
 
@@ -36,7 +37,7 @@ def prepared(prepared_demo):
 
 
 def all_rows(dataset: Path, columns: list[str], rejected: bool = False) -> list[dict]:
-    d = dataset / common.REJECTED if rejected else dataset
+    d = dataset / layout.REJECTED if rejected else dataset
     rows = []
     for f in sorted(d.glob("part-*.parquet")):
         names = pq.read_schema(f).names
@@ -47,7 +48,7 @@ def all_rows(dataset: Path, columns: list[str], rejected: bool = False) -> list[
 def test_every_shard_and_the_total_balance(prepared):
     cfg, acc, _, _ = prepared
     for step in graph.DATASETS:
-        stats = common.read_stats(Path(cfg.out.path) / step)
+        stats = layout.read_stats(Path(cfg.out.path) / step)
         assert stats, step
         for s in stats:
             assert s["rows_in"] == s["kept"] + sum(s["rejected"].values()), (step, s)
@@ -210,9 +211,16 @@ def test_training_shards_layout(prepared):
 
 
 def test_report_is_written(prepared):
-    cfg, _, _, _ = prepared
+    cfg, acc, _, _ = prepared
     html = (Path(cfg.out.path) / "report" / "index.html").read_text()
-    assert "download" in html and "teacher" in html
+    assert "steps not found" not in html  # the report names every missing pre-training step: none is
+    assert set(acc["steps"]) == set(graph.DATASETS)
+    for step, c in acc["steps"].items():  # one accounting row per step, with its manifest's counts
+        row = re.search(rf"<tr><td>{step}</td>(.*?)</tr>", html)
+        assert row, f"no accounting row for {step}"
+        cells = re.findall(r"<td>(.*?)</td>", row.group(1))
+        assert cells[:4] == [f"{c[k]:,}" for k in ("shards", "rows_in", "kept", "rejected_total")], step
+    assert 'src="teacher_norms.png"' in html  # the teacher's features were read back
     assert list((Path(cfg.out.path) / "report").glob("*.png"))
 
 

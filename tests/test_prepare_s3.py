@@ -22,7 +22,7 @@ import boto3
 import pytest
 
 from breen.storage import Store
-from pipelines import common, graph, prepare, synthetic
+from pipelines import graph, layout, prepare, synthetic
 from pipelines.config import load_config
 from tests.conftest import CONFIGS, free_port, write_tiny_teacher_weights
 
@@ -88,22 +88,22 @@ def test_prepare_on_s3_balances_and_writes_only_to_the_bucket(prepared, s3_serve
     cfg, acc, _ = prepared
     assert not cfg.out.local and cfg.out.uri == f"s3://{BUCKET}/prep"
     assert acc["pretrain"]["balanced"] and acc["sft"]["balanced"]
-    urls = common.read_table(cfg.location(cfg.input.urls[0], "input.urls[0]"))
+    urls = layout.read_table(cfg.location(cfg.input.urls[0], "input.urls[0]"))
     assert acc["pretrain"]["input_rows"] == urls.num_rows
     ok_rows = urls.column("expect").to_pylist().count("ok")  # the corpus' plain good samples
     assert acc["pretrain"]["kept"] >= 0.9 * ok_rows > 0
     for step in graph.DATASETS:
-        stats = common.read_stats(cfg.out / step)
+        stats = layout.read_stats(cfg.out / step)
         assert stats, step
         for s in stats:
             assert s["rows_in"] == s["kept"] + sum(s["rejected"].values()), (step, s)
-            assert common.num_rows(cfg.out / step / f"{s['shard']}.parquet") == s["kept"]
+            assert layout.num_rows(cfg.out / step / f"{s['shard']}.parquet") == s["kept"]
     keys = Counter()
     for step in (s.name for s in graph.chain("pretrain")):
-        for f in (cfg.out / step / common.REJECTED).glob("part-*.parquet"):
-            keys.update(common.read_table(f, columns=["key"]).column("key").to_pylist())
+        for f in (cfg.out / step / layout.REJECTED).glob("part-*.parquet"):
+            keys.update(layout.read_table(f, columns=["key"]).column("key").to_pylist())
     for f in (cfg.out / "shards").glob("part-*.parquet"):
-        keys.update(common.read_table(f, columns=["key"]).column("key").to_pylist())
+        keys.update(layout.read_table(f, columns=["key"]).column("key").to_pylist())
     assert len(keys) == urls.num_rows and set(keys.values()) == {1}  # no row lost or duplicated
     stored = objects(s3_server, "prep/")
     assert "prep/accounting.json" in stored and "prep/report/index.html" in stored
@@ -130,7 +130,7 @@ def test_s3_and_local_outputs_are_byte_identical(prepared, tmp_path):
     assert prepare.run(local) == acc
     compared = 0
     for step in graph.DATASETS:
-        for sub in ("", common.REJECTED):
+        for sub in ("", layout.REJECTED):
             here, there = local.out / step, cfg.out / step
             if sub:
                 here, there = here / sub, there / sub
@@ -139,7 +139,7 @@ def test_s3_and_local_outputs_are_byte_identical(prepared, tmp_path):
             for n in names:
                 assert (here / n).read_bytes() == (there / n).read_bytes(), f"{step}/{sub}/{n}"
                 compared += 1
-    assert compared == 2 * sum(len(common.finished_shards(local.out / step)) for step in graph.DATASETS) > 0
+    assert compared == 2 * sum(len(layout.finished_shards(local.out / step)) for step in graph.DATASETS) > 0
 
 
 def test_a_killed_download_on_s3_is_relaunched_without_losing_or_duplicating_rows(inputs, s3_server, tmp_path):
@@ -157,10 +157,10 @@ def test_a_killed_download_on_s3_is_relaunched_without_losing_or_duplicating_row
         proc = subprocess.Popen(argv, cwd=tmp_path, env=env, stdout=f, stderr=subprocess.STDOUT,
                                 start_new_session=True)  # fmt: skip
         deadline = time.monotonic() + 300
-        while not common.finished_shards(out) and proc.poll() is None and time.monotonic() < deadline:
+        while not layout.finished_shards(out) and proc.poll() is None and time.monotonic() < deadline:
             time.sleep(0.5)
         assert proc.poll() is None, log.read_text()[-3000:]  # killed mid-run, not after the end
-        finished_at_kill = common.finished_shards(out)
+        finished_at_kill = layout.finished_shards(out)
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
     shards = (out / "_input" / "_SUCCESS.json").read_json()
@@ -171,9 +171,9 @@ def test_a_killed_download_on_s3_is_relaunched_without_losing_or_duplicating_row
     assert resumed and int(resumed[1]) == len(shards["shards"]), done.stdout[-3000:]
     assert len(finished_at_kill) <= int(resumed[2]) < len(shards["shards"])
     keys = Counter()
-    for n in common.finished_shards(out):
-        for f in (out / f"{n}.parquet", out / common.REJECTED / f"{n}.parquet"):
-            keys.update(common.read_table(f, columns=["key"]).column("key").to_pylist())
+    for n in layout.finished_shards(out):
+        for f in (out / f"{n}.parquet", out / layout.REJECTED / f"{n}.parquet"):
+            keys.update(layout.read_table(f, columns=["key"]).column("key").to_pylist())
     assert len(keys) == shards["rows"] and set(keys.values()) == {1}
     manifest = (out / "manifest.json").read_json()
     assert manifest["counts"]["rows_in"] == shards["rows"] == manifest["counts"]["kept"] + manifest["counts"][

@@ -28,7 +28,7 @@ import pytest
 from PIL import Image
 
 from breen import shard_format
-from pipelines import common, download, graph, teacher
+from pipelines import download, graph, layout, runner, teacher
 from pipelines import filter as filter_step
 from pipelines.config import ConfigError, load_config, to_dict
 from pipelines.guard import URL_REFUSED_MARK, AddressPolicy, Limits, RefusedURL, install_guarded_opener
@@ -77,9 +77,9 @@ shards: {{rows_per_file: 8}}
 
 
 def rows_of(dataset: Path, columns: list[str], rejected: bool) -> list[dict]:
-    d = dataset / common.REJECTED if rejected else dataset
+    d = dataset / layout.REJECTED if rejected else dataset
     out = []
-    for name in common.finished_shards(dataset):
+    for name in layout.finished_shards(dataset):
         f = d / f"{name}.parquet"
         have = pq.read_schema(f).names
         out += pq.read_table(f, columns=[c for c in columns if c in have]).to_pylist()
@@ -101,7 +101,7 @@ def corpus_run(tmp_path_factory, ray_local):
         n_rows = write_url_list(cases, urls)
         cfg = load_config(corpus_config(root, urls))
         out = Path(cfg.out.path) / "download"
-        output = common.open_step(cfg, "download", {}, {"urls": [common.sha256_file(urls)]})
+        output = runner.open_step(cfg, "download", {}, {"urls": [layout.sha256_file(urls)]})
         names = download.make_input_shards(cfg.input.urls, cfg.download.rows_per_shard, out / "_input")
         task = ray.remote(download_shard_under_tripwire).options(
             num_cpus=cfg.download.cpus_per_shard, max_retries=0
@@ -112,16 +112,16 @@ def corpus_run(tmp_path_factory, ray_local):
             try:
                 ray.get(ref)
             except Exception as e:  # a crashed shard: reported, never expected
-                crashes.append(f"download {name}: {common.error_detail(e)}")
+                crashes.append(f"download {name}: {layout.error_detail(e)}")
         with output:
-            common.finish_step(output, [{"path": str(urls), "sha256": common.sha256_file(urls)}],
+            runner.finish_step(output, [{"path": str(urls), "sha256": layout.sha256_file(urls)}],
                                {"download": to_dict(cfg.download)})  # fmt: skip
         download_s = time.monotonic() - t0
         for step in graph.chain("pretrain")[1:]:  # captions, filter, teacher into shards
             try:
                 graph.runner(step)(cfg)
             except Exception as e:
-                crashes.append(f"{step.entry}: {common.error_detail(e)}")
+                crashes.append(f"{step.entry}: {layout.error_detail(e)}")
         requests = server.requests
     return {"cases": cases, "cfg": cfg, "rows": n_rows, "crashes": crashes, "requests": requests,
             "trip_log": trip_log.read_text(), "download_s": download_s, "seconds": time.monotonic() - t0}  # fmt: skip
@@ -194,7 +194,7 @@ def test_bad_corpus_every_row_accounted_for_and_rejected_with_a_reason(corpus_ru
     assert total["kinds"] >= 30
     # Per-shard accounting, as every step checks it before writing; training shards hold every kept row.
     for step in STEPS:
-        for s in common.read_stats(Path(cfg.out.path) / step):
+        for s in layout.read_stats(Path(cfg.out.path) / step):
             assert s["rows_in"] == s["kept"] + sum(s["rejected"].values()), (step, s)
     kept = sum(f.step == "kept" for fs in by_case.values() for f in fs)
     assert (
@@ -206,7 +206,7 @@ def test_bad_corpus_every_row_accounted_for_and_rejected_with_a_reason(corpus_ru
 def test_time_and_size_caps_bound_every_download(corpus_run):
     """Trickling and silent servers are cut: no download shard takes much longer than the time cap."""
     cfg = corpus_run["cfg"]
-    stats = common.read_stats(Path(cfg.out.path) / "download")
+    stats = layout.read_stats(Path(cfg.out.path) / "download")
     slowest = max(s["seconds"] for s in stats)
     # total_timeout_s = 6 (timeout_s = 4) per download; without the cap the trickles take minutes
     # (~11 kB at 16 bytes per 0.1 s: ~65 s; the header trickle 300 s). Generous margin: shared machine.
@@ -506,8 +506,8 @@ def test_download_failure_reasons():
 
 def _rows(dataset: Path, rejected: bool) -> list[dict]:
     """Every row of the finished shards of a dataset (or of its rejected rows)."""
-    d = dataset / common.REJECTED if rejected else dataset
-    return [r for n in common.finished_shards(dataset) for r in pq.read_table(d / f"{n}.parquet").to_pylist()]
+    d = dataset / layout.REJECTED if rejected else dataset
+    return [r for n in layout.finished_shards(dataset) for r in pq.read_table(d / f"{n}.parquet").to_pylist()]
 
 
 def test_bad_sft_records_are_rejected_with_a_reason_and_the_job_stays_green(tmp_path, ray_local, capsys):
@@ -539,7 +539,7 @@ shards: {{rows_per_file: 4}}
         for r in _rows(out / step, rejected=True):
             fate[r["key"]] = (step, r["reason"], r["detail"])
             seen[r["key"]] += 1
-        for s in common.read_stats(out / step):
+        for s in layout.read_stats(out / step):
             assert s["rows_in"] == s["kept"] + sum(s["rejected"].values()), (step, s)
     shards = _rows(out / "sft_shards", rejected=False)
     for r in shards:
@@ -565,10 +565,10 @@ shards: {{rows_per_file: 4}}
     assert rejected[keys[10]]["id"] == "sur-id-\\udbff" and rejected[keys[13]]["record"].startswith(
         '{"id": "deep"'
     )
-    import_stats = common.read_stats(out / "sft_import")
+    import_stats = layout.read_stats(out / "sft_import")
     totals = sum((Counter(s["rejected"]) for s in import_stats), Counter())
     assert totals == {"invalid_unicode": 5, "invalid_record": 2}
-    shard_totals = sum((Counter(s["rejected"]) for s in common.read_stats(out / "sft_shards")), Counter())
+    shard_totals = sum((Counter(s["rejected"]) for s in layout.read_stats(out / "sft_shards")), Counter())
     assert shard_totals == {"teacher_non_finite": 2}
     with capsys.disabled():
         print(f"\n== bad SFT records: {len(expect)} records, import rejected {dict(totals)}, sft_shards rejected "
@@ -606,7 +606,7 @@ download: {{rows_per_shard: 4, threads_per_shard: 4, allow_private: ["127.0.0.1"
             ]
     values = {(r["caption"], r["src"]) for r in rejected.values()}
     assert ("A cat \\udc00 on a mat", "c") in values and ("A cat \\xed\\xa0\\x80 on a mat", "c") in values
-    stats = common.read_stats(out)
+    stats = layout.read_stats(out)
     assert sum(s["rejected"].get("invalid_unicode", 0) for s in stats) == 4 + 3 * 3
     assert all(s["rows_in"] == s["kept"] + sum(s["rejected"].values()) for s in stats)
 

@@ -11,7 +11,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipelines import common, fingerprint, report
+from pipelines import fingerprint, layout, report
 from pipelines.captions import clean_table
 from pipelines.config import CaptionsConfig
 
@@ -42,7 +42,7 @@ def _tensor(a: np.ndarray, null_rows: tuple[int, ...] = ()) -> pa.ExtensionArray
 
 
 def build_output_dir(root: Path, n_shards: int = 2, rows: int = 30) -> dict[str, dict[str, int]]:
-    """download -> captions -> filter -> shards, two shards each, written with common.write_shard."""
+    """download -> captions -> filter -> shards, two shards each, written with layout.write_shard."""
     rng = np.random.default_rng(0)
     expect: dict[str, dict[str, int]] = {}
     fps = {step: fingerprint.record(root / step, {"step": step}) for step in ("download", "captions", "filter", "shards")}
@@ -54,31 +54,31 @@ def build_output_dir(root: Path, n_shards: int = 2, rows: int = 30) -> dict[str,
         e["rejected"] += rejected
 
     for s in range(n_shards):
-        name = common.shard_name(s)
+        name = layout.shard_name(s)
         table = _images(rows, s * rows, rng)
         # download: the last 3 rows failed
         kept, bad = table.slice(0, rows - 3), table.slice(rows - 3)
-        bad = common.with_reason(bad.select(["key", "url", "caption"]), "download_error", "HTTP 404")
-        common.write_shard(root / "download", name, kept, bad, rows, {"seconds": 2.0})
+        bad = layout.with_reason(bad.select(["key", "url", "caption"]), "download_error", "HTTP 404")
+        layout.write_shard(root / "download", name, kept, bad, rows, {"seconds": 2.0})
         add("download", rows, kept.num_rows, bad.num_rows)
         # captions: one caption is only markup
         captions = kept.column("caption").to_pylist()
         captions[0] = "<p></p>"
         kept = kept.set_column(2, "caption", pa.array(captions))
         ckept, crejected = clean_table(kept, CaptionsConfig())
-        common.write_shard(root / "captions", name, ckept, crejected, kept.num_rows, {"seconds": 0.5})
+        layout.write_shard(root / "captions", name, ckept, crejected, kept.num_rows, {"seconds": 0.5})
         add("captions", kept.num_rows, ckept.num_rows, crejected.num_rows)
         # filter: 4 too small, 5 wrong language; languages (some undetected) on kept rows
         n = ckept.num_rows
         langs = pa.array((["en", "en", "de", None, "fr"] * n)[:n], pa.string())
         with_lang = ckept.append_column("language", langs).append_column("phash", pa.array(["0" * 16] * n))
-        small = common.with_reason(with_lang.slice(0, 4).drop_columns(["image"]), "too_small", "64x40")
+        small = layout.with_reason(with_lang.slice(0, 4).drop_columns(["image"]), "too_small", "64x40")
         lang = with_lang.slice(4, 5).drop_columns(["language", "image"])
         lang = lang.append_column("language", pa.array(["ru", "zh", "ru", None, "ja"]))
-        lang = common.with_reason(lang, "language", "detected other language")
+        lang = layout.with_reason(lang, "language", "detected other language")
         fkept = with_lang.slice(9)
-        frejected = common.concat([small, lang])
-        common.write_shard(root / "filter", name, fkept, frejected, n, {"seconds": 1.0})
+        frejected = layout.concat([small, lang])
+        layout.write_shard(root / "filter", name, fkept, frejected, n, {"seconds": 1.0})
         add("filter", n, fkept.num_rows, frejected.num_rows)
         ckept = fkept
         # teacher: features for every kept row, one null row in the first shard
@@ -89,11 +89,11 @@ def build_output_dir(root: Path, n_shards: int = 2, rows: int = 30) -> dict[str,
             "fine", _tensor(fine, (1,) if s == 0 else ())
         )
         tkept = tkept.append_column("coarse", _tensor(coarse))
-        empty = common.with_reason(ckept.select(["key"]).slice(0, 0), [], [])
-        common.write_shard(root / "shards", name, tkept, empty, m, {"seconds": 4.0})
+        empty = layout.with_reason(ckept.select(["key"]).slice(0, 0), [], [])
+        layout.write_shard(root / "shards", name, tkept, empty, m, {"seconds": 4.0})
         add("shards", m, m, 0)
     for step in expect:
-        common.write_manifest(root / step, step, [], {step: {"example": 1}}, fps[step])
+        layout.write_manifest(root / step, step, [], {step: {"example": 1}}, fps[step])
     return expect
 
 
@@ -125,7 +125,7 @@ def test_report_on_synthetic_run(tmp_path):
 
 def test_report_accounting_mismatch_and_unfinished_shard(tmp_path):
     build_output_dir(tmp_path, n_shards=1)
-    stats_file = common.stats_path(tmp_path / "filter", "part-00000")
+    stats_file = layout.stats_path(tmp_path / "filter", "part-00000")
     stats = json.loads(stats_file.read_text())
     stats["rows_in"] += 1  # a lost row
     stats_file.write_text(json.dumps(stats))
@@ -138,10 +138,10 @@ def test_report_accounting_mismatch_and_unfinished_shard(tmp_path):
 def test_missing_steps_and_columns_do_not_crash(tmp_path):
     # only a download step, without original sizes, no seconds
     t = _images(10, 0, np.random.default_rng(1)).drop_columns(["original_width", "original_height"])
-    empty = common.with_reason(t.select(["key"]).slice(0, 0), [], [])
+    empty = layout.with_reason(t.select(["key"]).slice(0, 0), [], [])
     for step in ("download", "shards", "captions"):
         fingerprint.record(tmp_path / step, {"step": step})
-    common.write_shard(tmp_path / "download", "part-00000", t, empty, 10)
+    layout.write_shard(tmp_path / "download", "part-00000", t, empty, 10)
     # a step folder without finished shards
     page = report.write_report(tmp_path).read_text()
     assert (tmp_path / "report" / "image_size.png").is_file()
@@ -152,17 +152,17 @@ def test_missing_steps_and_columns_do_not_crash(tmp_path):
     assert "no <code>seconds</code>" in page and "no rejected rows" in page
 
     # a shards step whose features are not there, captions without caption_raw
-    common.write_shard(tmp_path / "shards", "part-00000", t.select(["key"]), empty, 10)
-    common.write_shard(tmp_path / "captions", "part-00000", t.select(["key", "caption"]), empty, 10)
+    layout.write_shard(tmp_path / "shards", "part-00000", t.select(["key"]), empty, 10)
+    layout.write_shard(tmp_path / "captions", "part-00000", t.select(["key", "caption"]), empty, 10)
     page = report.write_report(tmp_path).read_text()
     assert "no fine/coarse columns" in page and "no caption/caption_raw columns" in page
 
 
 def test_discover_steps(tmp_path):
-    empty = common.with_reason(pa.table({"key": pa.array([], pa.string())}), [], [])
+    empty = layout.with_reason(pa.table({"key": pa.array([], pa.string())}), [], [])
     for step in ("sft_shards", "custom_step", "captions", "sft_import"):
         fingerprint.record(tmp_path / step, {"step": step})
-        common.write_shard(tmp_path / step, "part-00000", pa.table({"key": ["a"]}), empty, 1)
+        layout.write_shard(tmp_path / step, "part-00000", pa.table({"key": ["a"]}), empty, 1)
     (tmp_path / "synthetic").mkdir()  # not a step: no markers, no manifest
     (tmp_path / "synthetic" / "urls.parquet").write_bytes(b"")
     (tmp_path / "report").mkdir()

@@ -8,7 +8,7 @@ import pytest
 
 from breen import generate, storage
 from jobs import launch
-from pipelines import common, prepare
+from pipelines import prepare, raystart
 
 
 @pytest.mark.parametrize(
@@ -30,7 +30,7 @@ def test_require_local():
 def test_prepare_fails_on_a_missing_bucket_before_ray_without_a_local_s3_folder(tmp_path, capsys, monkeypatch,
                                                                               s3_server):  # fmt: skip
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(common, "init_ray", lambda *a, **k: pytest.fail("Ray started before the checks"))
+    monkeypatch.setattr(raystart, "init_ray", lambda *a, **k: pytest.fail("Ray started before the checks"))
     cfg = tmp_path / "cfg.yaml"
     cfg.write_text(
         f"output_dir: s3://no-such-bucket/prep\nstorage: {{endpoint_override: '{s3_server}'}}\n"
@@ -47,7 +47,7 @@ def test_prepare_fails_on_a_missing_bucket_before_ray_without_a_local_s3_folder(
 
 def test_train_checks_object_store_locations_before_ray_naming_the_field(tmp_path, capsys, monkeypatch, s3_server):
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(common, "init_ray", lambda *a, **k: pytest.fail("Ray started before the checks"))
+    monkeypatch.setattr(raystart, "init_ray", lambda *a, **k: pytest.fail("Ray started before the checks"))
     data = tmp_path / "shards"
     data.mkdir()
     endpoint = f"storage.endpoint_override={s3_server}"

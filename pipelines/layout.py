@@ -1,4 +1,4 @@
-"""Dataset directories, shard bookkeeping, Ray start-up and progress shared by every step.
+"""The on-disk contract of a step dataset: file names, completion markers, stats, Parquet I/O, manifests.
 
 A dataset directory (one per step, e.g. `<output_dir>/filter/`, on local disk or an object store: every
 location is a `breen.storage.Store`) holds:
@@ -19,7 +19,7 @@ overwrites it, so only finished shards are ever read downstream. A step schedule
 marker a listing does not show (one listing, not a request per shard); each worker then reads its
 shard's marker directly before skipping it, so a lagging listing costs a check, never a skipped shard.
 Downstream, a listing with fewer finished shards than the upstream manifest counts is an error.
-Invariant checked on every shard: rows_in == kept + sum(rejected by reason).
+Invariant checked on every shard: rows_in == kept + sum(rejected by reason) (`pipelines.accounting`).
 
 Integrity on read: Parquet files are written with page checksums (CRC32) and read with them verified, and a
 file that cannot be read raises `CorruptShard` naming it; `pipelines.verify` checks whole files against the
@@ -34,12 +34,9 @@ import json
 import os
 import re
 import subprocess
-import sys
-import time
 from collections import Counter
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -48,16 +45,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from breen import envlock
-from breen.lease import LeaseHeld
 from breen.storage import Location, Store, temporary_name
-from pipelines import fingerprint
+from pipelines import accounting, fingerprint
 
 REJECTED = "rejected"
 REJECT_FIELDS = [pa.field("reason", pa.string()), pa.field("detail", pa.string())]
-
-
-class AccountingError(RuntimeError):
-    """Rows were lost or duplicated: rows_in != kept + rejected."""
 
 
 class CorruptShard(RuntimeError):
@@ -277,7 +269,7 @@ def write_shard(
     dataset = Store.at(dataset)
     reasons = Counter(rejected.column("reason").to_pylist()) if rejected.num_rows else Counter()
     if rows_in != kept.num_rows + rejected.num_rows:
-        raise AccountingError(
+        raise accounting.AccountingError(
             f"{dataset.name}/{name}: rows_in={rows_in} but kept={kept.num_rows} + rejected={rejected.num_rows}"
         )
     record = fingerprint.recorded(dataset)
@@ -365,19 +357,6 @@ def code_version() -> str:
         return "unknown"
 
 
-def summarize(stats: list[dict[str, Any]]) -> dict[str, Any]:
-    rejected: Counter[str] = Counter()
-    for s in stats:
-        rejected.update(s["rejected"])
-    return {
-        "shards": len(stats),
-        "rows_in": sum(s["rows_in"] for s in stats),
-        "kept": sum(s["kept"] for s in stats),
-        "rejected": dict(sorted(rejected.items())),
-        "rejected_total": sum(rejected.values()),
-    }
-
-
 def write_manifest(
     dataset: Location,
     step: str,
@@ -400,7 +379,7 @@ def write_manifest(
         "config": config,
         "versions": envlock.environment(),
         "code_version": code_version(),
-        "counts": summarize(stats),
+        "counts": accounting.summarize(stats),
         "fingerprint": fp,
         **(extra or {}),
     }
@@ -439,267 +418,3 @@ def require_dataset(dataset: Location, produced_by: str) -> list[str]:
         raise RuntimeError(f"{dataset}: the listing shows {len(names)} finished shards but its manifest counts "
                            f"{claimed}; retry when the store's listing has caught up")  # fmt: skip
     return names
-
-
-# ----------------------------------------------------------------------------- progress
-
-
-@dataclass
-class Progress:
-    """Prints rows/s and ETA while shards finish (at most every `every` seconds)."""
-
-    step: str
-    total_shards: int
-    every: float = 5.0
-    done_shards: int = 0
-    rows: int = 0
-    start: float = field(default_factory=time.monotonic)
-    _last: float = 0.0
-
-    def update(self, rows: int, force: bool = False) -> None:
-        self.done_shards += 1
-        self.rows += rows
-        now = time.monotonic()
-        if force or now - self._last >= self.every or self.done_shards == self.total_shards:
-            self._last = now
-            elapsed = max(now - self.start, 1e-6)
-            rate = self.rows / elapsed
-            left = self.total_shards - self.done_shards
-            eta = elapsed / self.done_shards * left if self.done_shards else float("nan")
-            print(
-                f"[{self.step}] {self.done_shards}/{self.total_shards} shards, {self.rows} rows, "
-                f"{rate:.1f} rows/s, elapsed {elapsed:.0f}s, ETA {eta:.0f}s",
-                flush=True,
-            )
-
-
-def open_step(cfg: Any, step: str, config: dict[str, Any], external: dict[str, Any] | None = None
-              ) -> fingerprint.Output:  # fmt: skip
-    """Start writing `step`'s dataset under `cfg.out` (`pipelines.fingerprint.open_output`): its spec is
-    the fingerprints of the upstream datasets `pipelines.graph` says it reads (each must be complete),
-    the `external` inputs' checksums, `config` and the step module's code. `cfg.redo` (``--redo``)
-    recomputes a dataset made from another spec; `cfg.wait_s` (``--wait``) waits for another run's lease."""
-    from pipelines import graph
-
-    upstream = graph.upstream(step)
-    inputs = {u: fingerprint.upstream(cfg.out / u, u) for u in upstream}
-    spec = fingerprint.spec(step, {**inputs, **(external or {})}, config, graph.step(step).module)
-    return fingerprint.open_output(cfg.out / step, spec, redo=cfg.redo, wait_s=cfg.wait_s,
-                                   reads=tuple(cfg.out / u for u in upstream))  # fmt: skip
-
-
-def todo_shards(output: fingerprint.Output, names: list[str], also: tuple[Store, ...] = ()) -> list[str]:
-    """The shards of `names` this run must (re)do: those without a marker, plus finished ones whose files
-    are damaged (size differs from their stats) or whose upstream files were redone since (their markers
-    are removed, with a line saying why; and from the step's private datasets `also`, when the upstream
-    changed)."""
-    dataset = output.dataset
-    finished = [n for n in names if n in set(finished_shards(dataset))]
-    redo = damaged_shards(dataset, finished)
-    for name in fingerprint.stale_shards(dataset, output.fingerprint, finished):
-        redo[name] = "an upstream file it was made from was redone since"
-        for private in also:
-            done_marker(private, name).delete()
-    for name, why in sorted(redo.items()):
-        print(f"[{output.spec['step']}] redoing {dataset / name}: {why}", flush=True)
-        done_marker(dataset, name).delete()
-    return unfinished(dataset, names)
-
-
-def finish_step(
-    output: fingerprint.Output,
-    inputs: list[dict[str, Any]],
-    config: dict[str, Any],
-    extra: dict[str, Any] | None = None,
-) -> dict[str, Any]:
-    """End of a step: write the manifest (the lease still ours), print the accounting, return the manifest."""
-    output.check()
-    manifest = write_manifest(output.dataset, output.spec["step"], inputs, config, output.fingerprint, extra)
-    print_accounting(output.dataset.name, manifest["counts"])
-    return manifest
-
-
-def print_accounting(step: str, counts: dict[str, Any]) -> None:
-    print(
-        f"[{step}] rows in {counts['rows_in']} = kept {counts['kept']} + rejected {counts['rejected_total']}"
-    )
-    for reason, n in counts["rejected"].items():
-        print(f"[{step}]     rejected {reason}: {n}")
-
-
-# ----------------------------------------------------------------------------- Ray
-
-
-# Ray 2.60 bug: a worker that the raylet ends for being idle sometimes aborts in its own shutdown
-# ("Mutex corrupt: waiting writer with no waiters", SIGABRT in the OpenCensus metrics thread of
-# _raylet.so; 4 aborts in about 310 idle exits measured, with pyarrow 25.0.0 and 26.0.1 alike, so no
-# package pin avoids it). No task runs in that worker then, so nothing is lost, but the log shows a
-# fatal error. The embedded cluster lives only as long as its driver, so it keeps idle workers instead
-# of ending them: no idle exits, no such abort (README "Known upstream issues").
-EMBEDDED_SYSTEM_CONFIG = {"idle_worker_killing_time_threshold_ms": 24 * 3600 * 1000}
-
-
-def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
-    """Attach to a cluster (address, RAY_ADDRESS, or a job's cluster) or start an embedded one."""
-    import ray
-
-    if ray.is_initialized():
-        return
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
-    root = str(Path(__file__).resolve().parent.parent)
-    env = {
-        "env_vars": {"NO_ALBUMENTATIONS_UPDATE": "1", "PYTHONPATH": root},
-        "worker_process_setup_hook": "pipelines.common.quiet_embedded_ray",
-    }
-    if address or os.environ.get("RAY_ADDRESS"):
-        # A cluster (or a `ray job submit` job): keep the job's runtime env (working_dir) as it is.
-        ray.init(address=address or os.environ["RAY_ADDRESS"], log_to_driver=True)
-    else:
-        ray.init(
-            address="local",
-            num_cpus=num_cpus or max(4, os.cpu_count() or 1),
-            include_dashboard=False,
-            runtime_env=env,
-            log_to_driver=True,
-            _system_config=EMBEDDED_SYSTEM_CONFIG,
-        )
-    from ray.data import DataContext
-
-    ctx = DataContext.get_current()
-    ctx.enable_progress_bars = sys.stderr.isatty()
-    ctx.execution_options.verbose_progress = False
-
-
-# Ray Train loggers that only warn about what an embedded Ray lacks on purpose (see `quiet_embedded_ray`).
-EMBEDDED_QUIET_LOGGERS = (
-    # no dashboard, hence no state API: the placement-group cleaner warns every second that it cannot
-    # query the controller (harmless: the embedded cluster ends with the driver)
-    "ray.train.v2._internal.execution.controller.placement_group_cleaner",
-    # no autoscaler: under CPU load the 5 s request to the autoscaling coordinator times out and logs a
-    # warning with a traceback, though there is nothing to scale
-    "ray.train.v2._internal.execution.scaling_policy.autoscaling_coordinator_client",
-)
-
-
-def quiet_embedded_ray() -> None:
-    """Worker setup hook of the embedded Ray: `EMBEDDED_QUIET_LOGGERS` pass errors only. A filter, not a
-    level: Ray Train's controller configures the ``ray.train`` logger with `logging.config.dictConfig`
-    after this hook, which resets its child loggers' levels (but keeps their filters)."""
-    import logging
-
-    def errors_only(record: logging.LogRecord) -> bool:
-        return record.levelno >= logging.ERROR
-
-    for name in EMBEDDED_QUIET_LOGGERS:
-        logger = logging.getLogger(name)
-        if errors_only.__name__ not in {getattr(f, "__name__", "") for f in logger.filters}:
-            logger.addFilter(errors_only)
-
-
-def run_shards(
-    step: str,
-    names: list[str],
-    worker_cls: type,
-    worker_kwargs: dict[str, Any],
-    *,
-    num_actors: int,
-    num_cpus: float,
-    num_gpus: float = 0.0,
-) -> list[dict[str, Any]]:
-    """Process shards with a fixed-size Ray Data actor pool, one shard per call.
-
-    `worker_cls(**worker_kwargs)` is built once per actor; calling it with a batch
-    `{"shard": [name]}` processes that shard (skipping it if already done) and returns
-    `{"stats": [json]}`. Returns the per-shard stats, in shard order.
-    """
-    import ray
-
-    progress = Progress(step, len(names))
-    if not names:
-        print(f"[{step}] nothing to do: every shard is finished", flush=True)
-        return []
-    ds = ray.data.from_items([{"shard": n} for n in names], override_num_blocks=len(names))
-    ds = ds.map_batches(
-        worker_cls,
-        fn_constructor_kwargs=worker_kwargs,
-        batch_size=1,
-        compute=ray.data.ActorPoolStrategy(size=min(num_actors, len(names))),
-        num_cpus=num_cpus,
-        num_gpus=num_gpus,
-        batch_format="pyarrow",
-        zero_copy_batch=True,
-    )
-    results = []
-    for row in ds.iter_rows():
-        stats = json.loads(row["stats"])
-        results.append(stats)
-        progress.update(stats["rows_in"])
-    return sorted(results, key=lambda s: s["shard"])
-
-
-class ShardWorker:
-    """Base class for per-shard actors: subclasses implement `process(name) -> stats`."""
-
-    def __init__(self, in_dir: Store, out_dir: Store) -> None:
-        self.in_dir = Store.at(in_dir)
-        self.out_dir = Store.at(out_dir)
-
-    def process(self, name: str) -> dict[str, Any]:  # pragma: no cover - interface
-        raise NotImplementedError
-
-    def __call__(self, batch: pa.Table) -> dict[str, list[str]]:
-        out = []
-        for name in batch.column("shard").to_pylist():
-            if done_marker(self.out_dir, name).exists():
-                stats = stats_path(self.out_dir, name).read_json()
-            else:
-                t0 = time.monotonic()
-                stats = self.process(name)
-                stats.setdefault("seconds", round(time.monotonic() - t0, 3))
-            out.append(json.dumps(stats))
-        return {"stats": out}
-
-
-def step_main(doc: str, run: Callable[[Any], Any], steps: Callable[[Any], Any] | tuple[str, ...],
-              argv: list[str] | None = None) -> int:  # fmt: skip
-    """Shared CLI for a step: `python -m pipelines.<step> --config FILE [--set key=value ...]` (the
-    options of every command: `breen.settings`). The config and the inputs of `steps` (names of
-    `pipelines.graph.STEPS`, or a function of the config giving them) are checked before `run` starts
-    Ray (`pipelines.preflight`): exit code 2 on a bad one. ``--print-config`` prints the resolved config."""
-    import argparse
-
-    from breen.settings import add_config_arguments, sections_help, to_yaml
-    from pipelines import preflight
-    from pipelines.config import ConfigError, PrepareConfig, load_config
-
-    main_spec = getattr(sys.modules["__main__"], "__spec__", None)
-    module = run.__module__ if run.__module__ != "__main__" or main_spec is None else main_spec.name
-    parser = argparse.ArgumentParser(
-        prog=f"python -m {module}", description=doc, formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="config sections and their defaults (--print-config shows a file's resolved values):\n"
-        + sections_help(PrepareConfig),
-    )  # fmt: skip
-    add_config_arguments(parser, "pipeline YAML config (e.g. pipelines/configs/demo.yaml)", required=True)
-    parser.add_argument("--redo", action="store_true",
-                        help="recompute a dataset made from another config, input or code version (instead of "
-                             "refusing it); finished shards of the same spec are still reused")  # fmt: skip
-    parser.add_argument("--wait", type=float, default=0.0, metavar="SECONDS",
-                        help="when another run is writing a dataset of this step, wait up to SECONDS for it "
-                             "(default: fail at once)")  # fmt: skip
-    args = parser.parse_args(argv)
-    try:
-        cfg = load_config(args.config, args.set)
-        if args.print_config:
-            print(to_yaml(cfg), end="")
-            return 0
-        cfg.redo, cfg.wait_s = args.redo, args.wait
-        preflight.check(cfg, steps(cfg) if callable(steps) else steps)
-        run(cfg)
-    except (ConfigError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except (fingerprint.FingerprintMismatch, fingerprint.IncompleteUpstream, LeaseHeld, CorruptShard) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 3
-    return 0
