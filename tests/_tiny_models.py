@@ -140,3 +140,15 @@ def tiny_samples(config: BreenConfig | None = None, tokenizer=None, seed: int = 
         encode_sample(tokenizer, config, text=text_only),
     ]
     return samples
+
+
+def forward_with_hidden(model, **batch):
+    """(output, final normed hidden states [B, L, H]) of ``model(**batch)``: the decoder's output, caught by
+    a forward hook (the forward returns no hidden states; gradients flow through the returned tensor)."""
+    seen = []
+    handle = model.model.register_forward_hook(lambda _module, _args, out: seen.append(out))
+    try:
+        out = model(**batch)
+    finally:
+        handle.remove()
+    return out, seen[0]
