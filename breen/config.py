@@ -36,6 +36,9 @@ IMAGE_TOKEN_ID = -200
 QUERY_TOKEN_ID = -300
 # Label value that carries no loss (PyTorch cross-entropy default).
 IGNORE_INDEX = -100
+# The components (`breen.stages.COMPONENTS`) one text token passes through, one expert and its gate per
+# layer: the "active" parameters of `BreenConfig.param_counts` and `BreenForCausalLM.num_params`.
+ACTIVE_COMPONENTS = ("embed_tokens", "attention", "norms", "text_experts", "text_gates", "lm_head")
 
 # OpenAI CLIP normalisation; the mean colour also fills the letterbox canvas.
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -183,9 +186,10 @@ class BreenConfig(PreTrainedConfig):
     def param_counts(self) -> dict[str, int]:
         """Analytic parameter counts per component, plus ``stored`` and ``active`` totals.
 
-        ``active`` = parameters a text token passes through: embeddings, attention, norms, *one* expert and
-        its gate per layer, final norm, lm_head (the image expert, patch embedding, queries and alignment
-        head are excluded; an image token swaps the embedding row for the patch embedding instead).
+        ``active`` = parameters a text token passes through (`ACTIVE_COMPONENTS`): embeddings, attention,
+        norms, *one* expert and its gate per layer, final norm, lm_head (the image expert, patch embedding,
+        queries and alignment head are excluded; an image token swaps the embedding row for the patch
+        embedding instead).
         `BreenForCausalLM.num_params` counts the same from real tensors.
         """
         h, i, v = self.hidden_size, self.intermediate_size, self.vocab_size
@@ -208,14 +212,7 @@ class BreenConfig(PreTrainedConfig):
             "align_head": 2 * self.clip_dim + self.clip_dim * h,
         }
         counts["stored"] = sum(counts.values())
-        counts["active"] = (
-            counts["embed_tokens"]
-            + counts["lm_head"]
-            + counts["attention"]
-            + counts["norms"]
-            + counts["text_experts"]
-            + counts["text_gates"]
-        )
+        counts["active"] = sum(counts[c] for c in ACTIVE_COMPONENTS)
         return counts
 
     def flops_per_token(self, seq_len: int) -> float:

@@ -64,11 +64,8 @@ from transformers.modeling_outputs import ModelOutput
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from breen.attention import default_attn_implementation
-from breen.config import IMAGE_TOKEN_ID, QUERY_TOKEN_ID, BreenConfig
+from breen.config import ACTIVE_COMPONENTS, IMAGE_TOKEN_ID, QUERY_TOKEN_ID, BreenConfig
 from breen.stages import COMPONENTS
-
-# What one text token passes through (one expert + its gate per layer): the "active" parameters.
-ACTIVE_COMPONENTS = ("embed_tokens", "attention", "norms", "text_experts", "text_gates", "lm_head")
 
 
 # ----------------------------------------------------------------------------- Qwen2 building blocks
