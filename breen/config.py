@@ -31,15 +31,16 @@ from typing import Any
 
 from transformers import PreTrainedConfig
 
+from breen.geometry import CLIP_MEAN, CLIP_STD, letterbox_size
+
 # Sentinel ids in `input_ids` (as in the released code): one entry per image token / query token.
 IMAGE_TOKEN_ID = -200
 QUERY_TOKEN_ID = -300
 # Label value that carries no loss (PyTorch cross-entropy default).
 IGNORE_INDEX = -100
-
-# OpenAI CLIP normalisation; the mean colour also fills the letterbox canvas.
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+# The components (`breen.stages.COMPONENTS`) one text token passes through, one expert and its gate per
+# layer: the "active" parameters of `BreenConfig.param_counts` and `BreenForCausalLM.num_params`.
+ACTIVE_COMPONENTS = ("embed_tokens", "attention", "norms", "text_experts", "text_gates", "lm_head")
 
 RELEASED_CODE_QUIRKS: dict[str, Any] = {
     "queries_frozen_in_stage1": True,
@@ -63,7 +64,8 @@ class BreenConfig(PreTrainedConfig):
     - ``image_size`` (672): the long side every image is resized to, and the square canvas side.
     - ``size_multiple`` (28): the short side is rounded *up* to a multiple of this (must be an even number
       of patches so the centred image starts on a patch boundary).
-    - ``image_mean`` / ``image_std``: normalisation of uint8 pixels; the mean is the canvas colour.
+    - ``image_mean`` / ``image_std`` (default `breen.geometry.CLIP_MEAN` / ``CLIP_STD``): normalisation of
+      uint8 pixels; the mean is the canvas colour.
     - ``fine_grid`` (8), ``coarse_grid`` (6): query grids; queries = fine_grid**2 + coarse_grid**2 = 100,
       fine first. ``clip_dim`` (1024): width of the cached teacher features ``fine`` [64, clip_dim] and
       ``coarse`` [36, clip_dim].
@@ -167,25 +169,21 @@ class BreenConfig(PreTrainedConfig):
     def image_token_grid(self, width: int, height: int) -> tuple[int, int]:
         """(rows, cols) of image tokens for a `width` x `height` image.
 
-        The long side becomes `image_size`; the short side is scaled proportionally and rounded *up* to a
-        multiple of `size_multiple` (exact integer arithmetic, no float rounding), at least one multiple.
-        Square -> 48x48 = 2304 tokens; 4:3 landscape -> 36 rows x 48 cols.
+        `breen.geometry.letterbox_size` with ``image_size`` and ``size_multiple`` (the teacher's rule with
+        the model's numbers): the long side becomes `image_size`, the short side is rounded *up* to a
+        multiple of `size_multiple`. Square -> 48x48 = 2304 tokens; 4:3 landscape -> 36 rows x 48 cols.
         """
-        if width <= 0 or height <= 0:
-            raise ValueError(f"image size must be positive, got {width}x{height}")
-        s, m = self.image_size, self.size_multiple
-        long_side, short_side = max(width, height), min(width, height)
-        short_px = min(s, max(m, -(-short_side * s // (long_side * m)) * m))  # ceil(short*s/long / m) * m
-        w_px, h_px = (s, short_px) if width >= height else (short_px, s)
+        w_px, h_px = letterbox_size(width, height, self.image_size, self.size_multiple)
         return h_px // self.patch_size, w_px // self.patch_size
 
     # ------------------------------------------------------------------ parameter counts
     def param_counts(self) -> dict[str, int]:
         """Analytic parameter counts per component, plus ``stored`` and ``active`` totals.
 
-        ``active`` = parameters a text token passes through: embeddings, attention, norms, *one* expert and
-        its gate per layer, final norm, lm_head (the image expert, patch embedding, queries and alignment
-        head are excluded; an image token swaps the embedding row for the patch embedding instead).
+        ``active`` = parameters a text token passes through (`ACTIVE_COMPONENTS`): embeddings, attention,
+        norms, *one* expert and its gate per layer, final norm, lm_head (the image expert, patch embedding,
+        queries and alignment head are excluded; an image token swaps the embedding row for the patch
+        embedding instead).
         `BreenForCausalLM.num_params` counts the same from real tensors.
         """
         h, i, v = self.hidden_size, self.intermediate_size, self.vocab_size
@@ -208,14 +206,7 @@ class BreenConfig(PreTrainedConfig):
             "align_head": 2 * self.clip_dim + self.clip_dim * h,
         }
         counts["stored"] = sum(counts.values())
-        counts["active"] = (
-            counts["embed_tokens"]
-            + counts["lm_head"]
-            + counts["attention"]
-            + counts["norms"]
-            + counts["text_experts"]
-            + counts["text_gates"]
-        )
+        counts["active"] = sum(counts[c] for c in ACTIVE_COMPONENTS)
         return counts
 
     def flops_per_token(self, seq_len: int) -> float:

@@ -31,6 +31,7 @@ if TYPE_CHECKING:
 # package module -> file name in the export (transformers' naming: configuration_*, modeling_*, processing_*)
 REMOTE_MODULES = {
     "breen.config": "configuration_breen",
+    "breen.geometry": "geometry_breen",  # CLIP normalisation and the resize rule (imported by breen.config)
     "breen.attention": "attention_breen",
     "breen.model": "modeling_breen",
     "breen.stages": "stages_breen",  # the parameter groups (COMPONENTS) the model is built around

@@ -39,8 +39,9 @@ predicts nothing of the next sample, and so the losses equal those of the padded
 
 The output (`BreenCausalLMOutput`) has ``loss = lm_loss + align_loss_weight * (align_loss_fine +
 align_loss_coarse)`` and each part separately for logging. With labels, the LM head runs only on the
-supervised positions and ``logits`` is None unless ``return_logits=True`` (full [B, L, V] logits of a 7B
-model at 2.5k tokens do not fit); without labels ``logits`` holds [B, L or logits_to_keep, V].
+supervised positions and ``logits`` is None (full [B, L, V] logits of a 7B model at 2.5k tokens do not
+fit); without labels ``logits`` holds [B, L or logits_to_keep, V]. The forward takes exactly the keys
+above plus the decoding ones (`BreenForCausalLM.forward` says who needs each); any other keyword raises.
 """
 
 from __future__ import annotations
@@ -63,11 +64,8 @@ from transformers.modeling_outputs import ModelOutput
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from breen.attention import default_attn_implementation
-from breen.config import IMAGE_TOKEN_ID, QUERY_TOKEN_ID, BreenConfig
+from breen.config import ACTIVE_COMPONENTS, IMAGE_TOKEN_ID, QUERY_TOKEN_ID, BreenConfig
 from breen.stages import COMPONENTS
-
-# What one text token passes through (one expert + its gate per layer): the "active" parameters.
-ACTIVE_COMPONENTS = ("embed_tokens", "attention", "norms", "text_experts", "text_gates", "lm_head")
 
 
 # ----------------------------------------------------------------------------- Qwen2 building blocks
@@ -142,7 +140,11 @@ class BreenAttention(nn.Module):
         self.v_proj = nn.Linear(config.hidden_size, kv_out, bias=True)
         self.o_proj = nn.Linear(q_out, config.hidden_size, bias=False)
 
-    def forward(self, x, position_embeddings, attention_mask, cache=None, **kwargs):
+    def forward(
+        self, x, position_embeddings, attention_mask, cache=None, packed: PackedSequences | None = None
+    ):
+        """``packed``: the row holds several samples (`PackedSequences`): flash-attention's varlen kernel
+        gets their boundaries, other backends run `packed_sdpa`."""
         b, n, _ = x.shape
         q = self.q_proj(x).view(b, n, -1, self.head_dim).transpose(1, 2)  # [B, heads, L, hd]
         k = self.k_proj(x).view(b, n, -1, self.head_dim).transpose(1, 2)  # [B, kv_heads, L, hd]
@@ -151,7 +153,6 @@ class BreenAttention(nn.Module):
         q, k = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
         if cache is not None:
             k, v = cache.update(k, v, self.layer_idx)  # [B, kv_heads, S, hd], S = past + L
-        packed = kwargs.pop("packed", None)
         if packed is not None and not packed.flash:  # packed row, no varlen kernel: causal SDPA per sample
             out = packed_sdpa(q, k, v, packed, self.scaling, self.num_key_value_groups)
             return self.o_proj(out.reshape(b, n, -1))
@@ -166,7 +167,7 @@ class BreenAttention(nn.Module):
             attention_mask,
             dropout=self.config.attention_dropout if self.training else 0.0,
             scaling=self.scaling,
-            **kwargs,
+            **(packed.flash_kwargs() if packed is not None else {}),
         )  # [B, L, heads, hd]
         return self.o_proj(out.reshape(b, n, -1))  # [B, L, heads*hd] -> [B, L, H]
 
@@ -305,14 +306,10 @@ class BreenDecoderLayer(GradientCheckpointingLayer):
         attention_mask=None,
         position_embeddings=None,
         cache=None,
-        **attn_kwargs,
+        packed: PackedSequences | None = None,
     ):
         attn = self.self_attn(
-            self.input_layernorm(hidden_states),
-            position_embeddings,
-            attention_mask,
-            cache,
-            **attn_kwargs,
+            self.input_layernorm(hidden_states), position_embeddings, attention_mask, cache, packed
         )
         hidden_states = hidden_states + attn
         return hidden_states + self.mlp(self.post_attention_layernorm(hidden_states), routing)
@@ -344,8 +341,7 @@ class BreenDecoder(nn.Module):
         attention stays inside each sample (flash varlen kernel, or `packed_sdpa`).
         """
         if packed is not None:
-            attn_kwargs = packed.flash_kwargs() if packed.flash else {"packed": packed}
-            return self._run_layers(inputs_embeds, image_mask, None, packed.position_ids(), None, attn_kwargs)
+            return self._run_layers(inputs_embeds, image_mask, None, packed.position_ids(), None, packed)
         if position_ids is None:
             past = cache.get_seq_length() if cache is not None else 0
             position_ids = torch.arange(past, past + inputs_embeds.shape[1], device=inputs_embeds.device)[
@@ -353,9 +349,9 @@ class BreenDecoder(nn.Module):
             ]
         # The cache goes by position: transformers 5.24 renamed this parameter (past_key_values -> cache).
         mask = create_causal_mask(self.config, inputs_embeds, attention_mask, cache, position_ids)
-        return self._run_layers(inputs_embeds, image_mask, mask, position_ids, cache, {})
+        return self._run_layers(inputs_embeds, image_mask, mask, position_ids, cache, None)
 
-    def _run_layers(self, inputs_embeds, image_mask, mask, position_ids, cache, attn_kwargs):
+    def _run_layers(self, inputs_embeds, image_mask, mask, position_ids, cache, packed):
         position_embeddings = self.rotary_emb(inputs_embeds, position_ids)
         routing = ExpertRouting.from_mask(image_mask)
         h = inputs_embeds
@@ -366,7 +362,7 @@ class BreenDecoder(nn.Module):
                 attention_mask=mask,
                 position_embeddings=position_embeddings,
                 cache=cache,
-                **attn_kwargs,
+                packed=packed,
             )
         return self.norm(h)
 
@@ -448,7 +444,6 @@ class BreenCausalLMOutput(ModelOutput):
     align_loss_coarse: torch.Tensor | None = None
     logits: torch.Tensor | None = None
     cache: Cache | None = None
-    last_hidden_state: torch.Tensor | None = None
 
 
 class BreenForCausalLM(PreTrainedModel, GenerationMixin):
@@ -577,11 +572,9 @@ class BreenForCausalLM(PreTrainedModel, GenerationMixin):
     # ------------------------------------------------------------------ forward
     def forward(
         self,
-        input_ids: torch.Tensor | None = None,
+        input_ids: torch.Tensor,
+        *,
         attention_mask: torch.Tensor | None = None,
-        position_ids: torch.Tensor | None = None,
-        cache: Cache | None = None,
-        inputs_embeds: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
         pixel_values: torch.Tensor | None = None,
         image_grid: torch.Tensor | None = None,
@@ -589,30 +582,36 @@ class BreenForCausalLM(PreTrainedModel, GenerationMixin):
         coarse: torch.Tensor | None = None,
         align_mask: torch.Tensor | None = None,
         cu_seqlens: torch.Tensor | None = None,
-        image_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        cache: Cache | None = None,
         use_cache: bool | None = None,
         logits_to_keep: int = 0,
-        return_logits: bool | None = None,
-        return_hidden: bool = False,
-        num_items_in_batch: int | torch.Tensor | None = None,
         past_key_values: Cache | None = None,
-        **kwargs,
+        return_dict: bool = True,
     ) -> BreenCausalLMOutput:
         """Run the model on a prepared batch (module docstring) and compute the losses.
 
-        - ``inputs_embeds`` (+ optional ``image_mask`` [B, L] bool, default all text) replaces input_ids.
-        - ``use_cache``: return a `DynamicCache` (created when ``cache`` is None). ``past_key_values`` is
-          the same argument under its name before transformers 5.24 (what 5.23's ``generate`` passes).
-        - ``logits_to_keep`` > 0: logits only for the last that many positions (generation).
-        - ``return_logits``: default True without labels, False with labels.
-        - ``num_items_in_batch``: LM loss denominator (e.g. supervised tokens over gradient accumulation);
-          default the number of supervised tokens in this batch.
-        - ``cu_seqlens`` [n + 1]: the batch is packed (module docstring): one row, samples back to back.
-        The alignment loss needs ``fine`` and ``coarse``; it uses the final normed hidden state at each
-        query position minus ``config.align_position_shift``.
+        There is no ``**kwargs``: an unknown keyword (a misspelt ``cu_seqlen=``) raises Python's TypeError
+        naming it instead of being dropped. Who needs each keyword:
+
+        - the batch keys (``breen.data.collate`` / ``pack``, `jobs.ingest.MODEL_KEYS`): ``input_ids``,
+          ``attention_mask``, ``labels``, ``pixel_values``, ``image_grid``, ``fine``, ``coarse``,
+          ``align_mask``, ``cu_seqlens`` [n + 1] (the batch is packed: one row, samples back to back).
+          The alignment loss needs ``fine`` and ``coarse``; it uses the final normed hidden state at each
+          query position minus ``config.align_position_shift``.
+        - decoding (`breen.generate`, `breen.lmms` and transformers' ``generate``): ``cache`` (KV cache),
+          ``use_cache`` (return a `DynamicCache`, created when ``cache`` is None; default: config.use_cache
+          in eval mode without labels), ``logits_to_keep`` > 0 (logits only for the last that many
+          positions; ``generate`` passes it because this signature names it), ``position_ids`` (``generate``
+          passes them; default: positions after the cache).
+        - transformers compatibility only: ``past_key_values`` is ``cache`` under its name before
+          transformers 5.24 (older ``generate``); ``return_dict`` is passed by transformers 5.24's
+          ``generate`` (always True); the output is always a `BreenCausalLMOutput`, so False is refused.
+        With labels the LM head runs only on the supervised positions and ``logits`` is None; without
+        labels ``logits`` holds [B, L or logits_to_keep, V].
         """
-        if (input_ids is None) == (inputs_embeds is None):
-            raise ValueError("pass exactly one of input_ids or inputs_embeds")
+        if not return_dict:
+            raise ValueError("return_dict=False is not supported: the output is always a BreenCausalLMOutput")
         if past_key_values is not None:
             if cache is not None:
                 raise ValueError(
@@ -621,13 +620,9 @@ class BreenForCausalLM(PreTrainedModel, GenerationMixin):
             cache = past_key_values
         packed = segment_ids = None
         if cu_seqlens is not None:
-            packed = self._packed(input_ids if input_ids is not None else inputs_embeds[..., 0],
-                                  cu_seqlens, attention_mask, position_ids, cache, use_cache)  # fmt: skip
+            packed = self._packed(input_ids, cu_seqlens, attention_mask, position_ids, cache, use_cache)
             segment_ids, use_cache = packed.segment_ids, False
-        if inputs_embeds is None:
-            inputs_embeds, image_mask = self.embed_inputs(input_ids, pixel_values, image_grid, segment_ids)
-        elif image_mask is None:
-            image_mask = torch.zeros(inputs_embeds.shape[:2], dtype=torch.bool, device=inputs_embeds.device)
+        inputs_embeds, image_mask = self.embed_inputs(input_ids, pixel_values, image_grid, segment_ids)
         if use_cache is None:
             use_cache = self.config.use_cache and not self.training and labels is None
         if use_cache and cache is None:
@@ -643,13 +638,11 @@ class BreenForCausalLM(PreTrainedModel, GenerationMixin):
             if segment_ids is not None:  # a sample's last token does not predict the next sample's first
                 supervised &= segment_ids[:, 1:] == segment_ids[:, :-1]
             logits_sup = self.lm_head(hidden[:, :-1][supervised]).float()  # [N_sup, V]
-            denom = num_items_in_batch if num_items_in_batch is not None else supervised.sum().clamp(min=1)
+            denom = supervised.sum().clamp(min=1)
             lm_loss = F.cross_entropy(logits_sup, shifted[supervised], reduction="sum") / denom
 
         align_fine = align_coarse = None
         if fine is not None and coarse is not None:
-            if input_ids is None:
-                raise ValueError("the alignment loss needs input_ids (to find the query positions)")
             align_fine, align_coarse = self.alignment_losses(
                 hidden, input_ids, fine, coarse, align_mask, segment_ids
             )
@@ -661,7 +654,7 @@ class BreenForCausalLM(PreTrainedModel, GenerationMixin):
                 loss = loss + self.config.align_loss_weight * (align_fine + align_coarse)
 
         logits = None
-        if return_logits if return_logits is not None else labels is None:
+        if labels is None:
             kept = hidden[:, -logits_to_keep:] if logits_to_keep else hidden  # [B, K, H]
             logits = self.lm_head(kept)  # [B, K, V]
         return BreenCausalLMOutput(
@@ -671,7 +664,6 @@ class BreenForCausalLM(PreTrainedModel, GenerationMixin):
             align_loss_coarse=align_coarse,
             logits=logits,
             cache=cache if use_cache else None,
-            last_hidden_state=hidden if return_hidden else None,
         )
 
     def alignment_losses(

@@ -8,24 +8,22 @@ The targets BREEN aligns its learnable queries to (reference §1.5):
   kernel = stride = 3 (`fine`, 8x8 = 64 vectors) and 4 (`coarse`, 6x6 = 36 vectors), raster order.
 
 Plain PyTorch/PIL (torch imported where it is used: the config validation reads the canvas rules without
-it); the data pipeline (`pipelines/teacher.py`) runs this once and caches the result,
+it); the CLIP normalisation and the resize rule come from `breen.geometry`, shared with the model. The data pipeline (`pipelines/teacher.py`) runs this once and caches the result,
 so training never loads CLIP.
 """
 
 from __future__ import annotations
 
-import math
 from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image
 
+from breen.geometry import CLIP_MEAN, CLIP_STD, letterbox_size
+
 if TYPE_CHECKING:
     import torch
 
-# open_clip.constants.OPENAI_DATASET_MEAN / STD (copied as numbers so `import breen` needs no open_clip).
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 # The canvas rules, by the version string `breen.preprocess` records in every training shard.
 #   released (default): as the released BREEN code (the CLIP-side `compute_basehw`/`resize2require` of its
 #     dataset class): the padding before the image is rounded down to whole 14-px patches, the canvas
@@ -42,23 +40,15 @@ FINE_GRID = 8  # 24 / 3
 COARSE_GRID = 6  # 24 / 4
 
 
-def letterbox_size(width: int, height: int, size: int = 336, multiple: int = 14) -> tuple[int, int]:
-    """Resized (width, height): long side = size, short side scaled and rounded up to `multiple`."""
-    if width >= height:
-        short = math.ceil(size * height / width / multiple) * multiple
-        return size, min(size, max(multiple, short))
-    short = math.ceil(size * width / height / multiple) * multiple
-    return min(size, max(multiple, short)), size
-
-
 def fill_colour(mean: tuple[float, ...] = CLIP_MEAN) -> tuple[int, ...]:
     """The released code's canvas colour: `tuple(int(x * 255) for x in image_mean)`."""
     return tuple(int(x * 255) for x in mean)
 
 
 def released_canvas(img: Image.Image, size: int = 336, multiple: int = 14) -> Image.Image:
-    """RGB image -> the released code's uint8 size x size canvas: resized by `letterbox_size`, placed
-    after a padding of whole `multiple`-px patches, (size / multiple - patches) // 2 of them."""
+    """RGB image -> the released code's uint8 size x size canvas: resized by `letterbox_size`
+    (`breen.geometry`), placed after a padding of whole `multiple`-px patches, (size / multiple - patches)
+    // 2 of them."""
     img = img.convert("RGB")
     w, h = letterbox_size(img.width, img.height, size, multiple)
     resized = img.resize((w, h), Image.Resampling.BICUBIC)

@@ -4,7 +4,9 @@ stage-1 starting point, so nothing is downloaded; and small synthetic training s
 Writes a BREEN directory in Hugging Face layout (``config.json``, ``model.safetensors``, tokenizer files)
 that `jobs.train` (``--init-from DIR``) and `breen.generate` load. The tokenizer is a byte-level BPE
 trained on a few fixed sentences with the Qwen special tokens ``<|endoftext|>`` (pad, id 0),
-``<|im_start|>`` (1) and ``<|im_end|>`` (2, eos) and a ChatML chat template, so any text encodes.
+``<|im_start|>`` (1) and ``<|im_end|>`` (2, eos) and a ChatML chat template, so any text encodes. It is the
+one tiny tokenizer: the tests use it too (`tests._tiny_models` imports `tiny_tokenizer`), so the demo and
+the tests share one vocabulary.
 
 `write_tiny_shards` writes training shards in the `breen.shard_format` layout, images inline (key, image bytes,
 width, height, caption | conversations, fine/coarse `fixed_shape_tensor` float16, teacher metadata,
@@ -17,6 +19,7 @@ Run with:
 from __future__ import annotations
 
 import argparse
+import functools
 from pathlib import Path
 
 SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
@@ -37,10 +40,10 @@ _CORPUS = (
 )
 
 
-def tiny_tokenizer(vocab_size: int = 400):
-    """A Qwen-like fast tokenizer (ChatML template, pad ``<|endoftext|>``, eos ``<|im_end|>``)."""
+@functools.cache
+def _tokenizer_json(vocab_size: int) -> str:
+    """The trained byte-level BPE as JSON (trained once per process: the tests build many tokenizers)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -52,8 +55,17 @@ def tiny_tokenizer(vocab_size: int = 400):
         show_progress=False,
     )
     tok.train_from_iterator(list(_CORPUS) * 4, trainer=trainer)
+    return tok.to_str()
+
+
+def tiny_tokenizer(vocab_size: int = 400):
+    """A Qwen-like fast tokenizer (ChatML template, pad ``<|endoftext|>``, eos ``<|im_end|>``), a fresh
+    object on every call."""
+    from tokenizers import Tokenizer
+    from transformers import PreTrainedTokenizerFast
+
     fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok,
+        tokenizer_object=Tokenizer.from_str(_tokenizer_json(vocab_size)),
         pad_token="<|endoftext|>",
         eos_token="<|im_end|>",
         additional_special_tokens=["<|im_start|>"],

@@ -1,5 +1,6 @@
-"""Offline tiny models for tests: a byte-level BPE tokenizer with the Qwen special tokens, the `tiny` BREEN
-config matching it, a tiny random `Qwen2ForCausalLM`, and a saved Hugging Face Qwen2 directory.
+"""Offline tiny models for tests: the byte-level BPE tokenizer with the Qwen special tokens (the demo's,
+`jobs.tiny.tiny_tokenizer`, imported here), the `tiny` BREEN config matching it, a tiny random
+`Qwen2ForCausalLM`, a saved Hugging Face Qwen2 directory, and hidden states of a forward.
 
 Nothing is downloaded. Tests import it as `from tests._tiny_models import ...` (`tests` is a package; pytest
 puts the repository root on sys.path).
@@ -7,7 +8,6 @@ puts the repository root on sys.path).
 
 from __future__ import annotations
 
-import functools
 import io
 from pathlib import Path
 
@@ -16,54 +16,7 @@ import torch
 from PIL import Image
 
 from breen.config import BreenConfig
-
-SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]  # ids 0, 1, 2 (Qwen: 151643, 151644, 151645)
-CHATML_TEMPLATE = (
-    "{% for message in messages %}"
-    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
-)
-_CORPUS = [
-    "A photo of a cat sitting on a red sofa next to a window.",
-    "Two dogs run across a green field under a blue sky.",
-    "What is in the image? Describe the picture in detail.",
-    "You are a helpful assistant.",
-    "The answer is yes. The answer is no. There are three apples on the table.",
-    "user assistant system\n\n",
-]
-
-
-@functools.cache
-def _tokenizer_json() -> str:
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=400,
-        special_tokens=SPECIAL_TOKENS,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tok.train_from_iterator(_CORPUS * 4, trainer=trainer)
-    return tok.to_str()
-
-
-def tiny_tokenizer():
-    """A Qwen-like fast tokenizer (ChatML template, pad `<|endoftext|>`, eos `<|im_end|>`), < 512 tokens."""
-    from tokenizers import Tokenizer
-    from transformers import PreTrainedTokenizerFast
-
-    tok = PreTrainedTokenizerFast(
-        tokenizer_object=Tokenizer.from_str(_tokenizer_json()),
-        pad_token="<|endoftext|>",
-        eos_token="<|im_end|>",
-        additional_special_tokens=["<|im_start|>"],
-    )
-    tok.chat_template = CHATML_TEMPLATE
-    return tok
+from jobs.tiny import tiny_tokenizer  # the one tiny tokenizer (the demo's): tests and demo share a vocabulary
 
 
 def tiny_config(**overrides) -> BreenConfig:
@@ -140,3 +93,15 @@ def tiny_samples(config: BreenConfig | None = None, tokenizer=None, seed: int = 
         encode_sample(tokenizer, config, text=text_only),
     ]
     return samples
+
+
+def forward_with_hidden(model, **batch):
+    """(output, final normed hidden states [B, L, H]) of ``model(**batch)``: the decoder's output, caught by
+    a forward hook (the forward returns no hidden states; gradients flow through the returned tensor)."""
+    seen = []
+    handle = model.model.register_forward_hook(lambda _module, _args, out: seen.append(out))
+    try:
+        out = model(**batch)
+    finally:
+        handle.remove()
+    return out, seen[0]

@@ -167,7 +167,8 @@ def test_export_carries_generated_remote_code(handoff):
             or (isinstance(node, ast.Import) and any(a.name.split(".")[0] == "breen" for a in node.names))
         ]
         assert not absolute, f"{file_name}.py imports breen at line {absolute[0].lineno}"
-    assert "from .configuration_breen import IMAGE_TOKEN_ID" in (export / "modeling_breen.py").read_text()
+    assert "from .configuration_breen import " in (export / "modeling_breen.py").read_text()
+    assert "from .geometry_breen import " in (export / "configuration_breen.py").read_text()
     assert json.loads((export / "config.json").read_text())["auto_map"] == AUTO_MAP
     processor_config = json.loads((export / "processor_config.json").read_text())
     assert processor_config["auto_map"] == {"AutoProcessor": AUTO_MAP["AutoProcessor"]}

@@ -7,7 +7,7 @@ import torch
 
 from breen.config import QUERY_TOKEN_ID
 from breen.model import BreenForCausalLM, cosine_alignment_loss
-from tests._tiny_models import tiny_batch, tiny_config
+from tests._tiny_models import forward_with_hidden, tiny_batch, tiny_config
 
 
 def test_cosine_loss_hand_computed():
@@ -46,8 +46,8 @@ def test_loss_is_zero_when_hidden_states_equal_projected_targets(shift):
 
 def test_loss_matches_hand_computation_on_model_states():
     batch, model = _batch_and_model()
-    out = model(**batch, return_hidden=True)
-    h = out.last_hidden_state.detach()
+    out, h = forward_with_hidden(model, **batch)
+    h = h.detach()
     rows = []
     for row in range(2):
         pos = torch.nonzero(batch["input_ids"][row] == QUERY_TOKEN_ID).view(-1) - 1  # released shift

@@ -10,7 +10,7 @@ from transformers import AttentionInterface
 
 from breen.data import collate, pack
 from breen.model import BreenForCausalLM
-from tests._tiny_models import tiny_config, tiny_samples
+from tests._tiny_models import forward_with_hidden, tiny_config, tiny_samples
 
 
 def _samples(seed: int = 0) -> list[dict]:
@@ -56,16 +56,16 @@ def test_packed_hidden_states_equal_per_sample_and_do_not_see_neighbours():
     packed = pack(samples, model.config.pad_token_id, pad_to_multiple_of=16)
     cu = packed["cu_seqlens"].tolist()
     with torch.no_grad():
-        h = model(**packed, return_hidden=True).last_hidden_state[0]
+        h = forward_with_hidden(model, **packed)[1][0]
         for i, s in enumerate(samples):  # each sample alone: same states (positions restart, no leakage)
-            alone = model(**collate([s], model.config.pad_token_id), return_hidden=True).last_hidden_state[0]
+            alone = forward_with_hidden(model, **collate([s], model.config.pad_token_id))[1][0]
             torch.testing.assert_close(h[cu[i] : cu[i + 1]], alone, atol=1e-5, rtol=1e-4)
         # change every token of sample 0: nothing after it moves
         changed = {k: v.clone() for k, v in packed.items()}
         text = changed["input_ids"][0, : cu[1]] >= 0
         changed["input_ids"][0, : cu[1]][text] = (changed["input_ids"][0, : cu[1]][text] + 7) % 300
         changed["pixel_values"][0] = 255 - changed["pixel_values"][0]
-        h2 = model(**changed, return_hidden=True).last_hidden_state[0]
+        h2 = forward_with_hidden(model, **changed)[1][0]
     assert not torch.allclose(h2[: cu[1]], h[: cu[1]])
     torch.testing.assert_close(h2[cu[1] :], h[cu[1] :], atol=0, rtol=0)
 
@@ -127,6 +127,25 @@ def test_packed_batch_errors_name_the_problem():
         first_query = int(torch.nonzero(packed["input_ids"][0] < -250)[0])
         cu[1] = first_query + 10
         model(**{**packed, "cu_seqlens": cu})
+
+
+def test_unknown_keywords_raise_instead_of_being_dropped():
+    # a misspelt cu_seqlens used to vanish into **kwargs and run the packed row as one sample
+    model, samples = _model(), _samples()[:2]
+    packed = pack(samples, model.config.pad_token_id)
+    misspelt = {k: v for k, v in packed.items() if k != "cu_seqlens"} | {"cu_seqlen": packed["cu_seqlens"]}
+    with pytest.raises(TypeError, match="'cu_seqlen'"):
+        model(**misspelt)
+    for removed in ("num_items_in_batch", "inputs_embeds", "return_logits", "output_attentions"):
+        with pytest.raises(TypeError, match=f"'{removed}'"):
+            model(**packed, **{removed: 1})
+    with pytest.raises(ValueError, match="return_dict"):
+        model(**packed, return_dict=False)
+    with torch.no_grad():  # the correctly spelt key still gives the padded batch's losses
+        ref = model(**collate(samples, model.config.pad_token_id))
+        got = model(**packed)
+    for name in ("lm_loss", "align_loss_fine", "align_loss_coarse"):
+        assert getattr(got, name).item() == pytest.approx(getattr(ref, name).item(), abs=1e-5), name
 
 
 def test_pack_wastes_only_the_alignment_tail():

@@ -4,7 +4,7 @@ import torch
 
 from breen.config import IMAGE_TOKEN_ID, QUERY_TOKEN_ID
 from breen.model import BreenForCausalLM, ExpertRouting, ModalityExperts
-from tests._tiny_models import tiny_batch, tiny_config
+from tests._tiny_models import forward_with_hidden, tiny_batch, tiny_config
 
 
 def _grad_norm(module):
@@ -63,9 +63,9 @@ def test_model_image_and_query_states_never_reach_text_experts():
     model = BreenForCausalLM(tiny_config())
     batch = tiny_batch()
     row = {k: batch[k][:1] for k in ("input_ids", "attention_mask", "pixel_values", "image_grid")}
-    out = model(**row, return_hidden=True, use_cache=False)
+    _, hidden = forward_with_hidden(model, **row, use_cache=False)
     visual = (row["input_ids"] == IMAGE_TOKEN_ID) | (row["input_ids"] == QUERY_TOKEN_ID)
-    out.last_hidden_state[visual].pow(2).sum().backward()
+    hidden[visual].pow(2).sum().backward()
     for layer in model.model.layers:
         assert _grad_norm(layer.mlp.text_expert) == 0 and _grad_norm(layer.mlp.text_expert_gate) == 0
         assert _grad_norm(layer.mlp.image_expert) > 0

@@ -60,10 +60,21 @@ def test_canvas_equals_the_released_code_pixel_for_pixel(w, h):
 def test_sizes_cover_odd_and_even_padding_in_both_orientations():
     seen = set()
     for w, h in SIZES:
-        tw, th = teacher.letterbox_size(w, h)
+        tw, th = teacher.letterbox_size(w, h, 336, 14)
         if tw != th:
             seen.add((tw > th, (24 - min(tw, th) // 14) % 2))  # (landscape, odd padding patches)
     assert seen == {(True, 0), (True, 1), (False, 0), (False, 1)}
+
+
+@pytest.mark.parametrize(("size", "multiple"), [(336, 14), (672, 28)])  # the teacher's and the model's
+def test_resize_rule_equals_the_released_float_formula(size, multiple):
+    # breen.geometry.letterbox_size (integer arithmetic) is the released code's float formula, exactly
+    for w in range(1, 700):
+        for h in range(1, 700, 7):
+            patches = math.ceil(size * min(w, h) / max(w, h) / multiple)
+            short = min(size, max(multiple, patches * multiple))
+            want = (size, short) if w >= h else (short, size)
+            assert teacher.letterbox_size(w, h, size, multiple) == want, (w, h)
 
 
 def test_fill_colour_and_the_odd_padding_case():
