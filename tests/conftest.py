@@ -118,3 +118,34 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords and not has_gpu:
             item.add_marker(skip)
+
+
+# ----------------------------------------------------------------------------- training-side fixtures
+TINY_CLIP_DIM = 32  # tests._training.CLIP_DIM
+
+
+@pytest.fixture(scope="module")
+def init_dir(tmp_path_factory) -> Path:
+    """A BREEN directory as the driver sees it: config.json + tokenizer (no weights needed)."""
+    from breen.config import BreenConfig
+    from jobs.tiny import tiny_tokenizer
+
+    out = tmp_path_factory.mktemp("init")
+    BreenConfig.preset("tiny", clip_dim=TINY_CLIP_DIM).save_pretrained(out)
+    tiny_tokenizer().save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def model_config(init_dir):
+    from breen.config import BreenConfig
+
+    return BreenConfig.from_pretrained(init_dir)
+
+
+@pytest.fixture
+def shards(tmp_path) -> Path:
+    """20 caption rows in files of 8, 8, 4 rows."""
+    from jobs.tiny import write_tiny_shards
+
+    return write_tiny_shards(tmp_path / "shards", 20, clip_dim=TINY_CLIP_DIM, rows_per_file=8)

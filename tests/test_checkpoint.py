@@ -10,7 +10,7 @@
   run directory"). The same on an S3 bucket (`s3_server`). No complete checkpoint: a clear error and
   nothing changed.
 
-The end-to-end case (a real run, a torn ZeRO shard, the rerun's weights) is in tests/test_train.py.
+The end-to-end case (a real run, a torn ZeRO shard, the rerun's weights) is in tests/test_train_e2e.py.
 Run:  .venv/bin/python -m pytest tests/test_checkpoint.py
 """
 
@@ -25,6 +25,9 @@ import pytest
 
 from breen.storage import Store
 from jobs import checkpoint as ck
+from jobs import config as jc
+from jobs.checkpoint import TrainState, check_same_scale
+from jobs.config import ConfigError
 
 
 def fake_rank_part(root: Path, rank: int, world: int, step: int) -> Path:
@@ -199,3 +202,13 @@ def test_no_complete_checkpoint_left_fails_clearly_and_changes_nothing(tmp_path)
     assert (tmp_path / "run" / ck.RAY_SNAPSHOT).read_bytes() == before
     assert sorted(p.name for p in (tmp_path / "run").iterdir()) == [ck.RAY_SNAPSHOT, "step-0000003"]
     assert ck.fall_back(Store.at(tmp_path / "fresh")) is None  # no snapshot: a fresh start
+
+
+def test_check_same_scale():
+    cfg = jc.build_config("stage1", "cpu")
+    state = TrainState(num_workers=2, micro_batch_size=2, global_batch_size=8)
+    check_same_scale(state, cfg, world=2)
+    with pytest.raises(ConfigError, match=r"scale\.num_workers.*\(4, 2, 8\).*\(2, 2, 8\)"):
+        check_same_scale(state, cfg, world=4)
+
+

@@ -1,6 +1,6 @@
 """breen.settings, the one configuration engine: YAML files with `base:`, `--set` overrides, typed checks,
-`--print-config`. The pipeline and training configs built on it are tested in test_config.py and
-test_launch.py / test_train_units.py."""
+`--print-config`. The pipeline and training configs built on it are tested in test_pipelines_config.py,
+test_jobs_config.py and test_launch.py."""
 
 from __future__ import annotations
 

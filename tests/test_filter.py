@@ -1,4 +1,5 @@
-"""Filter rules, perceptual hash, the split of a shard (pure functions), and the shard planner (dedup: tests/test_dedup.py)."""
+"""pipelines.filter: row rules, language decision, perceptual hash, the split of a shard (pure functions;
+the global dedup: tests/test_dedup.py)."""
 
 from __future__ import annotations
 
@@ -15,7 +16,6 @@ from pipelines import accounting, fingerprint
 from pipelines import filter as filt
 from pipelines.captions import clean_caption
 from pipelines.config import PRESETS, CaptionsConfig, FilterConfig, apply_preset
-from pipelines.teacher import plan
 
 
 def jpeg(w: int, h: int, seed: int = 0, quality: int = 90) -> bytes:
@@ -91,17 +91,6 @@ def test_split_shard_accounts_for_every_row(tmp_path):
     assert kept.column_names == ["key", "language", "phash"]  # decisions and new columns, no image bytes
     with pytest.raises(accounting.AccountingError):
         filt.split_shard(tmp_path, "part-00001", index, dups, rows_in=5)
-
-
-@pytest.mark.parametrize(("counts", "rows"), [([("a", 5), ("b", 0), ("c", 7)], 4), ([("a", 8)], 4), ([], 3)])
-def test_shard_plan_has_fixed_rows_per_file(counts, rows):
-    files = plan(counts, rows)
-    sizes = [sum(n for _, _, n in f) for f in files]
-    total = sum(n for _, n in counts)
-    assert sum(sizes) == total
-    assert all(s == rows for s in sizes[:-1]) and (not sizes or 0 < sizes[-1] <= rows)
-    flat = [(name, o + i) for f in files for name, o, n in f for i in range(n)]
-    assert flat == [(name, i) for name, n in counts for i in range(n)]  # order preserved, nothing twice
 
 
 def test_language_decision_on_short_captions(rules, capsys):
