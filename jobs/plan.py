@@ -56,6 +56,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from breen.stages import STAGES
+
 # --------------------------------------------------------------------------------------- constants
 CLIP_L14_336_FLOPS_PER_IMAGE = 382e9  # forward pass at 336 px (2 FLOPs per multiply-add)
 FEATURE_BYTES_PER_IMAGE = (64 + 36) * 1024 * 2  # fine [64, 1024] + coarse [36, 1024] float16
@@ -87,7 +89,6 @@ RATE_NOTES: dict[str, str] = {
 }
 DEFAULT_RATES_FILE = Path(__file__).resolve().parent.parent / "bench" / "rates.json"
 
-STAGES = ("stage1", "stage2", "stage3")
 PHASES = ("download", "filter", "teacher", "sft_teacher", "convert", *STAGES)
 
 # Where the defaults that are not measured here come from.
@@ -107,7 +108,6 @@ SOURCES: dict[str, str] = {
 def training_keep_last() -> int:
     """Checkpoints the training keeps per stage: the largest ``checkpoint.keep_last`` of the three stage
     configs at cluster scale (`jobs/configs/`)."""
-    from breen.stages import STAGES
     from jobs.config import build_config
 
     return max(build_config(stage).checkpoint.keep_last for stage in STAGES)
