@@ -4,6 +4,7 @@ samples, Weights & Biases offline, MLflow on a local file store)."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 from jobs import ingest
@@ -81,11 +82,17 @@ def test_tracker_logs_to_weights_and_biases_offline(tmp_path, monkeypatch):
                  "val/cos_coarse": 0.5, "val/rows": 6})  # fmt: skip
     tracker.log_samples(1, [{"step": 1, "key": "k1", "prompt": "<image>", "answer": "a", "reference": "b"}])
     tracker.close()
+    def run_ids() -> list[str]:
+        # offline-run-<date>_<time>-<id>, plus "-1", "-2" when a folder of that second and id exists already
+        names = [p.name for p in (run_dir / "wandb").glob("offline-run-*")]
+        return [re.fullmatch(r"offline-run-\d{8}_\d{6}-([a-z0-9]+)(-\d+)?", n).group(1) for n in names]
+
     (run,) = (run_dir / "wandb").glob("offline-run-*")
-    assert list(run.glob("run-*.wandb")) and run.name.endswith(tracker_id := run.name.rsplit("-", 1)[1])
+    assert list(run.glob("run-*.wandb"))
+    (tracker_id,) = run_ids()
     again = Tracker(run_dir, 1, tensorboard=False, print_fn=lambda *a: None, wandb="breen-test")
     again.close()  # a resumed run continues the same W&B run (the id derives from the run directory)
-    assert {p.name.rsplit("-", 1)[1] for p in (run_dir / "wandb").glob("offline-run-*")} == {tracker_id}
+    assert set(run_ids()) == {tracker_id}
 
 
 def test_tracker_logs_to_mlflow(tmp_path, monkeypatch):
