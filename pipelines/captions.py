@@ -173,25 +173,25 @@ def _strip_html(text: str) -> str:
     return _HTML_TAG.sub(" ", text)
 
 
+def _sub_at_edge(text: str, patterns, at_start: bool) -> str:
+    """Blank what `patterns` match in the first (`at_start`) or last `_EDGE` characters only, or in the
+    whole of a shorter text."""
+    if len(text) <= _EDGE:
+        edge, rest = text, ""
+    elif at_start:
+        edge, rest = text[:_EDGE], text[_EDGE:]
+    else:
+        rest, edge = text[:-_EDGE], text[-_EDGE:]
+    for pattern in patterns:
+        edge = pattern.sub(" ", edge)
+    return edge + rest if at_start else rest + edge
+
+
 def _trim_boilerplate(text: str) -> str:
     for _ in range(4):
         before = text
-        if len(text) > _EDGE:
-            head, text = text[:_EDGE], text[_EDGE:]
-            for pattern in _HEAD:
-                head = pattern.sub(" ", head)
-            text = head + text
-        else:
-            for pattern in _HEAD:
-                text = pattern.sub(" ", text)
-        if len(text) > _EDGE:
-            text, tail = text[:-_EDGE], text[-_EDGE:]
-            for pattern in _TAIL:
-                tail = pattern.sub(" ", tail)
-            text = text + tail
-        else:
-            for pattern in _TAIL:
-                text = pattern.sub(" ", text)
+        text = _sub_at_edge(text, _HEAD, at_start=True)
+        text = _sub_at_edge(text, _TAIL, at_start=False)
         for pattern in _ANYWHERE:
             text = pattern.sub(" ", text)
         text = _SPACE.sub(" ", text)

@@ -341,26 +341,33 @@ def clean_download(cluster, url_list):
 # ----------------------------------------------------------------------------- tests
 
 
+def kill_node2_during(cluster, step_name: str, cfg: Path, dataset: Path, on_node2: str, shards: int,
+                      log: Path, timeout_s: float) -> tuple[int, str]:
+    """Run `step_name` as a job, SIGKILL the second node once it runs `on_node2` (a task or actor name)
+    and a shard of `dataset` is finished, then let the job end; a failed job is re-run to completion (the
+    acceptable outcome). Returns (shards finished at the kill, note for the fault table)."""
+    if cluster.node2 is None:
+        cluster.start_node2()
+    step = Step(cluster, step_name, cfg, log)
+    hit = wait_for(lambda: layout.finished_shards(dataset) and cluster.node2_running(on_node2), timeout_s, every=0.02)
+    done_at_kill = len(layout.finished_shards(dataset))
+    assert hit, f"the second node never ran {on_node2}\n{step.output()}"
+    killed = cluster.kill_node2()
+    note = f"killed {killed} node-2 processes with {done_at_kill}/{shards} shards done"
+    if step.wait() != 0:  # acceptable: the job failed, a re-run of the same command must complete
+        note += "; job failed, re-run completed"
+        run_step(cluster, step_name, cfg, log.with_name(f"{log.stem}-rerun.log"))
+    else:
+        note += "; job completed"
+    assert done_at_kill < shards, "the kill came after the step had finished"
+    return done_at_kill, note
+
+
 def test_node_lost_during_download(cluster, url_list, clean_download):
     root, urls = url_list
     out = root / "node-loss"
-    cfg = download_config(root, urls, out)
-    if cluster.node2 is None:
-        cluster.start_node2()
-    step = Step(cluster, "download", cfg, root / "node-loss.log")
-    hit = wait_for(lambda: layout.finished_shards(out / "download") and cluster.node2_running("download_one_shard"),
-                   120, every=0.02)  # fmt: skip
-    done_at_kill = len(layout.finished_shards(out / "download"))
-    assert hit, f"the second node never ran a download task\n{step.output()}"
-    killed = cluster.kill_node2()
-    rc = step.wait()
-    note = f"killed {killed} node-2 processes with {done_at_kill}/{N_URLS // ROWS_PER_SHARD} shards done"
-    if rc != 0:  # acceptable: the job failed, a re-run of the same command must complete
-        note += "; job failed, re-run completed"
-        run_step(cluster, "download", cfg, root / "node-loss-rerun.log")
-    else:
-        note += "; job completed"
-    assert done_at_kill < N_URLS // ROWS_PER_SHARD, "the kill came after the step had finished"
+    _, note = kill_node2_during(cluster, "download", download_config(root, urls, out), out / "download",
+                                "download_one_shard", N_URLS // ROWS_PER_SHARD, root / "node-loss.log", 120)  # fmt: skip
     compare("node killed mid-download", clean_download, out / "download", N_URLS, note)
     assert not visible_shards_are_complete(out / "download")
 
@@ -408,23 +415,8 @@ def test_node_lost_during_teacher(cluster, url_list, teacher_input):
     run_step(cluster, "teacher", download_config(root, urls, clean), root / "teacher-clean.log")
 
     out = _teacher_dir(root, "teacher-node-loss", src)
-    cfg = download_config(root, urls, out)
-    if cluster.node2 is None:
-        cluster.start_node2()
-    step = Step(cluster, "teacher", cfg, root / "teacher-node-loss.log")
-    hit = wait_for(lambda: layout.finished_shards(out / "shards") and cluster.node2_running("TeacherWorker"),
-                   180, every=0.02)  # fmt: skip
-    done_at_kill = len(layout.finished_shards(out / "shards"))
-    assert hit, f"the second node never hosted a teacher actor\n{step.output()}"
-    killed = cluster.kill_node2()
-    rc = step.wait()
-    note = f"killed {killed} node-2 processes with {done_at_kill}/{T_SHARDS} shards done"
-    if rc != 0:
-        note += "; job failed, re-run completed"
-        run_step(cluster, "teacher", cfg, root / "teacher-node-loss-rerun.log")
-    else:
-        note += "; job completed"
-    assert done_at_kill < T_SHARDS, "the kill came after the step had finished"
+    _, note = kill_node2_during(cluster, "teacher", download_config(root, urls, out), out / "shards",
+                                "TeacherWorker", T_SHARDS, root / "teacher-node-loss.log", 180)  # fmt: skip
     compare("node killed mid-teacher", clean / "shards", out / "shards", rows_in, note)
     for name in layout.finished_shards(out / "shards"):  # same teacher identity in every file
         a = pq.read_schema(clean / "shards" / f"{name}.parquet").metadata
