@@ -24,11 +24,11 @@ import copy
 import fnmatch
 import importlib.util
 import re
+import resource
 import shlex
 import shutil
 import subprocess
 import sys
-import time
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -680,12 +680,15 @@ def test_help_is_fast_names_the_module_and_imports_no_heavy_library(module):
     usage, heavy = done.stdout.strip().splitlines()[-2:]
     assert usage.startswith(f"usage: python -m {module} "), usage
     assert heavy == "[]", f"python -m {module} --help imports {heavy}"
+    # CPU seconds (user + system) of the child, the best of three: what the command costs whatever else
+    # the machine runs (wall time on an idle machine is within a few percent of it: 0.3-0.6 s here)
     seconds = []
-    for _ in range(3):  # the best of three: one slow start on a busy machine is not the command's
-        t0 = time.monotonic()
+    for _ in range(3):
+        before = resource.getrusage(resource.RUSAGE_CHILDREN)
         subprocess.run([sys.executable, "-m", module, "--help"], cwd=REPO, capture_output=True, check=True, timeout=60)
-        seconds.append(time.monotonic() - t0)
-    assert min(seconds) < 1.0, f"python -m {module} --help took {min(seconds):.2f} s at best"
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)
+        seconds.append(after.ru_utime - before.ru_utime + after.ru_stime - before.ru_stime)
+    assert min(seconds) < 1.0, f"python -m {module} --help took {min(seconds):.2f} CPU seconds at best"
 
 
 def configmap_file(job_overlay: str, path: str) -> str:
