@@ -18,12 +18,15 @@ def test_the_embedded_ray_keeps_the_workers_a_burst_started(ray_local):
     ray = ray_local
 
     @ray.remote(num_cpus=0.25)
-    def busy_pid() -> int:
-        time.sleep(1.0)  # overlap, so the burst needs many workers at once
+    def busy_pid(until: float) -> int:
+        # every task of the burst runs until the same moment, so the burst needs 12 workers at once
+        # whatever the idle workers earlier tests left (with a fixed 1 s sleep, 4 idle workers took it all)
+        time.sleep(max(0.0, until - time.time()))
         return os.getpid()
 
     cpus = int(ray.available_resources().get("CPU", 0))  # what earlier tests' actors left free
-    pids = set(ray.get([busy_pid.remote() for _ in range(12)]))
+    until = time.time() + 15.0  # time for Ray to start the workers the burst needs, on a busy machine too
+    pids = set(ray.get([busy_pid.remote(until) for _ in range(12)]))
     assert len(pids) > cpus, f"the burst ran on {len(pids)} workers: not beyond the {cpus} free CPUs"
     time.sleep(4.0)  # Ray's default would end the surplus idle workers after 1 s
     ended = [p for p in pids if not psutil.pid_exists(p)]
