@@ -39,8 +39,9 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from breen.settings import ConfigError
 from jobs import ingest
-from jobs.config import ConfigError, TrainConfig
+from jobs.config import TrainConfig
 
 if TYPE_CHECKING:
     import torch

@@ -23,9 +23,9 @@ def step_main(doc: str, run: Callable[[Any], Any], steps: Callable[[Any], Any] |
     Ray (`pipelines.preflight`): exit code 2 on a bad one. ``--print-config`` prints the resolved config."""
     import argparse
 
-    from breen.settings import add_config_arguments, sections_help, to_yaml
+    from breen.settings import ConfigError, add_config_arguments, sections_help, to_yaml
     from pipelines import preflight
-    from pipelines.config import ConfigError, PrepareConfig, load_config
+    from pipelines.config import PrepareConfig, load_config
 
     main_spec = getattr(sys.modules["__main__"], "__spec__", None)
     module = run.__module__ if run.__module__ != "__main__" or main_spec is None else main_spec.name

@@ -45,9 +45,10 @@ import pyarrow.csv as pcsv
 import pyarrow.ipc as ipc
 import pyarrow.json as pjson
 
+from breen.settings import ConfigError
 from breen.storage import Store
 from pipelines import cli, layout, raystart, runner
-from pipelines.config import ConfigError, DownloadConfig, PrepareConfig, from_dict, output_fields, to_dict
+from pipelines.config import DownloadConfig, PrepareConfig, from_dict, output_fields, to_dict
 from pipelines.guard import (
     INVALID_UNICODE,
     MAX_JSON_DEPTH,

@@ -14,9 +14,10 @@ import codecs
 from collections.abc import Iterable
 from pathlib import Path
 
+from breen.settings import ConfigError
 from breen.storage import StorageError, Store
 from pipelines import graph
-from pipelines.config import ConfigError, PrepareConfig
+from pipelines.config import PrepareConfig
 
 
 def output_dir(path: str | Path | Store, field: str = "output_dir") -> None:

@@ -40,9 +40,10 @@ from typing import Any
 
 import pyarrow as pa
 
+from breen.settings import ConfigError
 from breen.storage import Store
 from pipelines import cli, fingerprint, layout, raystart, runner
-from pipelines.config import ConfigError, PrepareConfig
+from pipelines.config import PrepareConfig
 from pipelines.guard import (
     INVALID_RECORD,
     INVALID_UNICODE,

@@ -55,10 +55,11 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from breen import shard_format as sf
+from breen.settings import ConfigError
 from breen.storage import Store, fetch_file
 from breen.teacher import PREPROCESS_VERSION, last_block_grid, letterbox, pool_targets
 from pipelines import cli, fingerprint, graph, layout, raystart, runner
-from pipelines.config import ConfigError, PrepareConfig, TeacherConfig, from_dict, output_fields, to_dict
+from pipelines.config import PrepareConfig, TeacherConfig, from_dict, output_fields, to_dict
 
 TEACHER_NON_FINITE = "teacher_non_finite"  # reason: a row whose features hold a nan or inf
 

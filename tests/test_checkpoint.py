@@ -23,11 +23,11 @@ from pathlib import Path
 
 import pytest
 
+from breen.settings import ConfigError
 from breen.storage import Store
 from jobs import checkpoint as ck
 from jobs import config as jc
 from jobs.checkpoint import TrainState, check_same_scale
-from jobs.config import ConfigError
 
 
 def fake_rank_part(root: Path, rank: int, world: int, step: int) -> Path:

@@ -12,8 +12,9 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
+from breen.settings import ConfigError
 from pipelines import download, fingerprint, layout
-from pipelines.config import ConfigError, DownloadConfig, to_dict
+from pipelines.config import DownloadConfig, to_dict
 from pipelines.guard import (
     AddressPolicy,
     Limits,

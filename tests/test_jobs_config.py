@@ -9,9 +9,9 @@ from importlib import metadata
 import pytest
 
 from breen import envlock
+from breen.settings import ConfigError
 from breen.stages import DEFAULT_LRS
 from jobs import config as jc
-from jobs.config import ConfigError
 from tests._training import differing_keys, flat, run_main, stage1_argv
 
 

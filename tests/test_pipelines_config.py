@@ -4,7 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from pipelines.config import ConfigError, load_config
+from breen.settings import ConfigError
+from pipelines.config import load_config
 
 
 def write(tmp_path: Path, text: str) -> Path:

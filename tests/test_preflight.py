@@ -10,8 +10,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from breen.settings import ConfigError
 from pipelines import download, preflight, prepare, raystart, sft_import, teacher
-from pipelines.config import ConfigError
 
 
 def config(tmp_path: Path, out: Path, urls: Path, extra: str = "") -> Path:

@@ -26,9 +26,10 @@ import pyarrow.parquet as pq
 import pytest
 
 from breen import shard_format
+from breen.settings import ConfigError
 from pipelines import download, graph, layout, runner, teacher
 from pipelines import filter as filter_step
-from pipelines.config import ConfigError, load_config, to_dict
+from pipelines.config import load_config, to_dict
 from pipelines.guard import URL_REFUSED_MARK, AddressPolicy, Limits, RefusedURL, install_guarded_opener
 from tests.badinput import (
     TINY,

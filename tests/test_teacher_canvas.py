@@ -11,7 +11,8 @@ from PIL import Image
 from transformers import CLIPImageProcessor
 
 from breen import teacher
-from pipelines.config import ConfigError, PrepareConfig, validate
+from breen.settings import ConfigError
+from pipelines.config import PrepareConfig, validate
 
 # (width, height): even and odd numbers of padding patches, both orientations, square, tiny images,
 # extreme aspect ratios, sizes whose rounding lands exactly on a multiple of 14.

@@ -56,8 +56,8 @@ def test_decoded_batches_keep_order_and_size():
 def test_finished_shards_of_another_canvas_rule_are_not_resumed(tmp_path):
     import pyarrow.parquet as pq
 
+    from breen.settings import ConfigError
     from breen.teacher import PREPROCESS_CENTRED_V1, PREPROCESS_RELEASED
-    from pipelines.config import ConfigError
     from pipelines.teacher import check_preprocess
 
     table = pa.table({"key": ["a"]}).replace_schema_metadata({"breen.preprocess": PREPROCESS_CENTRED_V1})
