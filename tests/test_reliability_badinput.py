@@ -432,7 +432,7 @@ def test_a_pickled_teacher_checkpoint_is_refused_without_running_code(tmp_path, 
             return (open, (str(marker), "w"))
 
     evil = tmp_path / "evil.bin"
-    evil.write_bytes(pickle.dumps({"state_dict": Payload()}))
+    evil.write_bytes(pickle.dumps({"state_dict": Payload()}, protocol=2))  # torch.save's protocol
     cfg = _cfg(tmp_path, "")
     cfg.write_text(cfg.read_text().replace("random_init_seed: 0",
                                            f"weights: {evil}, model_config: {CONFIGS / 'tiny-vit.json'}"))  # fmt: skip
